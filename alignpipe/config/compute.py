@@ -1,0 +1,25 @@
+"""Where the heavy work runs (Ray) and how it survives failures."""
+
+from pydantic import Field, model_validator
+
+from alignpipe.config.base import Section
+
+
+class ComputeConfig(Section):
+    ray_address: str | None = Field(
+        None, description="Ray cluster address (`ray://host:10001`, `auto`); empty = start Ray in-process."
+    )
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP across them).")
+    use_gpu: bool = Field(False, description="One GPU per training worker.")
+    cpus_per_worker: float = Field(2, gt=0, description="CPUs per training worker; also its torch thread count.")
+    max_failures: int = Field(2, ge=-1, description="Worker failures survived by restarting from the last checkpoint.")
+    checkpoints_to_keep: int = Field(2, ge=1, description="Ray Train checkpoints kept per training stage.")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage (shared by all nodes on a cluster); default <workdir>/ray_results."
+    )
+
+    @model_validator(mode="after")
+    def _threads(self):
+        if self.cpus_per_worker != int(self.cpus_per_worker) and not self.use_gpu:
+            raise ValueError(f"cpus_per_worker={self.cpus_per_worker}: use a whole number of CPUs for CPU training")
+        return self

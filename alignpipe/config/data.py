@@ -1,0 +1,29 @@
+"""Where the data lives and what the `validate` stage demands of it."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from alignpipe.config.base import Section
+
+SftFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"]
+
+
+class SourceConfig(Section):
+    path: str = Field(..., description="Local .jsonl/.json/.csv/.parquet file, or `hf://<dataset id>[:split]`.")
+    format: SftFormat = Field("auto", description="Row format; `auto` detects it from the columns.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows (quick experiments).")
+
+
+class DataConfig(Section):
+    sft: SourceConfig = Field(..., description="Supervised fine-tuning data.")
+    eval: SourceConfig = Field(..., description="Held-out split used by `evaluate` (never trained on).")
+    preference: SourceConfig | None = Field(None, description="Preference pairs for the align stage.")
+    json_targets: bool = Field(False, description="Assistant answers must parse as JSON objects (checked and scored).")
+
+
+class ValidateConfig(Section):
+    max_tokens: int = Field(512, ge=8, description="Longest allowed conversation, in the model's own tokens.")
+    max_duplicate_rate: float = Field(0.01, ge=0, le=1, description="Largest allowed share of duplicate rows.")
+    allow_pii: bool = Field(False, description="Allow e-mail addresses, phone numbers and API-key-like strings.")
+    sample_rows: int = Field(5, ge=1, le=50, description="Offending rows quoted per failed expectation.")

@@ -1,0 +1,78 @@
+"""Connect to Ray (in-process by default) and run a training loop under Ray Train's TorchTrainer.
+
+The run name and storage path make a training run resumable: a later `fit()` with the same name and
+storage finds the last reported checkpoint (Ray Train v2 restores it; `ray.train.get_checkpoint()`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from alignpipe.config.compute import ComputeConfig
+
+# Environment passed to every Ray worker: quiet, offline-friendly, no telemetry.
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def ensure_ray(compute: ComputeConfig) -> None:
+    """Start Ray in-process, or connect to `compute.ray_address`, once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
+                              "runtime_env": {"env_vars": dict(WORKER_ENV)}}
+    if compute.ray_address:
+        ray.init(address=compute.ray_address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), **kwargs)
+
+
+def storage_path(compute: ComputeConfig, workdir: str) -> str:
+    path = compute.storage_path or str(Path(workdir) / "ray_results")
+    if "://" not in path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute: ComputeConfig, name: str,
+        storage: str):
+    """Run `train_loop` on `compute.num_workers` Ray Train workers; returns the Ray `Result`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": compute.cpus_per_worker}
+    if compute.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={**loop_config, "threads": max(1, int(compute.cpus_per_worker))},
+        torch_config=TorchConfig(backend="nccl" if compute.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=compute.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=compute.checkpoints_to_keep),
+        ),
+    )
+    return trainer.fit()
+
+
+def set_worker_threads(threads: int) -> None:
+    """Ray workers start with OMP_NUM_THREADS=1; give torch the CPUs this worker reserved."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)

@@ -1,0 +1,83 @@
+"""The alignpipe flow: validate -> sft -> evaluate -> register, one MLflow parent run per flow run."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from alignpipe import models, tracking
+from alignpipe.config import load_pipeline, preflight
+from alignpipe.errors import ConfigError
+from alignpipe.runs import RunContext, config_digest, git_commit
+from tasks.evaluate import ModelSpec, evaluate
+from tasks.register import register
+from tasks.sft import sft
+from tasks.validate import validate
+
+DEFAULT_CONFIG = "pipelines.yaml"
+
+
+class StageClock:
+    """Wall time and status of each stage, for the end-of-run summary."""
+
+    def __init__(self):
+        self.stages: list[dict[str, Any]] = []
+
+    def run(self, name: str, fn, *args):
+        print(f"stage {name}: running")
+        entry = {"stage": name, "status": "running", "seconds": 0.0}
+        self.stages.append(entry)
+        t0 = time.perf_counter()
+        try:
+            result = fn(*args)
+        except BaseException:
+            entry.update(status="failed", seconds=time.perf_counter() - t0)
+            raise
+        entry.update(status="done", seconds=time.perf_counter() - t0)
+        print(f"stage {name}: done in {entry['seconds']:.1f}s")
+        return result
+
+
+@flow(name="alignpipe", log_prints=True)
+def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None = None,
+                       config_file: str = DEFAULT_CONFIG) -> dict[str, Any]:
+    """Run one pipeline from pipelines.yaml; `overrides` maps `section.key` to a value (like `--set`)."""
+    cfg = load_pipeline(config_file, pipeline, overrides, env=os.environ)
+    problems = preflight(cfg)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    run_id = str(flow_run.id or f"local-{int(time.time())}")
+    clock = StageClock()
+    base = clock.run("prepare", models.resolve_model, cfg.model.name, Path(cfg.workdir) / "models")
+    lineage = {"config_digest": config_digest(cfg), "git_commit": git_commit(Path(config_file).resolve().parent),
+               "flow_run_id": run_id, "base_model": cfg.model.name}
+    with tracking.parent_run(cfg, run_id, {k: v for k, v in lineage.items() if k != "flow_run_id"}) as (uri, exp, parent):
+        tracking.log_params(uri, parent, cfg.model_dump(mode="json", by_alias=True))
+        ctx = RunContext(run_id=run_id, pipeline=cfg.name, tracking_uri=uri, experiment_id=exp,
+                         parent_run_id=parent, workdir=cfg.workdir, base_model=base)
+        data = clock.run("validate", validate, cfg, ctx)
+        tuned = clock.run("sft", sft, cfg, ctx, data.train_path, data.digests["sft"])
+        specs = [ModelSpec(label="base", base_path=base)] if cfg.evaluate.compare_base else []
+        specs.append(ModelSpec(label="sft", base_path=base, adapter_dir=tuned.adapter_dir))
+        scores = clock.run("evaluate", evaluate, cfg, ctx, data.eval_path, data.digests["eval"], specs)
+        registered = None
+        if cfg.register_.enabled:
+            lineage.update({f"data_digest.{k}": v for k, v in data.digests.items()})
+            lineage.update({"run_id.parent": parent, "run_id.sft": tuned.mlflow_run_id,
+                            "run_id.evaluate": scores.mlflow_run_id, "sft.content_key": tuned.content_key})
+            registered = clock.run("register", register, cfg, ctx, tuned.adapter_dir, lineage, scores.metrics["sft"])
+    return {
+        "pipeline": cfg.name,
+        "flow_run_id": run_id,
+        "mlflow_run_id": parent,
+        "stages": clock.stages,
+        "metrics": scores.metrics,
+        "table": Path(scores.table_path).read_text(),
+        "registered": registered.model_dump() if registered else None,
+        "mlflow_ui": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
+    }

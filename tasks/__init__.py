@@ -1,0 +1,1 @@
+"""Pipeline stages: one module per stage, each a Prefect task around a plain function."""

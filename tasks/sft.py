@@ -1,0 +1,228 @@
+"""SFT stage: a PEFT adapter (LoRA by default) trained with TRL's SFTTrainer inside Ray Train.
+
+Reads the canonical training JSONL written by `validate`; writes the adapter + tokenizer folder to the
+stage's content-addressed output dir, streams curves to the stage's nested MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+from transformers import TrainerCallback
+
+from alignpipe import chat, models, ray_runner, tracking
+from alignpipe.config import PipelineConfig
+from alignpipe.config.sft import PeftConfig
+from alignpipe.data.formats import load_canonical
+from alignpipe.runs import RunContext, content_key
+
+FINAL_MARKER = "final.json"
+
+
+class SftOutput(BaseModel):
+    adapter_dir: str            # PEFT adapter + tokenizer, loadable with PeftModel.from_pretrained(base, adapter_dir)
+    content_key: str
+    mlflow_run_id: str
+    metrics: dict[str, float]
+
+
+def peft_config(p: PeftConfig):
+    """The PEFT config object for the configured method."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    if p.method == "lora":
+        return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules,
+                          task_type=TaskType.CAUSAL_LM)
+    if p.method == "ia3":
+        targets = p.target_modules if p.target_modules != "all-linear" else ["k_proj", "v_proj", "down_proj"]
+        ff = [m for m in targets if m in ("down_proj", "fc2", "mlp.c_proj")]
+        return IA3Config(target_modules=targets, feedforward_modules=ff, task_type=TaskType.CAUSAL_LM)
+    if p.method == "prompt_tuning":
+        return PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type=TaskType.CAUSAL_LM)
+    return PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type=TaskType.CAUSAL_LM)
+
+
+def build_datasets(tokenizer, rows: list[dict], system_prompt: str | None, max_length: int, eval_fraction: float,
+                   seed: int):
+    """Tokenize canonical rows with assistant-only loss masks; split off a validation slice."""
+    from datasets import Dataset
+
+    encoded = [chat.tokenize_for_sft(tokenizer, chat.with_system(r["messages"], system_prompt), max_length)
+               for r in rows]
+    encoded = [e for e in encoded if any(e["assistant_masks"])]  # truncated away entirely: nothing to learn
+    random.Random(seed).shuffle(encoded)
+    n_eval = int(len(encoded) * eval_fraction)
+    train = Dataset.from_list(encoded[n_eval:])
+    return train, (Dataset.from_list(encoded[:n_eval]) if n_eval else None)
+
+
+class MlflowStream(TrainerCallback):
+    """Streams the Trainer's logs to an MLflow run as training goes, with tokens/s between logs."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self._last = (time.perf_counter(), 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        metrics = {k.replace("train_", "train/") if k.startswith("train_") else k: v for k, v in logs.items()}
+        now, tokens = time.perf_counter(), logs.get("num_tokens")
+        if tokens is not None and "loss" in logs:
+            t0, n0 = self._last
+            if tokens > n0 and now > t0:
+                metrics["tokens_per_s"] = (tokens - n0) / (now - t0)
+            self._last = (now, tokens)
+        tracking.log_metrics(self.uri, self.run_id, metrics, step=state.global_step)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: build the model and data, train, report checkpoints, save the adapter."""
+    import ray.train
+    import torch
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+    from transformers import EarlyStoppingCallback
+    from trl import SFTConfig, SFTTrainer
+
+    ray_runner.set_worker_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank0 = ctx.get_world_rank() == 0
+    s = config["sft"]
+
+    resume_dir = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        resume_dir = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="sft-resume-")))
+        if (resume_dir / FINAL_MARKER).is_file():  # this exact work already finished: hand back its result
+            final = json.loads((resume_dir / FINAL_MARKER).read_text())
+            ray.train.report(final, checkpoint=checkpoint if rank0 else None)
+            return
+
+    tokenizer = models.load_tokenizer(config["base_model"])
+    model = models.load_model(config["base_model"], dtype=config["dtype"], quantized_base=s["quantized_base"])
+    if s["quantized_base"]:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s["gradient_checkpointing"])
+    train_ds, eval_ds = build_datasets(tokenizer, load_canonical(config["train_path"]), config["system_prompt"],
+                                       s["max_length"], s["eval_fraction"], s["seed"])
+    scratch = tempfile.mkdtemp(prefix="sft-scratch-")
+    use_gpu = config["use_gpu"]
+    args = SFTConfig(
+        output_dir=scratch,
+        max_steps=s["max_steps"] if s["max_steps"] > 0 else -1,
+        num_train_epochs=s["epochs"],
+        per_device_train_batch_size=s["batch_size"],
+        per_device_eval_batch_size=s["batch_size"],
+        gradient_accumulation_steps=s["grad_accum"],
+        learning_rate=s["learning_rate"],
+        lr_scheduler_type=s["lr_scheduler"],
+        warmup_steps=s["warmup_ratio"],
+        logging_steps=s["logging_steps"],
+        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=s["eval_steps"],
+        save_strategy="steps",
+        save_steps=s["save_steps"],
+        save_total_limit=1,  # scratch only: Ray storage keeps `checkpoints_to_keep`
+        load_best_model_at_end=bool(s["early_stopping_patience"] and eval_ds is not None),
+        metric_for_best_model="eval_loss",
+        gradient_checkpointing=s["gradient_checkpointing"],  # TRL defaults to True: ~50% slower on CPU
+        use_cpu=not use_gpu,
+        bf16=use_gpu and torch.cuda.is_bf16_supported(),
+        max_length=s["max_length"],
+        seed=s["seed"],
+        report_to="none",
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=not rank0,
+    )
+    callbacks = [MlflowStream(config["tracking_uri"], config["mlflow_run_id"]), RayTrainReportCallback()]
+    if args.load_best_model_at_end:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=s["early_stopping_patience"]))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=peft_config(PeftConfig(**s["peft"])),
+                         callbacks=callbacks)
+    trainer = prepare_trainer(trainer)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    summary: dict[str, float] = {"trainable_params": trainable, "total_params": total,
+                                 "trainable_share": trainable / total, "train_rows": len(train_ds)}
+    if rank0:
+        tracking.log_metrics(config["tracking_uri"], config["mlflow_run_id"], summary, step=0)
+    if s["max_steps"] != 0:
+        resume = resume_dir / RayTrainReportCallback.CHECKPOINT_NAME if resume_dir else None
+        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        summary.update({"train_loss": out.training_loss, "global_step": trainer.state.global_step,
+                        "train_runtime_s": out.metrics.get("train_runtime", 0.0)})
+        if eval_ds is not None:
+            summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+    final_dir = Path(tempfile.mkdtemp(prefix="sft-final-"))
+    if rank0:
+        trainer.save_model(str(final_dir / "adapter"))
+        tokenizer.save_pretrained(str(final_dir / "adapter"))
+        (final_dir / FINAL_MARKER).write_text(json.dumps(summary))
+    ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(str(final_dir)) if rank0 else None)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_sft(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest: str) -> SftOutput:
+    """Plain function behind the task: train on Ray, copy the adapter next to the stage's other outputs."""
+    key = content_key("sft", {"sft": cfg.sft, "model": cfg.model, "compute": cfg.compute.num_workers},
+                      {"train": train_digest, "base_model": ctx.base_model})
+    with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "sft", key) as run_id:
+        tracking.log_params(ctx.tracking_uri, run_id, cfg.sft.model_dump(mode="json"), prefix="sft")
+        ray_runner.ensure_ray(cfg.compute)
+        loop_config = {
+            "sft": cfg.sft.model_dump(mode="json"), "base_model": ctx.base_model, "dtype": cfg.model.dtype,
+            "system_prompt": cfg.model.system_prompt, "train_path": train_path, "use_gpu": cfg.compute.use_gpu,
+            "tracking_uri": ctx.tracking_uri, "mlflow_run_id": run_id,
+        }
+        result = ray_runner.fit(train_loop, loop_config, cfg.compute, name=f"sft-{key}",
+                                storage=ray_runner.storage_path(cfg.compute, ctx.workdir))
+        out_dir = ctx.stage_dir("sft", key)
+        adapter_dir = out_dir / "adapter"
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        with result.checkpoint.as_directory() as ckpt:
+            shutil.copytree(Path(ckpt) / "adapter", adapter_dir)
+            metrics = json.loads((Path(ckpt) / FINAL_MARKER).read_text())
+        tracking.log_metrics(ctx.tracking_uri, run_id, {f"final/{k}": v for k, v in metrics.items()})
+        _log_curves(ctx.tracking_uri, run_id)
+        tracking.client_for(ctx.tracking_uri).log_artifacts(run_id, str(adapter_dir), "adapter")
+    print(f"sft: {metrics.get('global_step', 0):.0f} steps, train loss {metrics.get('train_loss', float('nan')):.4f}, "
+          f"{metrics['trainable_params']:.0f} trainable params ({metrics['trainable_share']:.2%})")
+    return SftOutput(adapter_dir=str(adapter_dir), content_key=key, mlflow_run_id=run_id, metrics=metrics)
+
+
+def _log_curves(uri: str, run_id: str) -> None:
+    """Loss curves (train and eval) as a PNG on the stage run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, style in (("loss", "-"), ("eval_loss", "o--")):
+        points = tracking.metric_history(uri, run_id, key)
+        if points:
+            ax.plot(*zip(*sorted(points)), style, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("SFT loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    tracking.log_figure(uri, run_id, fig, "plots/loss_curve.png")
+    plt.close(fig)
+
+
+@task(name="sft", cache_policy=NO_CACHE)
+def sft(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest: str) -> SftOutput:
+    """Fine-tune the base model with a PEFT adapter on Ray Train."""
+    return run_sft(cfg, ctx, train_path, train_digest)

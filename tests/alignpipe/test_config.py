@@ -1,0 +1,117 @@
+"""Config schema: every shipped pipeline validates; user mistakes give messages that say what to fix."""
+
+import textwrap
+
+import pytest
+
+from alignpipe.config import load_all, load_pipeline, preflight
+from alignpipe.errors import ConfigError
+from testlib import PIPELINES
+
+
+def write(tmp_path, body: str):
+    p = tmp_path / "pipelines.yaml"
+    p.write_text(textwrap.dedent(body))
+    return p
+
+
+BASE = """
+pipelines:
+  p:
+    data:
+      sft: {path: train.jsonl}
+      eval: {path: eval.jsonl}
+"""
+
+
+def test_every_shipped_pipeline_validates():
+    results = load_all(PIPELINES, env={})
+    assert {"demo", "smoke"} <= set(results)
+    for name, cfg in results.items():
+        assert not isinstance(cfg, ConfigError), f"{name}: {cfg}"
+        assert preflight(cfg) == [], name
+
+
+def test_defaults_merge_and_pipeline_wins():
+    demo = load_pipeline(PIPELINES, "demo", env={})
+    smoke = load_pipeline(PIPELINES, "smoke", env={})
+    assert demo.model.name == "smollm2-135m-instruct"
+    assert smoke.model.name == "tiny-random-llama"
+    assert smoke.sft.peft.r == demo.sft.peft.r == 16  # from defaults
+    assert smoke.sft.max_steps == 6 and demo.sft.max_steps == 120
+    assert demo.data.sft.path.endswith("data/demo/sft_train.jsonl")  # resolved against the file's folder
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    p = write(tmp_path, BASE + "    sft: {lerning_rate: 0.1}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_pipeline(p, "p")
+    msg = str(exc.value)
+    assert "pipelines.p.sft.lerning_rate" in msg and "did you mean 'learning_rate'" in msg
+
+
+def test_unknown_nested_key_and_section(tmp_path):
+    p = write(tmp_path, BASE + "    sft: {peft: {rank: 8}}\n    tracking2: {}\n")
+    msg = str(pytest.raises(ConfigError, load_pipeline, p, "p").value)
+    assert "pipelines.p.sft.peft.rank: unknown key 'rank'" in msg
+    assert "pipelines.p.tracking2: unknown key" in msg and "'tracking'" in msg
+
+
+def test_wrong_type_names_path_and_value(tmp_path):
+    p = write(tmp_path, BASE + "    sft: {batch_size: lots}\n")
+    msg = str(pytest.raises(ConfigError, load_pipeline, p, "p").value)
+    assert "pipelines.p.sft.batch_size: got 'lots'" in msg and "integer" in msg
+
+
+def test_missing_required_section(tmp_path):
+    p = write(tmp_path, "pipelines:\n  p:\n    model: {name: x}\n")
+    msg = str(pytest.raises(ConfigError, load_pipeline, p, "p").value)
+    assert "pipelines.p.data: required key is missing" in msg
+
+
+def test_missing_model_folder_is_reported_by_preflight(tmp_path):
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    (tmp_path / "eval.jsonl").write_text("{}\n")
+    p = write(tmp_path, BASE + "    model: {name: ./no-such-model}\n")
+    problems = preflight(load_pipeline(p, "p"))
+    assert len(problems) == 1 and "model.name" in problems[0] and "not a folder" in problems[0]
+
+
+def test_missing_data_file_is_reported(tmp_path):
+    p = write(tmp_path, BASE)
+    problems = preflight(load_pipeline(p, "p"))
+    assert any("data.sft.path" in x and "does not exist" in x for x in problems)
+
+
+def test_precedence_set_over_env_over_file(tmp_path):
+    p = write(tmp_path, BASE + "    tracking: {mlflow_uri: 'http://file:5000'}\n")
+    assert load_pipeline(p, "p").tracking.mlflow_uri == "http://file:5000"
+    env = {"MLFLOW_TRACKING_URI": "http://env:5000"}
+    assert load_pipeline(p, "p", env=env).tracking.mlflow_uri == "http://env:5000"
+    cfg = load_pipeline(p, "p", ["tracking.mlflow_uri=http://cli:5000", "sft.learning_rate=1e-4"], env=env)
+    assert cfg.tracking.mlflow_uri == "http://cli:5000" and cfg.sft.learning_rate == 1e-4
+
+
+def test_bad_override_syntax(tmp_path):
+    p = write(tmp_path, BASE)
+    assert "expected section.key=value" in str(pytest.raises(ConfigError, load_pipeline, p, "p", ["sft"]).value)
+
+
+def test_remote_ray_with_local_sqlite_is_refused(tmp_path):
+    p = write(tmp_path, BASE)
+    msg = str(pytest.raises(ConfigError, load_pipeline, p, "p", env={"RAY_ADDRESS": "ray://10.0.0.5:10001"}).value)
+    assert "workers cannot reach" in msg and "tracking.mlflow_uri" in msg
+    ok = load_pipeline(p, "p", env={"RAY_ADDRESS": "ray://10.0.0.5:10001", "MLFLOW_TRACKING_URI": "http://m:5000"})
+    assert ok.compute.ray_address == "ray://10.0.0.5:10001"
+    assert load_pipeline(p, "p", env={"RAY_ADDRESS": "127.0.0.1:6379"}).compute.ray_address == "127.0.0.1:6379"
+
+
+def test_qlora_needs_gpu(tmp_path):
+    p = write(tmp_path, BASE + "    sft: {quantized_base: nf4}\n")
+    assert "needs a GPU" in str(pytest.raises(ConfigError, load_pipeline, p, "p").value)
+
+
+def test_unknown_pipeline_suggests(tmp_path):
+    p = write(tmp_path, BASE)
+    assert "no pipeline 'smok'" in str(pytest.raises(ConfigError, load_pipeline, PIPELINES, "smok").value)
+    assert "did you mean 'smoke'" in str(pytest.raises(ConfigError, load_pipeline, PIPELINES, "smok").value)

@@ -1,0 +1,65 @@
+"""Shared fixtures: the tiny model, a temporary MLflow store, local Ray, Prefect's test harness."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("RAY_ADDRESS", None)
+
+from testlib import PIPELINES
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir) -> str:
+    """Folder of a ~10 MB random Llama with SmolLM2's real tokenizer and chat template."""
+    from alignpipe.config import TINY_MODEL
+    from alignpipe.models import resolve_model
+
+    return resolve_model(TINY_MODEL, models_dir)
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path, tiny_model, mlflow_uri):
+    """The shipped `smoke` pipeline, pointed at a temporary workdir and MLflow store and the tiny model."""
+    from alignpipe.config import load_pipeline
+
+    return load_pipeline(
+        PIPELINES, "smoke", {"workdir": str(tmp_path / "work"), "model.name": tiny_model,
+                             "tracking.mlflow_uri": mlflow_uri},
+    )
