@@ -37,3 +37,6 @@ demo-data: setup
 
 clean:
 	rm -rf .alignpipe
+
+bench: setup
+	$(BIN)/python bench/run.py

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
-from alignpipe.config import load_all, preflight
+from alignpipe.config import load_all, load_pipeline, preflight
+from alignpipe.config.loader import parse_overrides
 from alignpipe.errors import AlignpipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LLM fine-tuning pipeline on Prefect, Ray and MLflow.")
@@ -58,15 +59,34 @@ def run(
 ) -> None:
     """Run one pipeline end to end and print its summary."""
     _quiet_env()
-    from alignpipe.config.loader import parse_overrides
-    from flows.pipeline import alignpipe_pipeline
+    try:  # fail fast on config mistakes, before Prefect, Ray or MLflow start
+        overrides = parse_overrides(set_)
+        problems = preflight(load_pipeline(config, pipeline, overrides, env=os.environ))
+        if problems:
+            raise AlignpipeError("\n".join(problems))
+        from flows.pipeline import alignpipe_pipeline
 
-    try:
-        summary = alignpipe_pipeline(pipeline=pipeline, overrides=parse_overrides(set_), config_file=str(config))
+        _hide_user_error_tracebacks()
+        summary = alignpipe_pipeline(pipeline=pipeline, overrides=overrides, config_file=str(config))
     except AlignpipeError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
     print_summary(summary)
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs flow failures with a traceback; for user-fixable errors the message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], AlignpipeError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _hide_user_error_tracebacks() -> None:
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_NoTracebackForUserErrors())
 
 
 def print_summary(summary: dict) -> None:
@@ -82,5 +102,7 @@ def print_summary(summary: dict) -> None:
     console.print(f"MLflow run {summary['mlflow_run_id']}; open the UI with:\n  {summary['mlflow_ui']}")
 
 
-def main() -> None:  # pragma: no cover - console entry point alias
-    sys.exit(app())
+
+
+if __name__ == "__main__":  # python -m cli.main
+    app()

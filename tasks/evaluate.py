@@ -64,7 +64,9 @@ def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict
     import torch
 
     ray_runner.set_worker_threads(settings["threads"])
-    tokenizer = models.load_tokenizer(spec["adapter_dir"] or spec["base_path"])
+    adapter = spec["adapter_dir"]
+    has_own_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").is_file()
+    tokenizer = models.load_tokenizer(adapter if has_own_tokenizer else spec["base_path"])
     tokenizer.padding_side = "left"
     model = models.load_model(spec["base_path"])
     if spec["adapter_dir"]:
@@ -81,7 +83,8 @@ def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict
 
     predictions, gen_tokens, gen_time, latencies = _generate(model, tokenizer, prompts, settings)
     metrics = score(predictions, references, settings["json_targets"])
-    metrics["perplexity"] = _perplexity(model, tokenizer, prompts, references, settings["batch_size"])
+    n_ppl = settings["perplexity_rows"] or len(prompts)
+    metrics["perplexity"] = _perplexity(model, tokenizer, prompts[:n_ppl], references[:n_ppl], settings["batch_size"])
     metrics["tokens_per_s"] = gen_tokens / gen_time if gen_time else 0.0
     metrics["latency_s"] = sum(latencies) / len(latencies) if latencies else 0.0
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -120,28 +123,29 @@ def _generate(model, tokenizer, prompts: list[str], settings: dict[str, Any]):
 
 
 def _perplexity(model, tokenizer, prompts: list[str], references: list[str], batch_size: int) -> float:
-    """exp(mean negative log-likelihood) of the reference answers (and end-of-turn) given their prompts."""
+    """exp(mean negative log-likelihood) of the reference answers (and end-of-turn) given their prompts.
+
+    Left padding puts every answer at the end of its row, so only the last positions need vocabulary logits.
+    """
     import torch
 
     end = tokenizer.eos_token or ""
     nll, count = 0.0, 0
-    tokenizer.padding_side = "right"
     for start in range(0, len(prompts), batch_size):
         ps, rs = prompts[start : start + batch_size], references[start : start + batch_size]
+        answers = [len(tokenizer(r + end, add_special_tokens=False)["input_ids"]) for r in rs]
         enc = tokenizer([p + r + end for p, r in zip(ps, rs)], return_tensors="pt", padding=True,
                         add_special_tokens=False)
-        labels = enc["input_ids"].clone()
-        labels[enc["attention_mask"] == 0] = -100
-        for j, p in enumerate(ps):
-            labels[j, : len(tokenizer(p, add_special_tokens=False)["input_ids"])] = -100
+        keep = max(answers) + 1
+        labels = enc["input_ids"][:, -keep:].clone()
+        for j, n in enumerate(answers):
+            labels[j, : keep - n] = -100
         with torch.inference_mode():
-            logits = model(**enc).logits[:, :-1].float()
-        target = labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
-                                                   reduction="sum")
-        nll += losses.item()
-        count += int((target != -100).sum())
-    tokenizer.padding_side = "left"
+            logits = model(**enc, logits_to_keep=keep).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                                 reduction="sum")
+        nll += loss.item()
+        count += int((labels[:, 1:] != -100).sum())
     return math.exp(nll / count) if count else float("nan")
 
 

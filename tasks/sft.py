@@ -85,28 +85,13 @@ class MlflowStream(TrainerCallback):
         tracking.log_metrics(self.uri, self.run_id, metrics, step=state.global_step)
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: build the model and data, train, report checkpoints, save the adapter."""
-    import ray.train
+def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list, log_progress: bool = True):
+    """The TRL SFTTrainer for `config` (the loop config `run_sft` builds); used by Ray workers and benchmarks."""
     import torch
-    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
-    ray_runner.set_worker_threads(config["threads"])
-    ctx = ray.train.get_context()
-    rank0 = ctx.get_world_rank() == 0
     s = config["sft"]
-
-    resume_dir = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        resume_dir = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="sft-resume-")))
-        if (resume_dir / FINAL_MARKER).is_file():  # this exact work already finished: hand back its result
-            final = json.loads((resume_dir / FINAL_MARKER).read_text())
-            ray.train.report(final, checkpoint=checkpoint if rank0 else None)
-            return
-
     tokenizer = models.load_tokenizer(config["base_model"])
     model = models.load_model(config["base_model"], dtype=config["dtype"], quantized_base=s["quantized_base"])
     if s["quantized_base"]:
@@ -115,10 +100,9 @@ def train_loop(config: dict[str, Any]) -> None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s["gradient_checkpointing"])
     train_ds, eval_ds = build_datasets(tokenizer, load_canonical(config["train_path"]), config["system_prompt"],
                                        s["max_length"], s["eval_fraction"], s["seed"])
-    scratch = tempfile.mkdtemp(prefix="sft-scratch-")
     use_gpu = config["use_gpu"]
     args = SFTConfig(
-        output_dir=scratch,
+        output_dir=output_dir,
         max_steps=s["max_steps"] if s["max_steps"] > 0 else -1,
         num_train_epochs=s["epochs"],
         per_device_train_batch_size=s["batch_size"],
@@ -143,18 +127,41 @@ def train_loop(config: dict[str, Any]) -> None:
         report_to="none",
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
-        disable_tqdm=not rank0,
+        disable_tqdm=not log_progress,
     )
-    callbacks = [MlflowStream(config["tracking_uri"], config["mlflow_run_id"]), RayTrainReportCallback()]
     if args.load_best_model_at_end:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=s["early_stopping_patience"]))
+        callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=s["early_stopping_patience"])]
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config(PeftConfig(**s["peft"])),
                          callbacks=callbacks)
+    return trainer, tokenizer
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: build the model and data, train, report checkpoints, save the adapter."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    ray_runner.set_worker_threads(config["threads"])
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    s = config["sft"]
+
+    resume_dir = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        resume_dir = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="sft-resume-")))
+        if (resume_dir / FINAL_MARKER).is_file():  # this exact work already finished: hand back its result
+            final = json.loads((resume_dir / FINAL_MARKER).read_text())
+            ray.train.report(final, checkpoint=checkpoint if rank0 else None)
+            return
+
+    scratch = tempfile.mkdtemp(prefix="sft-scratch-")
+    callbacks = [MlflowStream(config["tracking_uri"], config["mlflow_run_id"]), RayTrainReportCallback()]
+    trainer, tokenizer = build_trainer(config, scratch, callbacks, log_progress=rank0)
     trainer = prepare_trainer(trainer)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     summary: dict[str, float] = {"trainable_params": trainable, "total_params": total,
-                                 "trainable_share": trainable / total, "train_rows": len(train_ds)}
+                                 "trainable_share": trainable / total, "train_rows": len(trainer.train_dataset)}
     if rank0:
         tracking.log_metrics(config["tracking_uri"], config["mlflow_run_id"], summary, step=0)
     if s["max_steps"] != 0:
@@ -162,7 +169,7 @@ def train_loop(config: dict[str, Any]) -> None:
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         summary.update({"train_loss": out.training_loss, "global_step": trainer.state.global_step,
                         "train_runtime_s": out.metrics.get("train_runtime", 0.0)})
-        if eval_ds is not None:
+        if trainer.eval_dataset is not None:
             summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     final_dir = Path(tempfile.mkdtemp(prefix="sft-final-"))
     if rank0:
@@ -173,6 +180,12 @@ def train_loop(config: dict[str, Any]) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+def loop_settings(cfg: PipelineConfig, base_model: str, train_path: str) -> dict[str, Any]:
+    """Everything a training worker needs, as plain data (it crosses process and machine boundaries)."""
+    return {"sft": cfg.sft.model_dump(mode="json"), "base_model": base_model, "dtype": cfg.model.dtype,
+            "system_prompt": cfg.model.system_prompt, "train_path": train_path, "use_gpu": cfg.compute.use_gpu}
+
+
 def run_sft(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest: str) -> SftOutput:
     """Plain function behind the task: train on Ray, copy the adapter next to the stage's other outputs."""
     key = content_key("sft", {"sft": cfg.sft, "model": cfg.model, "compute": cfg.compute.num_workers},
@@ -180,11 +193,8 @@ def run_sft(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest:
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "sft", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.sft.model_dump(mode="json"), prefix="sft")
         ray_runner.ensure_ray(cfg.compute)
-        loop_config = {
-            "sft": cfg.sft.model_dump(mode="json"), "base_model": ctx.base_model, "dtype": cfg.model.dtype,
-            "system_prompt": cfg.model.system_prompt, "train_path": train_path, "use_gpu": cfg.compute.use_gpu,
-            "tracking_uri": ctx.tracking_uri, "mlflow_run_id": run_id,
-        }
+        loop_config = {**loop_settings(cfg, ctx.base_model, train_path), "tracking_uri": ctx.tracking_uri,
+                       "mlflow_run_id": run_id}
         result = ray_runner.fit(train_loop, loop_config, cfg.compute, name=f"sft-{key}",
                                 storage=ray_runner.storage_path(cfg.compute, ctx.workdir))
         out_dir = ctx.stage_dir("sft", key)

@@ -1,0 +1,1 @@
+"""Data formats, loaders and the bundled demo-data generator."""

@@ -1,0 +1,60 @@
+"""Fold a PEFT adapter into its base model: one plain safetensors folder that loads without peft.
+
+Reads the base model folder and the adapter folder written by `sft`; writes the merged weights, the
+tokenizer (with its chat template) and a generation config that stops at the end of a turn.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from alignpipe import models
+from alignpipe.errors import AlignpipeError
+
+MERGEABLE = ("LORA", "IA3")  # methods whose weights fold into the base linear layers
+
+
+def merge_adapter(base_path: str, adapter_dir: str, out_dir: str, dtype: str = "float32") -> str:
+    """Merge `adapter_dir` into the base model and save the result to `out_dir`.
+
+    Args:
+        base_path: Base model folder (or hub id) the adapter was trained on.
+        adapter_dir: PEFT adapter folder, usually with the tokenizer saved beside it.
+        out_dir: Where the merged model goes (replaced if it exists).
+        dtype: Weights dtype of the merged model.
+
+    Returns:
+        out_dir.
+    """
+    from peft import PeftConfig, PeftModel
+
+    try:
+        adapter_cfg = PeftConfig.from_pretrained(adapter_dir)
+    except ValueError as exc:
+        raise AlignpipeError(f"{adapter_dir}: not a PEFT adapter folder ({exc})") from None
+    method = str(getattr(adapter_cfg.peft_type, "value", adapter_cfg.peft_type))
+    if method not in MERGEABLE:
+        raise AlignpipeError(
+            f"cannot merge a {method} adapter into the base model: {method.lower()} learns virtual tokens fed to the "
+            f"model, not weight updates, so there is nothing to fold into the weights. Use a mergeable method "
+            f"(sft.peft.method: lora or ia3), or set register.enabled=false and serve the adapter with peft."
+        )
+
+    tokenizer = models.load_tokenizer(adapter_dir if _has_tokenizer(adapter_dir) else base_path)
+    model = PeftModel.from_pretrained(models.load_model(base_path, dtype=dtype), adapter_dir)
+    merged = model.merge_and_unload()
+
+    # generate() must stop at the end of the assistant turn (<|im_end|> for SmolLM2), not at <|endoftext|>.
+    merged.generation_config.eos_token_id = tokenizer.eos_token_id
+    merged.generation_config.pad_token_id = tokenizer.eos_token_id
+
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    merged.save_pretrained(out)  # safetensors
+    tokenizer.save_pretrained(out)  # keeps the chat template
+    return str(out)
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return (Path(folder) / "tokenizer_config.json").is_file()

@@ -1,0 +1,45 @@
+"""The CLI: `check` reports every pipeline; user errors print one clear message and exit non-zero."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from typer.testing import CliRunner
+
+from cli.main import app
+from testlib import PIPELINES, REPO
+
+runner = CliRunner()
+
+
+def test_check_lists_shipped_pipelines():
+    result = runner.invoke(app, ["check", "--config", str(PIPELINES)])
+    assert result.exit_code == 0, result.output
+    assert "demo" in result.output and "smoke" in result.output and "invalid" not in result.output
+
+
+def test_check_fails_on_a_bad_pipeline(tmp_path):
+    p = tmp_path / "pipelines.yaml"
+    p.write_text(textwrap.dedent("""
+        pipelines:
+          good:
+            data: {sft: {path: a.jsonl}, eval: {path: a.jsonl}}
+          bad:
+            data: {sft: {path: a.jsonl}, eval: {path: a.jsonl}}
+            sft: {epochz: 2}
+    """))
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    result = runner.invoke(app, ["check", "--config", str(p)], terminal_width=200)
+    assert result.exit_code == 1
+    assert "epochz" in result.output and "epochs" in result.output
+
+
+def test_run_with_bad_config_exits_nonzero_without_traceback(tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": ""}
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "smoke", "--config", str(PIPELINES),
+                           "--set", "sft.batch_size=many"], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=env)
+    assert proc.returncode == 1
+    assert "sft.batch_size" in proc.stderr and "many" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -1,0 +1,66 @@
+"""Evaluation: the scoring is exact, and every model gets every metric, a table, a chart and predictions."""
+
+import csv
+
+import pytest
+
+from alignpipe import tracking
+from tasks.evaluate import ModelSpec, comparison_table, run_evaluate, score
+from testlib import canonical_split, run_context
+
+REF = '{"name": "Ana Lima", "age": 34, "city": "Porto"}'
+
+
+def test_score_is_strict_about_values_and_types():
+    preds = [REF, '{"name": "Ana Lima", "age": "34", "city": "Porto"}', "Sure! " + REF, '{"name": "Ana"}']
+    m = score(preds, [REF] * 4, json_targets=True)
+    assert m["exact_match"] == 0.25
+    assert m["json_validity"] == 0.75            # prose-wrapped JSON is not valid JSON
+    assert m["field_accuracy/age"] == 0.25       # "34" (a string) is not 34
+    assert m["field_accuracy/name"] == 0.5
+    assert m["field_accuracy/city"] == 0.5
+    assert m["field_accuracy"] == pytest.approx(5 / 12)
+    assert score(["a"], ["a"], json_targets=False) == {"exact_match": 1.0}
+
+
+def test_comparison_table_has_delta_column():
+    md, rows = comparison_table({"base": {"exact_match": 0.1}, "sft": {"exact_match": 0.9}})
+    assert rows[0] == ["metric", "base", "sft", "delta"]
+    assert rows[1] == ["exact_match", "0.1000", "0.9000", "+0.8000"]
+    assert "| exact_match | 0.1000 | 0.9000 | +0.8000 |" in md
+
+
+def test_every_model_gets_every_metric(smoke_cfg, tiny_model, ray_local, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules="all-linear")) \
+        .save_pretrained(adapter)
+    ctx = run_context(smoke_cfg, tiny_model)
+    eval_path, digest = canonical_split(smoke_cfg, "eval", tmp_path)
+    out = run_evaluate(smoke_cfg, ctx, eval_path, digest,
+                       [ModelSpec(label="base", base_path=tiny_model),
+                        ModelSpec(label="sft", base_path=tiny_model, adapter_dir=str(adapter))])
+
+    assert list(out.metrics) == ["base", "sft"]
+    for metrics in out.metrics.values():
+        for key in ("exact_match", "json_validity", "field_accuracy", "field_accuracy/name", "perplexity",
+                    "tokens_per_s", "peak_rss_mb"):
+            assert key in metrics, key
+        for key in ("exact_match", "json_validity", "field_accuracy"):
+            assert 0.0 <= metrics[key] <= 1.0
+        assert metrics["rows"] == 16 and metrics["peak_rss_mb"] > 50 and metrics["tokens_per_s"] > 0
+    # LoRA B starts at zero: an untrained adapter must score exactly like its base.
+    assert out.metrics["sft"]["perplexity"] == pytest.approx(out.metrics["base"]["perplexity"], rel=1e-4)
+
+    client = tracking.client_for(ctx.tracking_uri)
+    paths = {a.path for folder in ("evaluation", "plots", "predictions")
+             for a in client.list_artifacts(out.mlflow_run_id, folder)}
+    assert {"evaluation/comparison.md", "evaluation/comparison.csv", "plots/comparison.png",
+            "predictions/predictions_base.jsonl", "predictions/predictions_sft.jsonl"} <= paths
+    run = client.get_run(out.mlflow_run_id)
+    assert run.data.metrics["sft/exact_match"] == out.metrics["sft"]["exact_match"]
+    assert "eval/sft/perplexity" in client.get_run(ctx.parent_run_id).data.metrics
+    with open(out.table_path.replace(".md", ".csv")) as f:
+        assert next(csv.reader(f)) == ["metric", "base", "sft", "delta"]

@@ -1,0 +1,157 @@
+"""Tests for the validate stage: real GX suites, the tiny model's real tokenizer, a temporary MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignpipe import tracking
+from alignpipe.errors import DataValidationError
+from alignpipe.runs import RunContext, file_digest
+from tasks.validate import validate, validate_data
+
+PEOPLE = [("Ana Lima", 34, "Porto"), ("Kenji Sato", 51, "Osaka"), ("Lea Novak", 27, "Zagreb"),
+          ("Omar Haddad", 45, "Amman"), ("Ines Duarte", 62, "Lisbon"), ("Tom Berg", 19, "Oslo")]
+
+
+def conv(user: str, answer: str, *extra: dict) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}, *extra]}
+
+
+def card(i: int) -> dict:
+    name, age, city = PEOPLE[i]
+    return conv(f"{name} ({age}) lives in {city}.", json.dumps({"name": name, "age": age, "city": city}))
+
+
+def write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def run(cfg, tmp_path: Path, train: list[dict], held: list[dict] | None = None):
+    """validate_data over the given rows (train lines 1-2 and held-out lines 1-2 are clean by default)."""
+    cfg.data.sft.path = write(tmp_path / "train.jsonl", train)
+    cfg.data.eval.path = write(tmp_path / "held.jsonl", held if held is not None else [card(4), card(5)])
+    cfg.data.sft.limit = cfg.data.eval.limit = None
+    return validate_data(cfg, cfg.model.name, tmp_path / "out")
+
+
+def failure(report, check: str) -> str:
+    blocks = [b for b in report.failures if f": {check} failed" in b.splitlines()[0]]
+    assert blocks, f"no {check!r} failure in:\n" + "\n".join(report.failures)
+    return blocks[0]
+
+
+def test_demo_data_passes(smoke_cfg):
+    out = Path(smoke_cfg.workdir) / "validate"
+    report = validate_data(smoke_cfg, smoke_cfg.model.name, out)
+
+    assert report.success, "\n".join(report.failures)
+    assert report.failures == []
+    assert len(Path(report.train_path).read_text().splitlines()) == 64  # the smoke pipeline's row limits
+    assert len(Path(report.eval_path).read_text().splitlines()) == 16
+    assert json.loads(Path(report.train_path).read_text().splitlines()[0])["line"] == 1
+    assert (Path(report.docs_dir) / "index.html").is_file()
+    assert set(json.loads(Path(report.result_path).read_text())) == {"sft", "eval"}
+    assert report.digests == {"sft": file_digest(smoke_cfg.data.sft.path), "eval": file_digest(smoke_cfg.data.eval.path)}
+    stats = report.stats
+    assert (stats["rows_train"], stats["rows_eval"]) == (64, 16)
+    assert 0 < stats["max_tokens_seen"] <= smoke_cfg.validate_.max_tokens
+    for rate in ("duplicate_rate", "duplicate_rate_eval", "leak_rate"):
+        assert 0.0 <= stats[rate] <= 1.0
+
+
+def test_empty_file_fails(smoke_cfg, tmp_path):
+    report = run(smoke_cfg, tmp_path, [])
+    assert report.success is False
+    assert report.failures[0].startswith("data.sft: no rows")
+
+
+LONG = " ".join(["The quick brown fox jumps over the lazy dog."] * 60)
+BAD = {  # id: (split, bad row written at line 3 of that split, check named in the failure)
+    "empty_content": ("sft", conv("Who is this?", "   "), "non-empty fields"),
+    "missing_assistant": ("sft", {"messages": [{"role": "user", "content": "Ana Lima (34) lives in Porto?"}]},
+                          "assistant turn"),
+    "bad_role": ("sft", {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "{}"}]},
+                 "allowed roles"),
+    "bad_role_order": ("sft", {"messages": [{"role": "assistant", "content": "{}"}, {"role": "user", "content": "hi"}]},
+                       "role order"),
+    "too_long": ("sft", conv(LONG, "{}"), "token length"),
+    "email": ("sft", conv("Write to ana.lima@example.com about Ana (34) in Porto.", "{}"), "no e-mail address"),
+    "phone": ("sft", conv("Call Ana at +1 415 555 0132.", "{}"), "no phone number"),
+    "api_key": ("sft", conv("My token is sk-proj-4fT9xQ2mLp8Rz7Vw1Ks3Nd6Hb.", "{}"), "no API key or secret"),
+    "non_json_target": ("sft", conv("Ana Lima (34) lives in Porto.", "Ana Lima, 34, Porto"), "JSON answers"),
+    "leak": ("eval", conv("  ana LIMA (34)\n lives in   porto. ", "{}"), "held-out leakage"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_row_fails_with_its_line(smoke_cfg, tmp_path, case):
+    split, bad, check = BAD[case]
+    train, held = [card(0), card(1)], [card(4), card(5)]
+    (train if split == "sft" else held).append(bad)
+    report = run(smoke_cfg, tmp_path, train, held)
+
+    assert report.success is False
+    block = failure(report, check)
+    assert block.startswith(f"data.{split}: {check} failed (column ")
+    assert "line 3:" in block and "line 1:" not in block and "line 2:" not in block
+
+
+def test_phone_formats_and_sample_rows(smoke_cfg, tmp_path):
+    phones = ["Call Ana at (415) 555-0132.", "Ana's number: 415-555-0132.", "Ring +44 20 7946 0958 after six."]
+    smoke_cfg.validate_.sample_rows = 2
+    report = run(smoke_cfg, tmp_path, [card(0)] + [conv(p, "{}") for p in phones])
+
+    block = failure(report, "no phone number")
+    assert "observed 3 of 4 rows" in block
+    assert [ln.split(":")[0] for ln in block.splitlines()[1:]] == ["  line 2", "  line 3"]  # capped at sample_rows
+
+
+def test_duplicates_above_threshold(smoke_cfg, tmp_path):
+    variant = conv("  ANA LIMA (34) lives in\tPorto. ", card(0)["messages"][1]["content"])
+    report = run(smoke_cfg, tmp_path, [card(0), card(1), card(2), variant])
+
+    assert report.stats["duplicate_rate"] == 0.25
+    block = failure(report, "duplicates")
+    assert "duplicate rate 0.25 > allowed 0.0" in block and "line 4:" in block
+
+    smoke_cfg.validate_.max_duplicate_rate = 0.25
+    assert run(smoke_cfg, tmp_path, [card(0), card(1), card(2), variant]).success
+
+
+def test_allow_pii_lets_email_pass(smoke_cfg, tmp_path):
+    smoke_cfg.data.json_targets = False
+    smoke_cfg.validate_.allow_pii = True
+    report = run(smoke_cfg, tmp_path, [card(0), conv("Write to ana.lima@example.com.", "Sure.")])
+    assert report.success, "\n".join(report.failures)
+
+
+def test_task_logs_to_a_nested_run_and_fails_it_on_bad_data(smoke_cfg, tmp_path):
+    uri = smoke_cfg.tracking.mlflow_uri
+    exp = tracking.ensure_experiment(smoke_cfg)
+    parent = tracking.start_run(uri, exp, "flow", {tracking.TAG_FLOW_RUN: "r1", tracking.TAG_PIPELINE: "smoke"})
+    ctx = RunContext(run_id="r1", pipeline="smoke", tracking_uri=uri, experiment_id=exp, parent_run_id=parent,
+                     workdir=smoke_cfg.workdir, base_model=smoke_cfg.model.name)
+    client = tracking.client_for(uri)
+
+    def nested_runs():
+        return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'", order_by=["start_time ASC"])
+
+    report = validate.fn(smoke_cfg, ctx)
+    (ok,) = nested_runs()
+    assert report.success and ok.info.status == "FINISHED"
+    assert ok.data.metrics["rows_train"] == 64 and ok.data.metrics["duplicate_rate"] == 0.0
+    assert ok.data.params["data.sft.sha256"] == report.digests["sft"]
+    assert "index.html" in {Path(a.path).name for a in client.list_artifacts(ok.info.run_id, "data_docs")}
+    assert [a.path for a in client.list_artifacts(ok.info.run_id, "validation")] == ["validation/validation.json"]
+
+    smoke_cfg.data.sft.path = write(tmp_path / "bad.jsonl", [card(0), conv("Mail me: tom@example.org", "{}")])
+    with pytest.raises(DataValidationError, match="no e-mail address failed") as err:
+        validate.fn(smoke_cfg, ctx)
+    assert "line 2:" in str(err.value) and Path(err.value.report_path).is_file()
+    failed = nested_runs()[-1]
+    assert failed.info.status == "FAILED" and failed.data.metrics["success"] == 0.0
+    assert client.list_artifacts(failed.info.run_id, "data_docs")
