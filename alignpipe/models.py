@@ -48,6 +48,19 @@ def resolve_model(name: str, models_dir: str | Path) -> str:
     return name  # a hub id; load_tokenizer/load_model report a clear error if it cannot be fetched
 
 
+def bf16_native() -> bool:
+    """True when this machine computes bfloat16 matmuls natively (CUDA with bf16, AVX512-BF16 or AMX CPUs)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 def load_tokenizer(path: str, revision: str | None = None):
     from transformers import AutoTokenizer
 

@@ -70,6 +70,19 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
     return trainer.fit()
 
 
+def drop_single_worker_process_group() -> None:
+    """With one worker there is nothing to synchronise: leave torch.distributed so HF Trainer skips DDP.
+
+    DDP on a world of one still hooks every parameter and all-reduces the gradients each step.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() == 1:
+        dist.destroy_process_group()
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(var, None)
+
+
 def set_worker_threads(threads: int) -> None:
     """Ray workers start with OMP_NUM_THREADS=1; give torch the CPUs this worker reserved."""
     import torch

@@ -87,13 +87,14 @@ class MlflowStream(TrainerCallback):
 
 def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list, log_progress: bool = True):
     """The TRL SFTTrainer for `config` (the loop config `run_sft` builds); used by Ray workers and benchmarks."""
-    import torch
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
     s = config["sft"]
+    bf16 = s["precision"] == "bf16" or (s["precision"] == "auto" and models.bf16_native())
     tokenizer = models.load_tokenizer(config["base_model"])
-    model = models.load_model(config["base_model"], dtype=config["dtype"], quantized_base=s["quantized_base"])
+    model = models.load_model(config["base_model"], dtype="bfloat16" if bf16 else "float32",
+                              quantized_base=s["quantized_base"])
     if s["quantized_base"]:
         from peft import prepare_model_for_kbit_training
 
@@ -121,11 +122,12 @@ def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list, log_
         metric_for_best_model="eval_loss",
         gradient_checkpointing=s["gradient_checkpointing"],  # TRL defaults to True: ~50% slower on CPU
         use_cpu=not use_gpu,
-        bf16=use_gpu and torch.cuda.is_bf16_supported(),
+        bf16=bf16,  # autocast; the PEFT weights themselves stay fp32
         max_length=s["max_length"],
         seed=s["seed"],
         report_to="none",
         dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length",  # batches of similar length: less padding to compute
         ddp_find_unused_parameters=False,
         disable_tqdm=not log_progress,
     )
@@ -143,6 +145,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
     ray_runner.set_worker_threads(config["threads"])
+    ray_runner.drop_single_worker_process_group()
     rank0 = ray.train.get_context().get_world_rank() == 0
     s = config["sft"]
 
@@ -182,7 +185,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def loop_settings(cfg: PipelineConfig, base_model: str, train_path: str) -> dict[str, Any]:
     """Everything a training worker needs, as plain data (it crosses process and machine boundaries)."""
-    return {"sft": cfg.sft.model_dump(mode="json"), "base_model": base_model, "dtype": cfg.model.dtype,
+    return {"sft": cfg.sft.model_dump(mode="json"), "base_model": base_model,
             "system_prompt": cfg.model.system_prompt, "train_path": train_path, "use_gpu": cfg.compute.use_gpu}
 
 

@@ -22,4 +22,3 @@ class ModelConfig(Section):
         None,
         description="System turn added to every conversation that has none, in training, evaluation and serving.",
     )
-    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$", description="Weights dtype for training.")

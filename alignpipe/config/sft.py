@@ -34,6 +34,9 @@ class SftConfig(Section):
     save_steps: int = Field(50, ge=1, description="Checkpoint (to Ray storage) every N steps.")
     logging_steps: int = Field(5, ge=1, description="Log metrics to MLflow every N steps.")
     seed: int = Field(42, description="Seed for data order and adapter init.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 = frozen weights in bfloat16 + autocast (LoRA weights stay fp32); auto = bf16 "
+        "where the hardware computes it natively (CUDA, or CPUs with AVX512-BF16/AMX), else fp32.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (~50% slower on CPU).")
     quantized_base: Literal["nf4"] | None = Field(None, description="QLoRA: load the base in 4-bit (GPU only).")
 
