@@ -30,6 +30,9 @@ def ensure_ray(compute: ComputeConfig) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Train gives a worker group 60 s to start; importing torch + transformers in a fresh process on a
+    # busy 2-core machine can take longer, and a timeout costs a whole restart.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
                               "runtime_env": {"env_vars": dict(WORKER_ENV)}}
     if compute.ray_address:

@@ -68,7 +68,7 @@ def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict
     has_own_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").is_file()
     tokenizer = models.load_tokenizer(adapter if has_own_tokenizer else spec["base_path"])
     tokenizer.padding_side = "left"
-    model = models.load_model(spec["base_path"])
+    model = models.load_model(spec["base_path"], dtype=settings["dtype"])
     if spec["adapter_dir"]:
         from peft import PeftModel
 
@@ -196,6 +196,12 @@ def _bar_chart(results: dict[str, dict[str, float]]):
     return fig
 
 
+def _eval_dtype(precision: str) -> str:
+    """Resolved here, in the driver, so every model of the run is scored in the same dtype."""
+    bf16 = precision == "bf16" or (precision == "auto" and models.bf16_native())
+    return "bfloat16" if bf16 else "float32"
+
+
 def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest: str,
                  specs: list[ModelSpec]) -> EvalOutput:
     """Plain function behind the task: one Ray task per model (fresh process), then table, chart, metrics."""
@@ -209,7 +215,8 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
         ray_runner.ensure_ray(cfg.compute)
         cpus = min(cfg.evaluate.cpus, ray.cluster_resources().get("CPU", 1))
         settings = {**cfg.evaluate.model_dump(), "threads": max(1, int(cpus)), "json_targets": cfg.data.json_targets,
-                    "system_prompt": cfg.model.system_prompt}
+                    "system_prompt": cfg.model.system_prompt, "dtype": _eval_dtype(cfg.evaluate.precision)}
+        tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.eval_dtype", settings["dtype"])
         # max_calls=1: each model gets a fresh worker process, so one model's peak RSS cannot hide another's.
         remote = ray.remote(num_cpus=cpus, max_calls=1)(evaluate_model)
         results = {}

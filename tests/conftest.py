@@ -40,8 +40,10 @@ def mlflow_uri(tmp_path) -> str:
 def ray_local():
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    from alignpipe.config.compute import ComputeConfig
+    from alignpipe.ray_runner import ensure_ray
+
+    ensure_ray(ComputeConfig())  # the pipeline's own in-process start-up
     yield ray
     ray.shutdown()
 

@@ -1,5 +1,7 @@
 """Evaluation settings (same decoding for every model compared)."""
 
+from typing import Literal
+
 from pydantic import Field
 
 from alignpipe.config.base import Section
@@ -11,4 +13,7 @@ class EvaluateConfig(Section):
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N held-out rows.")
     perplexity_rows: int | None = Field(128, ge=1, description="Held-out rows scored for perplexity (None = all).")
     compare_base: bool = Field(True, description="Also evaluate the untuned base model, side by side.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Weights dtype while evaluating; auto = bf16 where computed natively (~3x faster "
+        "decoding on AVX512-BF16 CPUs), else fp32. Every model in one run is evaluated with the same precision.")
     cpus: float = Field(2, gt=0, description="CPUs reserved by each evaluation Ray task (= torch threads).")

@@ -52,7 +52,7 @@ def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_ur
 
     reg = summary["registered"]
     version = client.get_model_version_by_alias(reg["model_name"], "challenger")
-    assert version.version == reg["version"]
+    assert str(version.version) == reg["version"]
     assert version.tags["flow_run_id"] == summary["flow_run_id"]
     assert version.tags["run_id.sft"] == by_stage["sft"].info.run_id
     assert {"config_digest", "git_commit", "data_digest.sft", "data_digest.eval"} <= set(version.tags)
