@@ -88,3 +88,11 @@ def git_commit(folder: str | Path) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
+
+
+def save_summary(workdir: str | Path, summary: dict[str, Any]) -> Path:
+    """Keep each flow run's summary (stages, wall times, metrics, registered version) as JSON in the workdir."""
+    path = Path(workdir) / "runs" / f"{summary['flow_run_id']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    return path

@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from alignpipe import models, tracking
 from alignpipe.config import load_pipeline, preflight
 from alignpipe.errors import ConfigError
-from alignpipe.runs import RunContext, config_digest, git_commit
+from alignpipe.runs import RunContext, config_digest, git_commit, save_summary
 from tasks.evaluate import ModelSpec, evaluate
 from tasks.register import register
 from tasks.sft import sft
@@ -71,7 +71,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
             lineage.update({"run_id.parent": parent, "run_id.sft": tuned.mlflow_run_id,
                             "run_id.evaluate": scores.mlflow_run_id, "sft.content_key": tuned.content_key})
             registered = clock.run("register", register, cfg, ctx, tuned.adapter_dir, lineage, scores.metrics["sft"])
-    return {
+    summary = {
         "pipeline": cfg.name,
         "flow_run_id": run_id,
         "mlflow_run_id": parent,
@@ -81,3 +81,5 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         "registered": registered.model_dump() if registered else None,
         "mlflow_ui": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
     }
+    save_summary(cfg.workdir, summary)
+    return summary

@@ -24,6 +24,7 @@ def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_ur
                                  config_file=str(PIPELINES))
     assert [s["stage"] for s in summary["stages"]] == ["prepare", "validate", "sft", "evaluate", "register"]
     assert all(s["status"] == "done" for s in summary["stages"])
+    assert (tmp_path / "work" / "runs" / f"{summary['flow_run_id']}.json").is_file()
 
     client = tracking.client_for(mlflow_uri)
     parent = client.get_run(summary["mlflow_run_id"])
