@@ -229,7 +229,8 @@ def _log_curves(uri: str, run_id: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("SFT loss")
-    ax.legend()
+    if ax.lines:  # a reused or zero-step run has no curve to label
+        ax.legend()
     ax.grid(alpha=0.3)
     tracking.log_figure(uri, run_id, fig, "plots/loss_curve.png")
     plt.close(fig)
