@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from alignpipe import chat, models, ray_runner, tracking
 from alignpipe.config import PipelineConfig
 from alignpipe.data.formats import load_canonical
+from alignpipe.merge import MERGEABLE
 from alignpipe.runs import RunContext, content_key
 
 HEADLINE = ("exact_match", "json_validity", "field_accuracy")
@@ -73,7 +74,7 @@ def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, spec["adapter_dir"])
-        if hasattr(model, "merge_and_unload") and model.peft_config["default"].peft_type.value in ("LORA", "IA3"):
+        if model.peft_config["default"].peft_type.value in MERGEABLE:
             model = model.merge_and_unload()  # same outputs, faster decoding
     model.eval()
     rows = load_canonical(eval_path)[: settings["limit"]]
