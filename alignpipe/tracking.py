@@ -6,6 +6,7 @@ running in other threads or on Ray workers log to the right run.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,7 +76,7 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | No
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
+    batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if is_number(v)]
     if batch:
         client_for(uri).log_batch(run_id, metrics=batch)
 
@@ -114,8 +115,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # drops NaN
+def is_number(v: Any) -> bool:
+    """A real, finite number (bools, NaN and infinities are not metrics)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @contextmanager

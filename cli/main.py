@@ -101,8 +101,5 @@ def print_summary(summary: dict) -> None:
                       f"(models:/{reg['model_name']}@{reg['alias']})")
     console.print(f"MLflow run {summary['mlflow_run_id']}; open the UI with:\n  {summary['mlflow_ui']}")
 
-
-
-
 if __name__ == "__main__":  # python -m cli.main
     app()

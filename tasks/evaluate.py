@@ -11,7 +11,6 @@ import json
 import math
 import resource
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -21,11 +20,10 @@ from pydantic import BaseModel
 from alignpipe import chat, models, ray_runner, tracking
 from alignpipe.config import PipelineConfig
 from alignpipe.data.formats import load_canonical
-from alignpipe.merge import MERGEABLE
+from alignpipe.merge import load_with_adapter
 from alignpipe.runs import RunContext, content_key
 
 HEADLINE = ("exact_match", "json_validity", "field_accuracy")
-LOWER_IS_BETTER = {"perplexity", "latency_s", "peak_rss_mb"}
 
 
 class ModelSpec(BaseModel):
@@ -62,20 +60,13 @@ def score(predictions: list[str], references: list[str], json_targets: bool) -> 
 
 def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Load one model, generate greedily for every held-out prompt, score it. Runs inside a Ray task."""
-    import torch
-
     ray_runner.set_worker_threads(settings["threads"])
-    adapter = spec["adapter_dir"]
-    has_own_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").is_file()
-    tokenizer = models.load_tokenizer(adapter if has_own_tokenizer else spec["base_path"])
+    if spec["adapter_dir"]:  # merged in memory where possible: same outputs, faster decoding
+        model, tokenizer = load_with_adapter(spec["base_path"], spec["adapter_dir"], settings["dtype"])
+    else:
+        model, tokenizer = models.load_model(spec["base_path"], dtype=settings["dtype"]), \
+            models.load_tokenizer(spec["base_path"])
     tokenizer.padding_side = "left"
-    model = models.load_model(spec["base_path"], dtype=settings["dtype"])
-    if spec["adapter_dir"]:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, spec["adapter_dir"])
-        if model.peft_config["default"].peft_type.value in MERGEABLE:
-            model = model.merge_and_unload()  # same outputs, faster decoding
     model.eval()
     rows = load_canonical(eval_path)[: settings["limit"]]
     convs = [chat.split_prompt_answer(chat.with_system(r["messages"], settings["system_prompt"])) for r in rows]
@@ -87,7 +78,7 @@ def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict
     n_ppl = settings["perplexity_rows"] or len(prompts)
     metrics["perplexity"] = _perplexity(model, tokenizer, prompts[:n_ppl], references[:n_ppl], settings["batch_size"])
     metrics["tokens_per_s"] = gen_tokens / gen_time if gen_time else 0.0
-    metrics["latency_s"] = sum(latencies) / len(latencies) if latencies else 0.0
+    metrics["batch_latency_s"] = sum(latencies) / len(latencies) if latencies else 0.0
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metrics["rows"] = len(rows)
     return {"label": spec["label"], "metrics": metrics,
@@ -197,12 +188,6 @@ def _bar_chart(results: dict[str, dict[str, float]]):
     return fig
 
 
-def _eval_dtype(precision: str) -> str:
-    """Resolved here, in the driver, so every model of the run is scored in the same dtype."""
-    bf16 = precision == "bf16" or (precision == "auto" and models.bf16_native())
-    return "bfloat16" if bf16 else "float32"
-
-
 def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest: str,
                  specs: list[ModelSpec]) -> EvalOutput:
     """Plain function behind the task: one Ray task per model (fresh process), then table, chart, metrics."""
@@ -216,14 +201,15 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
         ray_runner.ensure_ray(cfg.compute)
         cpus = min(cfg.evaluate.cpus, ray.cluster_resources().get("CPU", 1))
         settings = {**cfg.evaluate.model_dump(), "threads": max(1, int(cpus)), "json_targets": cfg.data.json_targets,
-                    "system_prompt": cfg.model.system_prompt, "dtype": _eval_dtype(cfg.evaluate.precision)}
+                    "system_prompt": cfg.model.system_prompt, "dtype": models.dtype_for(cfg.evaluate.precision)}
+        # ^ resolved here, once, so every model of the run is scored in the same dtype
         tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.eval_dtype", settings["dtype"])
         # max_calls=1: each model gets a fresh worker process, so one model's peak RSS cannot hide another's.
         remote = ray.remote(num_cpus=cpus, max_calls=1)(evaluate_model)
         results = {}
         for spec in specs:  # one at a time: concurrent runs would share the same cores and skew tokens/s
             print(f"evaluate: {spec.label} on {eval_path}")
-            res = ray.get(remote.remote(spec.model_dump(), eval_path, settings))
+            res = ray_runner.get(remote.remote(spec.model_dump(), eval_path, settings))
             results[spec.label] = res["metrics"]
             pred_file = out_dir / f"predictions_{spec.label}.jsonl"
             pred_file.write_text("".join(json.dumps(p) + "\n" for p in res["predictions"]))

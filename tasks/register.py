@@ -7,7 +7,6 @@ version tagged with the run's lineage and metrics, and points the configured ali
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -17,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from alignpipe import tracking
+from alignpipe import ray_runner, tracking
 from alignpipe.config import PipelineConfig
 from alignpipe.errors import AlignpipeError
 from alignpipe.merge import merge_adapter
@@ -95,17 +94,21 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, adapter_dir: str, linea
         The registered version and where its merged weights are.
     """
     import mlflow
+    import ray
 
     name, alias = cfg.tracking.registered_model, cfg.register_.alias
     key = content_key("register", {"register": cfg.register_.model_dump(mode="json"), "registered_model": name},
                       {"adapter": dir_digest(adapter_dir), "base": ctx.base_model})
     client = tracking.client_for(ctx.tracking_uri)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "register", key) as run_id:
-        merged_dir = merge_adapter(ctx.base_model, adapter_dir, str(ctx.stage_dir("register", key) / "merged"))
+        # Loading and merging the full model is heavy work: a Ray task, so the flow process stays light.
+        ray_runner.ensure_ray(cfg.compute)
+        merge = ray.remote(num_cpus=1, max_calls=1)(merge_adapter)
+        merged_dir = ray_runner.get(merge.remote(ctx.base_model, adapter_dir, str(ctx.stage_dir("register", key) / "merged")))
         weights = dir_digest(merged_dir)
         tags = {k: str(v) for k, v in lineage.items() if k not in NOT_TAGS}
         tags["weights_digest"] = weights
-        tags.update({f"metrics.{k}": str(float(v)) for k, v in metrics.items() if _is_number(v)})
+        tags.update({f"metrics.{k}": str(float(v)) for k, v in metrics.items() if tracking.is_number(v)})
         with fluent_run(ctx.tracking_uri, run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -150,15 +153,11 @@ def _create_version(client, name: str, info, run_id: str, tags: dict[str, str], 
 
 def _description(cfg: PipelineConfig, ctx: RunContext, lineage: dict[str, str], metrics: dict[str, float]) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if _is_number(v)) or "none"
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if tracking.is_number(v)) or "none"
     return (f"Fine-tuned by alignpipe pipeline '{cfg.name}' ({cfg.sft.peft.method} SFT, adapter merged into the "
             f"weights) from base model {cfg.model.name}, registered {when} by flow run {ctx.run_id} "
             f"(git {lineage.get('git_commit', 'unknown')}). Evaluation: {shown}. Serve with "
             f"mlflow.pyfunc.load_model('models:/{cfg.tracking.registered_model}@{cfg.register_.alias}').")
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:

@@ -91,10 +91,9 @@ def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list, log_
     from trl import SFTConfig, SFTTrainer
 
     s = config["sft"]
-    bf16 = s["precision"] == "bf16" or (s["precision"] == "auto" and models.bf16_native())
+    dtype = models.dtype_for(s["precision"])
     tokenizer = models.load_tokenizer(config["base_model"])
-    model = models.load_model(config["base_model"], dtype="bfloat16" if bf16 else "float32",
-                              quantized_base=s["quantized_base"])
+    model = models.load_model(config["base_model"], dtype=dtype, quantized_base=s["quantized_base"])
     if s["quantized_base"]:
         from peft import prepare_model_for_kbit_training
 
@@ -122,7 +121,7 @@ def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list, log_
         metric_for_best_model="eval_loss",
         gradient_checkpointing=s["gradient_checkpointing"],  # TRL defaults to True: ~50% slower on CPU
         use_cpu=not use_gpu,
-        bf16=bf16,  # autocast; the PEFT weights themselves stay fp32
+        bf16=dtype == "bfloat16",  # autocast; the PEFT weights themselves stay fp32
         max_length=s["max_length"],
         seed=s["seed"],
         report_to="none",

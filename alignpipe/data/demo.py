@@ -6,10 +6,13 @@ Writes SFT chat rows and preference pairs, train and held-out, as JSONL files (s
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from alignpipe.data.formats import write_jsonl
 
 # --- Pools. Train and held-out pools are disjoint (asserted below). All ASCII, no PII. -----------------------
 TRAIN_FIRST = """Ana Maria James Wei Fatima Carlos Aiko Olumide Priya Lars Sofia Mateo Chloe Ahmed Ingrid Kenji Amara
@@ -238,16 +241,9 @@ def _rejected(rng: random.Random, ex: Example, kind: str, pools: Pools) -> str:
     if kind == "code_fence":
         return "```json\n" + json.dumps(card) + "\n```"
     if kind == "wrong_key_order":
-        order = rng.choice([p for p in _permutations(KEYS) if p != KEYS])
+        order = rng.choice([p for p in itertools.permutations(KEYS) if p != KEYS])
         return json.dumps({k: card[k] for k in order})
     raise ValueError(f"unknown failure kind {kind!r}")
-
-
-def _permutations(keys: tuple[str, ...]) -> list[tuple[str, ...]]:
-    """All orderings of `keys` (tiny, so no itertools needed for readability)."""
-    if len(keys) <= 1:
-        return [keys]
-    return [(k,) + rest for i, k in enumerate(keys) for rest in _permutations(keys[:i] + keys[i + 1:])]
 
 
 def _sft_row(ex: Example) -> dict:
@@ -270,13 +266,6 @@ def _pref_rows(rng: random.Random, examples: list[Example], pools: Pools) -> lis
                      "chosen": [{"role": "assistant", "content": chosen}],
                      "rejected": [{"role": "assistant", "content": rejected}]})
     return rows
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write `rows` as one compact JSON object per line (UTF-8, `\\n` line ends)."""
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def generate(out_dir: str | Path, n_train: int = 1200, n_heldout: int = 400, n_pref_train: int = 600,
@@ -315,7 +304,7 @@ def generate(out_dir: str | Path, n_train: int = 1200, n_heldout: int = 400, n_p
     paths = {}
     for name, split_rows in rows.items():
         paths[name] = out / f"{name}.jsonl"
-        _write_jsonl(paths[name], split_rows)
+        write_jsonl(split_rows, paths[name])
     return paths
 
 

@@ -111,7 +111,6 @@ def test_qlora_needs_gpu(tmp_path):
     assert "needs a GPU" in str(pytest.raises(ConfigError, load_pipeline, p, "p").value)
 
 
-def test_unknown_pipeline_suggests(tmp_path):
-    p = write(tmp_path, BASE)
+def test_unknown_pipeline_suggests():
     assert "no pipeline 'smok'" in str(pytest.raises(ConfigError, load_pipeline, PIPELINES, "smok").value)
     assert "did you mean 'smoke'" in str(pytest.raises(ConfigError, load_pipeline, PIPELINES, "smok").value)
