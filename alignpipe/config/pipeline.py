@@ -5,6 +5,7 @@ from urllib.parse import urlparse
 from pydantic import ConfigDict, Field, model_validator
 
 from alignpipe.config.base import Section
+from alignpipe.config.cache import CacheConfig
 from alignpipe.config.compute import ComputeConfig
 from alignpipe.config.data import DataConfig, ValidateConfig
 from alignpipe.config.evaluate import EvaluateConfig
@@ -31,6 +32,7 @@ class PipelineConfig(Section):
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     schedule: ScheduleConfig | None = Field(None, description="Optional schedule for `alignpipe deploy`.")
 
     @model_validator(mode="after")

@@ -1,0 +1,55 @@
+"""Content-keyed Prefect caching: a stage's key is its config section + its input digests + the code version.
+
+Each stage module exposes `cache_key(...)`, taking the task's own arguments minus the run context; the same key
+names the stage's output folder, its Ray Train run and its MLflow run tag, so a cache hit and a reused folder agree.
+Registration and promotion are never cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect.cache_policies import CachePolicy
+
+from alignpipe.config.cache import CacheConfig
+
+BLOCK = "block://"
+RUN_SCOPED = ("ctx",)  # task arguments that change every run and must not enter the key
+
+
+@dataclass
+class StageKey(CachePolicy):
+    """Prefect cache policy that delegates to a stage's own `cache_key` function."""
+
+    key_fn: Callable[..., str] | None = None
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        if self.key_fn is None:
+            return None
+        return self.key_fn(**{k: v for k, v in inputs.items() if k not in RUN_SCOPED})
+
+
+def storage_for(cache: CacheConfig, workdir: str) -> str | Path:
+    """A saved block's slug for `block://type/name`, else a local folder (created): the configured one or <workdir>/cache."""
+    where = cache.result_storage
+    if where and where.startswith(BLOCK):
+        return where[len(BLOCK):]
+    path = Path(where).expanduser() if where else Path(workdir) / "cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def cached(task, key_fn: Callable[..., str], cache: CacheConfig, workdir: str):
+    """`task` with a content-keyed cache policy and persisted results; unchanged when caching is off."""
+    if not cache.enabled:
+        return task
+    storage = storage_for(cache, workdir)
+    keys = storage / "keys" if isinstance(storage, Path) else storage
+    return task.with_options(
+        cache_policy=StageKey(key_fn=key_fn).configure(key_storage=keys),
+        result_storage=storage,
+        persist_result=True,
+        refresh_cache=cache.refresh,
+    )
