@@ -1,6 +1,7 @@
 """Content-keyed Prefect caching: a stage's key is its config section + its input digests + the code version.
 
-Each stage module exposes `cache_key(...)`, taking the task's own arguments minus the run context; the same key
+Each stage module exposes `cache_key(...)`, taking the task's own arguments; it must read only what is stable across
+runs (never run ids: the run context's `base_model` and `workdir` are fine). The same key
 names the stage's output folder, its Ray Train run and its MLflow run tag, so a cache hit and a reused folder agree.
 Registration and promotion are never cached.
 """
@@ -16,7 +17,6 @@ from prefect.cache_policies import CachePolicy
 from alignpipe.config.cache import CacheConfig
 
 BLOCK = "block://"
-RUN_SCOPED = ("ctx",)  # task arguments that change every run and must not enter the key
 
 
 @dataclass
@@ -28,7 +28,7 @@ class StageKey(CachePolicy):
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         if self.key_fn is None:
             return None
-        return self.key_fn(**{k: v for k, v in inputs.items() if k not in RUN_SCOPED})
+        return self.key_fn(**inputs)
 
 
 def storage_for(cache: CacheConfig, workdir: str) -> str | Path:

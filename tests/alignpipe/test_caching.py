@@ -17,8 +17,8 @@ def square(ctx: str, x: int) -> int:
     return x * x
 
 
-def key(x: int) -> str:
-    return f"square-{x}"
+def key(ctx: str, x: int) -> str:
+    return f"square-{x}"  # ignores the run-scoped argument, as stage keys ignore run ids
 
 
 def test_same_key_is_served_from_the_cache_and_ctx_stays_out_of_the_key(prefect_harness, tmp_path):
