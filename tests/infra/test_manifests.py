@@ -130,6 +130,15 @@ def test_compose_names_the_stack_services(compose):
         assert services[name]["image"] == services["ray-head"]["image"], name
 
 
+def test_compose_shares_the_workdir_between_the_worker_and_every_ray_node(compose):
+    """Stages hand each other paths: the node running the next stage must see the previous stage's files."""
+    mounts = {name: set(compose["services"][name].get("volumes", [])) for name in ("prefect-worker", "ray-head",
+                                                                                  "ray-worker")}
+    shared = set.intersection(*mounts.values())
+    assert "alignpipe-work:/home/ray/alignpipe/.alignpipe" in shared
+    assert "alignpipe-work" in compose["volumes"]
+
+
 def test_compose_images_are_pinned(compose):
     for name, svc in compose["services"].items():
         if "build" in svc and "image" in svc and svc["image"].startswith("${"):
