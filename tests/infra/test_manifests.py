@@ -45,6 +45,12 @@ def _kuberay_validator():
     return jsonschema.Draft7Validator(schema)
 
 
+def _pod_template_validator():
+    schema = _schema("kubernetes-v1.37.0-podtemplatespec-strict.json")
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
 def _ray_validator():
     schema = _schema("ray-schema.json")
     jsonschema.Draft7Validator.check_schema(schema)
@@ -74,7 +80,10 @@ def launcher() -> dict:
 
 def test_vendored_schemas_match_their_recorded_checksums():
     """SOURCES.md records where each schema came from and its sha256; a silent edit of a schema fails here."""
-    recorded = dict(re.findall(r"`([\w.-]+\.json)`.*?sha256 `([0-9a-f]{64})`", (SCHEMAS / "SOURCES.md").read_text()))
+    recorded = {}
+    for row in (SCHEMAS / "SOURCES.md").read_text().splitlines():
+        if m := re.match(r"\| `([\w.-]+\.json)` \|", row):  # a table row; its last sha256 is the vendored file's
+            recorded[m.group(1)] = re.findall(r"sha256 `([0-9a-f]{64})`", row)[-1]
     vendored = sorted(p.name for p in SCHEMAS.glob("*.json"))
     assert sorted(recorded) == vendored
     for name, digest in recorded.items():
@@ -264,6 +273,33 @@ def test_kuberay_schema_rejects_a_broken_cluster(raycluster, break_it):
     broken = copy.deepcopy(raycluster)
     break_it(broken)
     assert _errors(_kuberay_validator(), broken)
+
+
+def _templates(raycluster: dict) -> dict[str, dict]:
+    spec = raycluster["spec"]
+    return {"head": spec["headGroupSpec"]["template"], **{g["groupName"]: g["template"] for g in spec["workerGroupSpecs"]}}
+
+
+def test_raycluster_pod_templates_validate_against_kubernetes_podtemplatespec(raycluster):
+    """The KubeRay excerpt leaves the pod template open; the strict Kubernetes schema checks it (unknown keys too)."""
+    validator = _pod_template_validator()
+    for group, template in _templates(raycluster).items():
+        assert _errors(validator, template) == [], group
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        pytest.param(lambda t: t["spec"]["tolerations"][0].update(efect="NoSchedule"), id="misspelt-toleration-key"),
+        pytest.param(lambda t: t["spec"]["containers"][0]["resources"]["limits"].update({"nvidia.com/gpu": [1]}),
+                     id="gpu-quantity-not-a-quantity"),
+        pytest.param(lambda t: t["spec"]["containers"][0].pop("name"), id="container-without-name"),
+    ],
+)
+def test_kubernetes_schema_rejects_a_broken_pod_template(raycluster, break_it):
+    broken = copy.deepcopy(_templates(raycluster)["gpu"])
+    break_it(broken)
+    assert _errors(_pod_template_validator(), broken)
 
 
 def _containers(group: dict) -> list[dict]:
