@@ -3,6 +3,7 @@ names the services the stack needs, binds published ports to 127.0.0.1, puts MLf
 authentication and holds no literal secrets. Nothing is started: these are parse-and-check tests."""
 
 import copy
+import functools
 import hashlib
 import json
 import re
@@ -18,6 +19,8 @@ SCHEMAS = Path(__file__).parent / "schemas"
 COMPOSE = INFRA / "docker-compose.yml"
 KUBERAY = INFRA / "kuberay" / "raycluster.yaml"
 RAY_CLUSTER = INFRA / "ray" / "cluster.yaml"
+K8S = INFRA / "k8s"
+KUBERNETES_TYPES = {("apps/v1", "Deployment"): "io.k8s.api.apps.v1.Deployment", ("v1", "Service"): "io.k8s.api.core.v1.Service"}
 
 # Environment keys whose values are credentials: each must come from the environment (.env / a Secret), never a literal.
 SECRET_KEY = re.compile(r"(PASSWORD|SECRET|TOKEN|AUTH_STRING|ACCESS_KEY)", re.I)
@@ -32,6 +35,7 @@ def _schema(name: str) -> dict:
     return json.loads((SCHEMAS / name).read_text())
 
 
+@functools.cache  # building a validator checks the schema itself: once per session is enough
 def _compose_validator():
     schema = _schema("compose-spec.json")
     # The schema declares draft 2019-09 under a non-canonical URI, so name the draft instead of guessing from $schema.
@@ -39,18 +43,26 @@ def _compose_validator():
     return jsonschema.Draft201909Validator(schema)
 
 
+@functools.cache
 def _kuberay_validator():
     schema = _schema("kuberay-raycluster-v1.excerpt.json")
     jsonschema.Draft7Validator.check_schema(schema)
     return jsonschema.Draft7Validator(schema)
 
 
-def _pod_template_validator():
-    schema = _schema("kubernetes-v1.37.0-podtemplatespec-strict.json")
+@functools.cache
+def _kubernetes_validator(definition: str):
+    """Strict Kubernetes v1.37 schema of one type (e.g. io.k8s.api.apps.v1.Deployment): unknown keys fail too."""
+    schema = {**_schema("kubernetes-v1.37.0-strict-subset.json"), "$ref": f"#/$defs/{definition}"}
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
 
 
+def _pod_template_validator():
+    return _kubernetes_validator("io.k8s.api.core.v1.PodTemplateSpec")
+
+
+@functools.cache
 def _ray_validator():
     schema = _schema("ray-schema.json")
     jsonschema.Draft7Validator.check_schema(schema)
@@ -391,3 +403,50 @@ def test_launcher_config_has_cpu_and_gpu_types_and_installs_the_project(launcher
     assert any("--dashboard-host=127.0.0.1" in c for c in launcher["head_start_ray_commands"])
     text = RAY_CLUSTER.read_text()
     assert not re.search(r"(PASSWORD|SECRET|TOKEN)\s*[:=]\s*\S", text), "secrets belong in the synced env file"
+
+
+# --- k8s/ (MLflow and the Prefect worker on Kubernetes) ----------------------------------------------------------------
+
+def _k8s_documents() -> dict[tuple[str, str], dict]:
+    docs = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    return docs
+
+
+def test_k8s_manifests_validate_against_kubernetes_schemas():
+    docs = _k8s_documents()
+    assert set(docs) == {("Deployment", "mlflow"), ("Service", "mlflow"), ("Deployment", "alignpipe-prefect-worker")}
+    for (kind, name), doc in docs.items():
+        validator = _kubernetes_validator(KUBERNETES_TYPES[(doc["apiVersion"], kind)])
+        assert _errors(validator, doc) == [], f"{kind}/{name}"
+
+
+@pytest.mark.parametrize(
+    "break_it",
+    [
+        pytest.param(lambda d: d["spec"].update(replica=1), id="misspelt-replicas"),
+        pytest.param(lambda d: d["spec"].pop("selector"), id="no-selector"),
+        pytest.param(lambda d: d.update(apiVersion="extensions/v1beta1"), id="removed-api-version"),
+    ],
+)
+def test_kubernetes_schema_rejects_a_broken_deployment(break_it):
+    broken = copy.deepcopy(_k8s_documents()[("Deployment", "mlflow")])
+    break_it(broken)
+    assert _errors(_kubernetes_validator("io.k8s.api.apps.v1.Deployment"), broken)
+
+
+def test_k8s_mlflow_is_behind_basic_auth_and_in_cluster_only():
+    docs = _k8s_documents()
+    server = docs[("Deployment", "mlflow")]["spec"]["template"]["spec"]["containers"][0]
+    assert "--app-name=basic-auth" in server["args"] and "--serve-artifacts" in server["args"]
+    assert {"secretRef": {"name": "mlflow-secrets"}} in server["envFrom"]
+    assert docs[("Service", "mlflow")]["spec"]["type"] == "ClusterIP"
+    worker = docs[("Deployment", "alignpipe-prefect-worker")]["spec"]["template"]["spec"]["containers"][0]
+    assert {"secretRef": {"name": "prefect-worker-secrets"}} in worker["envFrom"]
+    assert worker["args"][:3] == ["prefect", "worker", "start"]
+    for container in (server, worker):
+        for env in container.get("env", []):
+            assert not (SECRET_KEY.search(env["name"]) and "value" in env), env["name"]
+
