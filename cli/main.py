@@ -99,7 +99,13 @@ def print_summary(summary: dict) -> None:
     if reg:
         console.print(f"registered [bold]{reg['model_name']}[/bold] version {reg['version']} as @{reg['alias']} "
                       f"(models:/{reg['model_name']}@{reg['alias']})")
+        console.print(f"promotion: {reg.get('decision', '')}")
     console.print(f"MLflow run {summary['mlflow_run_id']}; open the UI with:\n  {summary['mlflow_ui']}")
+
+
+from cli.registry import add_commands  # noqa: E402  (the registry commands live in their own module)
+
+add_commands(app)
 
 if __name__ == "__main__":  # python -m cli.main
     app()

@@ -70,7 +70,9 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
             lineage.update({f"data_digest.{k}": v for k, v in data.digests.items()})
             lineage.update({"run_id.parent": parent, "run_id.sft": tuned.mlflow_run_id,
                             "run_id.evaluate": scores.mlflow_run_id, "sft.content_key": tuned.content_key})
-            registered = clock.run("register", register, cfg, ctx, tuned.adapter_dir, lineage, scores.metrics["sft"])
+            final = specs[-1]  # the last artifact evaluated is the one to register (quantized when that ran)
+            registered = clock.run("register", register, cfg, ctx, final.base_path, final.adapter_dir,
+                                   getattr(final, "quantized_dir", None), scores.metrics, final.label, lineage)
     summary = {
         "pipeline": cfg.name,
         "flow_run_id": run_id,
@@ -79,6 +81,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         "metrics": scores.metrics,
         "table": Path(scores.table_path).read_text(),
         "registered": registered.model_dump() if registered else None,
+        "promotion": registered.decision if registered else "not registered (register.enabled is false)",
         "mlflow_ui": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
     }
     save_summary(cfg.workdir, summary)

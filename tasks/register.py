@@ -1,43 +1,63 @@
-"""Register stage: merge the SFT adapter into the base model and register it as a new MLflow model version.
+"""Register stage: log the final artifact as an MLflow pyfunc, register it (once per weights digest), gate it.
 
-Reads the adapter folder written by `sft`; writes the merged model to the stage's output dir, logs it as a
-"models from code" pyfunc (`alignpipe/serving/chat_model.py`) into the nested `register` run, registers a
-version tagged with the run's lineage and metrics, and points the configured alias (`@challenger`) at it.
+Reads the final artifact of the run: merged or quantized weights, or base + adapter (merged here on Ray, or
+kept as adapter plus a pinned base reference when `register.adapter_only`), and the evaluation metrics. Writes
+the model card and the logged model into the nested `register` run, a model version tagged with the run's
+lineage, `@challenger` on it, and `@champion` when every gate in `register.gates` passes (alignpipe.registry).
 """
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
-from importlib.metadata import version as package_version
+from importlib.metadata import PackageNotFoundError, version as package_version
+from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from alignpipe import ray_runner, tracking
+import alignpipe
+from alignpipe import ray_runner, registry, tracking
 from alignpipe.config import PipelineConfig
 from alignpipe.errors import AlignpipeError
 from alignpipe.merge import merge_adapter
-from alignpipe.runs import RunContext, content_key, dir_digest
+from alignpipe.model_card import model_card
+from alignpipe.runs import RunContext, content_key, dir_digest, file_digest
 from alignpipe.serving import CHAT_MODEL_CODE
 
 DEFAULT_EXAMPLE = "Ana Lima is 34 and lives in Porto."
 NOT_TAGS = {"input_example"}  # lineage keys that are inputs to this stage, not lineage
 READY_TIMEOUT_S = 300
+DESCRIPTION_MAX = 4900        # the registry stores at most 5000 characters of description
+_FLUENT = threading.RLock()   # the global tracking URI is process-wide: one fluent run at a time per process
 
 
 class RegisterOutput(BaseModel):
     model_name: str
     version: str
-    alias: str
-    model_uri: str              # "models:/<name>/<version>"
-    merged_dir: str             # merged safetensors model + tokenizer, as logged
-    mlflow_run_id: str          # the nested `register` run the model was logged into
+    alias: str                    # the alias every new version gets (`register.alias`, "challenger")
+    model_uri: str                # "models:/<name>/<version>"
+    model_dir: str                # what was logged: merged / quantized weights, or the adapter
+    mlflow_run_id: str            # the nested `register` run
+    candidate: str                # evaluation label of the registered artifact
+    reused: bool = False          # an identical version (same weights digest) existed; the run points to it
+    promoted: bool = False
+    decision: str = ""            # one line: promoted / stays challenger and why
 
 
-def pip_requirements() -> list[str]:
+class Artifact(BaseModel):
+    """What gets logged: a folder, how to serve it, and what to pin."""
+    model_dir: str
+    digest: str
+    description: str
+    model_config_extra: dict[str, str] = {}
+    requirements_extra: list[str] = []
+
+
+def pip_requirements(extra: list[str] = ()) -> list[str]:
     """What the served model needs, pinned to this environment (mlflow's inference would add torchvision)."""
     import mlflow
     import torch
@@ -49,7 +69,8 @@ def pip_requirements() -> list[str]:
         f"transformers=={transformers.__version__}",
         f"tokenizers=={package_version('tokenizers')}",
         f"safetensors=={package_version('safetensors')}",
-        "pandas",
+        f"pandas=={package_version('pandas')}",
+        *extra,
     ]
 
 
@@ -69,77 +90,196 @@ def fluent_run(uri: str, run_id: str):
     """
     import mlflow
 
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI; set_tracking_uri(None) unsets it again
-    try:
-        with mlflow.start_run(run_id=run_id):
-            yield
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with _FLUENT:
+        previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+        mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI; set_tracking_uri(None) unsets it again
+        try:
+            with mlflow.start_run(run_id=run_id):
+                yield
+        finally:
+            mlflow.set_tracking_uri(previous)
 
 
-def register_model(cfg: PipelineConfig, ctx: RunContext, adapter_dir: str, lineage: dict[str, str],
-                   metrics: dict[str, float]) -> RegisterOutput:
-    """Merge, log, register, tag and alias one model version.
+def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter_dir: str | None,
+                   quantized_dir: str | None, metrics: dict[str, dict[str, float]], candidate: str,
+                   lineage: dict[str, str]) -> RegisterOutput:
+    """Log, register (unless the same weights are already registered), tag, alias and gate one model.
 
     Args:
-        cfg: The pipeline config (`register`, `tracking.registered_model`, `model.system_prompt`).
-        ctx: The flow run's context (tracking URI, parent run, base model, workdir).
-        adapter_dir: PEFT adapter folder from `sft`.
+        cfg: The pipeline config (`register`, `tracking.registered_model`, `model`, `data`, `sft`).
+        ctx: The flow run's context (tracking URI, parent run, workdir).
+        base_path: Base model folder; the model itself when there is neither adapter nor quantized folder.
+        adapter_dir: PEFT adapter trained on `base_path`, or None.
+        quantized_dir: A folder `AutoModelForCausalLM.from_pretrained` loads (quantization ran), or None.
+        metrics: Evaluation metrics, label -> metric -> value; `metrics[candidate]` are the registered
+            artifact's, `metrics["base"]` the base model's.
+        candidate: Label of the registered artifact ("sft", "aligned", "quantized").
         lineage: Tags for the version: config/data digests, git commit, stage run ids, flow run id.
             An `input_example` key, if present, is used as the logged input example instead of a tag.
-        metrics: Evaluation metrics of the tuned model, tagged as `metrics.<name>`.
 
     Returns:
-        The registered version and where its merged weights are.
+        The registered (or reused) version and the promotion decision.
     """
     import mlflow
-    import ray
 
     name, alias = cfg.tracking.registered_model, cfg.register_.alias
+    uri = ctx.tracking_uri
+    inputs = {"base": base_path, "adapter": dir_digest(adapter_dir) if adapter_dir else "",
+              "quantized": dir_digest(quantized_dir) if quantized_dir else ""}
     key = content_key("register", {"register": cfg.register_.model_dump(mode="json"), "registered_model": name},
-                      {"adapter": dir_digest(adapter_dir), "base": ctx.base_model})
-    client = tracking.client_for(ctx.tracking_uri)
-    with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "register", key) as run_id:
+                      inputs)
+    client = tracking.client_for(uri)
+    with tracking.stage_run(uri, ctx.parent_run_id, "register", key) as run_id:
+        art = _artifact(cfg, ctx, key, base_path, adapter_dir, quantized_dir)
+        lineage = {**_stage_run_ids(client, ctx), **lineage}
+        tags = _lineage_tags(cfg, lineage, metrics, candidate, art)
+        _log_datasets(client, run_id, cfg, lineage)
+        registry.ensure_model(client, name)
+        existing = registry.find_by_digest(client, name, art.digest)
+        if existing is None:
+            champion = registry.alias_version(client, name, registry.CHAMPION)
+            card = model_card(cfg, name, candidate, metrics,
+                              (str(champion.version), registry.tag_metrics(champion.tags)) if champion else None,
+                              {**lineage, **tags}, art.description)
+            card_path = ctx.stage_dir("register", key) / "model_card.md"
+            card_path.write_text(card)
+            client.log_artifact(run_id, str(card_path))
+            tags["model_card"] = f"runs:/{run_id}/model_card.md"
+            with fluent_run(uri, run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(CHAT_MODEL_CODE),
+                    artifacts={"model": art.model_dir, "model_card": str(card_path)},
+                    model_config={"system_prompt": cfg.model.system_prompt,
+                                  "max_new_tokens": cfg.evaluate.max_new_tokens, **art.model_config_extra},
+                    signature=signature(cfg.evaluate.max_new_tokens),
+                    input_example=[lineage.get("input_example") or DEFAULT_EXAMPLE],
+                    pip_requirements=pip_requirements(art.requirements_extra),
+                )
+                # Under the lock, so two runs with the same weights can't both create a version; still inside
+                # the fluent run: the SQL registry resolves the logged model through the *global* tracking URI.
+                with registry.registry_lock(client, uri, name):
+                    existing = registry.find_by_digest(client, name, art.digest)
+                    if existing is None:
+                        version = _create_version(client, name, info, run_id, tags, _description(card, run_id))
+                        registry.move_alias(client, name, alias, version, f"flow run {ctx.run_id}",
+                                            f"registered by pipeline {cfg.name}")
+        if existing is not None:  # same weights already registered: no duplicate, the run points to it
+            version = str(existing.version)
+            client.set_tag(run_id, "duplicate_of", f"models:/{name}/{version}")
+            out = RegisterOutput(model_name=name, version=version, alias=alias, model_uri=f"models:/{name}/{version}",
+                                 model_dir=art.model_dir, mlflow_run_id=run_id, candidate=candidate, reused=True,
+                                 promoted=existing.tags.get("promotion.decision") in ("promoted", "forced"),
+                                 decision=f"same weights as version {version}; nothing new registered")
+        else:
+            out = RegisterOutput(model_name=name, version=version, alias=alias, model_uri=f"models:/{name}/{version}",
+                                 model_dir=art.model_dir, mlflow_run_id=run_id, candidate=candidate,
+                                 decision="not checked (register.promote is false)")
+            if cfg.register_.promote:
+                decision = registry.promote(client, uri, name, version, gates=cfg.register_.gates,
+                                            primary_metric=cfg.register_.primary_metric,
+                                            actor=f"flow run {ctx.run_id}", reason=f"pipeline {cfg.name} gates")
+                out.promoted, out.decision = decision.promoted, decision.summary()
+        for k, v in {"registered_model": name, "registered_version": out.version, "registered_alias": alias,
+                     "weights_digest": art.digest, "promotion": out.decision}.items():
+            client.set_tag(run_id, k, v)
+    print(f"registered {name} version {out.version} as @{alias} (models:/{name}@{alias}); {out.decision}")
+    return out
+
+
+def _artifact(cfg: PipelineConfig, ctx: RunContext, key: str, base_path: str, adapter_dir: str | None,
+              quantized_dir: str | None) -> Artifact:
+    """Pick (and for base + adapter, build) the folder to log, its weights digest and serving settings."""
+    if quantized_dir:
+        qcfg = json.loads((Path(quantized_dir) / "config.json").read_text()).get("quantization_config") or {}
+        method = str(qcfg.get("quant_method", "")).lower()
+        extra = [_pin("torchao")] if method == "torchao" else []
+        return Artifact(model_dir=quantized_dir, digest=dir_digest(quantized_dir), requirements_extra=extra,
+                        description=f"Quantized weights ({method or 'unknown method'}).")
+    if adapter_dir and cfg.register_.adapter_only:
+        base_digest = dir_digest(base_path) if Path(base_path).is_dir() else base_path
+        digest = registry_digest(dir_digest(adapter_dir), base_digest)
+        return Artifact(model_dir=adapter_dir, digest=digest, requirements_extra=[_pin("peft")],
+                        model_config_extra={"base_model": base_path, "base_model_digest": base_digest},
+                        description=f"PEFT adapter only, applied at load time to base model `{base_path}` "
+                                    f"(sha256 {base_digest[:16]}): the serving host needs that base model.")
+    if adapter_dir:
         # Loading and merging the full model is heavy work: a Ray task, so the flow process stays light.
+        import ray
+
         ray_runner.ensure_ray(cfg.compute)
         merge = ray.remote(num_cpus=1, max_calls=1)(merge_adapter)
-        merged_dir = ray_runner.get(merge.remote(ctx.base_model, adapter_dir, str(ctx.stage_dir("register", key) / "merged")))
-        weights = dir_digest(merged_dir)
-        tags = {k: str(v) for k, v in lineage.items() if k not in NOT_TAGS}
-        tags["weights_digest"] = weights
-        tags.update({f"metrics.{k}": str(float(v)) for k, v in metrics.items() if tracking.is_number(v)})
-        with fluent_run(ctx.tracking_uri, run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(CHAT_MODEL_CODE),
-                artifacts={"model": merged_dir},
-                model_config={"system_prompt": cfg.model.system_prompt,
-                              "max_new_tokens": cfg.evaluate.max_new_tokens},
-                signature=signature(cfg.evaluate.max_new_tokens),
-                input_example=[lineage.get("input_example") or DEFAULT_EXAMPLE],
-                pip_requirements=pip_requirements(),
-            )
-            # Still inside: the SQL registry looks the logged model up through the *global* tracking URI.
-            version = _create_version(client, name, info, run_id, tags, _description(cfg, ctx, lineage, metrics))
-        client.set_registered_model_alias(name, alias, version)
-        for k, v in {"registered_model": name, "registered_version": version, "registered_alias": alias,
-                     "weights_digest": weights}.items():
-            client.set_tag(run_id, k, v)
-    print(f"registered {name} version {version} as @{alias} (models:/{name}@{alias})")
-    return RegisterOutput(model_name=name, version=version, alias=alias, model_uri=f"models:/{name}/{version}",
-                          merged_dir=merged_dir, mlflow_run_id=run_id)
+        merged = ray_runner.get(merge.remote(base_path, adapter_dir, str(ctx.stage_dir("register", key) / "merged")))
+        return Artifact(model_dir=merged, digest=dir_digest(merged),
+                        description="Merged weights (adapter folded into the base model; loads without peft).")
+    return Artifact(model_dir=base_path, digest=dir_digest(base_path), description="Full model weights.")
+
+
+def registry_digest(*parts: str) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _pin(package: str) -> str:
+    try:
+        return f"{package}=={package_version(package)}"
+    except PackageNotFoundError:
+        raise AlignpipeError(f"the registered model needs {package}, which is not installed here; "
+                             f"pip install {package} (pinned in requirements.lock)") from None
+
+
+def _lineage_tags(cfg: PipelineConfig, lineage: dict[str, str], metrics: dict[str, dict[str, float]],
+                  candidate: str, art: Artifact) -> dict[str, str]:
+    """Version tags: lineage, lock-file digest, seeds, the weights digest and the evaluation metrics."""
+    tags = {k: str(v) for k, v in lineage.items() if k not in NOT_TAGS}
+    lock = Path(alignpipe.__file__).resolve().parent.parent / "requirements.lock"
+    tags["lock_digest"] = file_digest(lock) if lock.is_file() else "unknown"
+    tags["seed.sft"] = str(cfg.sft.seed)
+    for stage in ("align", "quantize"):  # sections other stages add; recorded when they carry a seed
+        seed = getattr(getattr(cfg, stage, None), "seed", None)
+        if seed is not None:
+            tags[f"seed.{stage}"] = str(seed)
+    tags.update({"weights_digest": art.digest, "candidate": candidate, "pipeline": cfg.name})
+    numbers = {label: {k: float(v) for k, v in m.items() if tracking.is_number(v)} for label, m in metrics.items()}
+    tags.update({f"{registry.METRIC_TAG}{k}": str(v) for k, v in numbers.get(candidate, {}).items()})
+    tags.update({f"{registry.BASE_TAG}{k}": str(v) for k, v in numbers.get("base", {}).items()})
+    tags["evaluation"] = json.dumps(numbers, sort_keys=True)
+    return tags
+
+
+def _stage_run_ids(client, ctx: RunContext) -> dict[str, str]:
+    """`run_id.<stage>` for every stage run of this flow run so far (whatever stages the flow has)."""
+    runs = client.search_runs([ctx.experiment_id], f"tags.mlflow.parentRunId = '{ctx.parent_run_id}'")
+    out = {"run_id.parent": ctx.parent_run_id}
+    for run in sorted(runs, key=lambda r: r.info.start_time):  # a stage run twice: the latest wins
+        stage = run.data.tags.get(tracking.TAG_STAGE)
+        if stage and stage != "register":
+            out[f"run_id.{stage}"] = run.info.run_id
+    return out
+
+
+def _log_datasets(client, run_id: str, cfg: PipelineConfig, lineage: dict[str, str]) -> None:
+    """The data this model was trained and evaluated on, as MLflow dataset inputs (name, digest, source)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for key, digest in sorted(lineage.items()):
+        if not key.startswith("data_digest."):
+            continue
+        split = key.removeprefix("data_digest.")
+        src = getattr(cfg.data, split, None)
+        context = "evaluation" if split == "eval" else "training"
+        inputs.append(DatasetInput(
+            Dataset(name=f"{cfg.name}-{split}", digest=digest[:36], source_type="local",
+                    source=json.dumps({"uri": getattr(src, "path", split)})),
+            tags=[InputTag("mlflow.data.context", context)]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def _create_version(client, name: str, info, run_id: str, tags: dict[str, str], description: str) -> str:
-    """A new version of `name` (created on first use) from a logged model, once the registry reports it READY."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(name, description="Fine-tuned by alignpipe.")
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise
+    """A new version of `name` from a logged model, once the registry reports it READY."""
     mv = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, description=description,
                                      model_id=info.model_id)
     deadline = time.monotonic() + READY_TIMEOUT_S
@@ -151,13 +291,11 @@ def _create_version(client, name: str, info, run_id: str, tags: dict[str, str], 
     return str(mv.version)
 
 
-def _description(cfg: PipelineConfig, ctx: RunContext, lineage: dict[str, str], metrics: dict[str, float]) -> str:
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if tracking.is_number(v)) or "none"
-    return (f"Fine-tuned by alignpipe pipeline '{cfg.name}' ({cfg.sft.peft.method} SFT, adapter merged into the "
-            f"weights) from base model {cfg.model.name}, registered {when} by flow run {ctx.run_id} "
-            f"(git {lineage.get('git_commit', 'unknown')}). Evaluation: {shown}. Serve with "
-            f"mlflow.pyfunc.load_model('models:/{cfg.tracking.registered_model}@{cfg.register_.alias}').")
+def _description(card: str, run_id: str) -> str:
+    """The model card itself (the registry UI renders markdown), cut to the registry's limit if needed."""
+    if len(card) <= DESCRIPTION_MAX:
+        return card
+    return card[: DESCRIPTION_MAX - 80] + f"\n\n... (full card: runs:/{run_id}/model_card.md)"
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -173,7 +311,8 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20],
       retry_condition_fn=_retry_unless_user_error)
-def register(cfg: PipelineConfig, ctx: RunContext, adapter_dir: str, lineage: dict[str, str],
-             metrics: dict[str, float]) -> RegisterOutput:
-    """Merge the adapter and register the model as a new version aliased `register.alias`; never cached."""
-    return register_model(cfg, ctx, adapter_dir, lineage, metrics)
+def register(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter_dir: str | None,
+             quantized_dir: str | None, metrics: dict[str, dict[str, float]], candidate: str,
+             lineage: dict[str, str]) -> RegisterOutput:
+    """Register the final artifact and run the promotion gates; never cached (promotion must see the registry now)."""
+    return register_model(cfg, ctx, base_path, adapter_dir, quantized_dir, metrics, candidate, lineage)

@@ -27,3 +27,33 @@ def canonical_split(cfg, which: str, out_dir):
     src = getattr(cfg.data, which)
     path = write_jsonl(load_sft(src.path, src.format, src.limit), out_dir / f"{which}.jsonl")
     return str(path), file_digest(path)
+
+
+def model_variant(src, dest, seed: int) -> str:
+    """A copy of the model folder `src` with one weight tensor nudged: same architecture, distinct weights digest."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    [weights] = list(Path(dest).glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = sorted(k for k in tensors if k.endswith("weight"))[0]
+    torch.manual_seed(seed)
+    tensors[name] = tensors[name] + 1e-3 * torch.randn_like(tensors[name])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return str(dest)
+
+
+def registry_version(client, name: str, metrics: dict, base: dict, source, pipeline: str = "smoke") -> str:
+    """A model version with evaluation-metric tags, from a plain folder (no model logging: fast registry tests)."""
+    from alignpipe import registry
+
+    registry.ensure_model(client, name)
+    Path(source).mkdir(parents=True, exist_ok=True)
+    (Path(source) / "weights.bin").write_bytes(b"\0" * 4096)
+    tags = {f"{registry.METRIC_TAG}{k}": str(v) for k, v in metrics.items()}
+    tags.update({f"{registry.BASE_TAG}{k}": str(v) for k, v in base.items()})
+    tags["pipeline"] = pipeline
+    return str(client.create_model_version(name, Path(source).resolve().as_uri(), tags=tags).version)

@@ -2,7 +2,8 @@
 
 Logged as a file by the `register` stage and executed by `mlflow.pyfunc.load_model` wherever the model is
 served, so it imports only mlflow, torch, transformers, pandas and the standard library (never alignpipe).
-Config (`context.model_config`): `system_prompt`, `max_new_tokens`, optional `batch_size`.
+Config (`context.model_config`): `system_prompt`, `max_new_tokens`, optional `batch_size`, and `base_model` when
+the artifact is an adapter (adapter-only registration; then peft is needed too).
 """
 
 import mlflow
@@ -25,7 +26,15 @@ class ChatModel(mlflow.pyfunc.PythonModel):
         self.tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(self.device).eval()
+        base = config.get("base_model")
+        if base:  # adapter-only registration: the artifact is a PEFT adapter for this (pinned) base model
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="auto"), path)
+            self.model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        self.model = self.model.to(self.device).eval()
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         """Answer each prompt.

@@ -57,6 +57,9 @@ def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_ur
     assert version.tags["flow_run_id"] == summary["flow_run_id"]
     assert version.tags["run_id.sft"] == by_stage["sft"].info.run_id
     assert {"config_digest", "git_commit", "data_digest.sft", "data_digest.eval"} <= set(version.tags)
+    assert version.tags["run_id.validate"] == by_stage["validate"].info.run_id
+    assert version.tags["promotion.decision"] in ("promoted", "rejected")  # gates ran; the summary says which
+    assert summary["promotion"] == reg["decision"] and f"version {reg['version']}" in reg["decision"]
 
     # The registered model loads and generates in a fresh process that knows nothing of alignpipe.
     code = (
