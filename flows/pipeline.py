@@ -1,4 +1,4 @@
-"""The alignpipe flow: validate -> sft -> evaluate -> register, one MLflow parent run per flow run."""
+"""The alignpipe flow: validate -> sft -> align -> evaluate -> register, one MLflow parent run per flow run."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from alignpipe import models, tracking
 from alignpipe.config import load_pipeline, preflight
 from alignpipe.errors import ConfigError
 from alignpipe.runs import RunContext, config_digest, git_commit, save_summary
+from tasks.align import align
 from tasks.evaluate import ModelSpec, evaluate
 from tasks.register import register
 from tasks.sft import sft
@@ -62,15 +63,26 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
                          parent_run_id=parent, workdir=cfg.workdir, base_model=base)
         data = clock.run("validate", validate, cfg, ctx)
         tuned = clock.run("sft", sft, cfg, ctx, data.train_path, data.digests["sft"])
+        aligned = None
+        if cfg.align.method != "none":
+            aligned = clock.run("align", align, cfg, ctx, tuned.adapter_dir, data.preference_path,
+                                data.digests["preference"], data.preference_eval_path)
         specs = [ModelSpec(label="base", base_path=base)] if cfg.evaluate.compare_base else []
         specs.append(ModelSpec(label="sft", base_path=base, adapter_dir=tuned.adapter_dir))
-        scores = clock.run("evaluate", evaluate, cfg, ctx, data.eval_path, data.digests["eval"], specs)
+        if aligned:
+            specs.append(ModelSpec(label="aligned", base_path=aligned.base_path, adapter_dir=aligned.adapter_dir,
+                                   reference_path=aligned.base_path))
+        scores = clock.run("evaluate", evaluate, cfg, ctx, data.eval_path, data.digests["eval"], specs,
+                           data.preference_eval_path)
+        final = specs[-1]  # the last trained artifact is the one registered
         registered = None
         if cfg.register_.enabled:
             lineage.update({f"data_digest.{k}": v for k, v in data.digests.items()})
             lineage.update({"run_id.parent": parent, "run_id.sft": tuned.mlflow_run_id,
                             "run_id.evaluate": scores.mlflow_run_id, "sft.content_key": tuned.content_key})
-            final = specs[-1]  # the last artifact evaluated is the one to register (quantized when that ran)
+            if aligned:
+                lineage.update({"run_id.align": aligned.mlflow_run_id, "align.content_key": aligned.content_key,
+                                "align.method": aligned.method})
             registered = clock.run("register", register, cfg, ctx, final.base_path, final.adapter_dir,
                                    getattr(final, "quantized_dir", None), scores.metrics, final.label, lineage)
     summary = {

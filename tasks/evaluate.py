@@ -30,6 +30,7 @@ class ModelSpec(BaseModel):
     label: str                   # "base", "sft", ...
     base_path: str
     adapter_dir: str | None = None
+    reference_path: str | None = None   # reference policy for the DPO reward margin (aligned: the merged SFT model)
 
 
 class EvalOutput(BaseModel):
@@ -81,9 +82,21 @@ def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict
     metrics["batch_latency_s"] = sum(latencies) / len(latencies) if latencies else 0.0
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metrics["rows"] = len(rows)
+    if settings.get("preference_eval_path"):
+        metrics.update(_preference_metrics(model, tokenizer, spec, settings))
     return {"label": spec["label"], "metrics": metrics,
             "predictions": [{"prompt": p, "reference": r, "prediction": y}
                             for (p, _), r, y in zip(convs, references, predictions)]}
+
+
+def _preference_metrics(model, tokenizer, spec: dict, settings: dict[str, Any]) -> dict[str, float]:
+    """Held-out preference accuracy; with a reference model, also the mean DPO reward margin against it."""
+    from alignpipe.preference import preference_metrics
+
+    reference = models.load_model(spec["reference_path"], dtype=settings["dtype"]) if spec.get("reference_path") else None
+    pairs = load_canonical(settings["preference_eval_path"])[: settings["limit"]]
+    return preference_metrics(model, tokenizer, pairs, settings["system_prompt"], settings["beta"], reference,
+                              settings["batch_size"])
 
 
 def _generate(model, tokenizer, prompts: list[str], settings: dict[str, Any]):
@@ -152,7 +165,7 @@ def _as_object(text: str) -> dict | None:
 def comparison_table(results: dict[str, dict[str, float]]) -> tuple[str, list[list[str]]]:
     """Markdown table and CSV rows: one row per metric, one column per model, plus tuned - base."""
     labels = list(results)
-    keys = [k for k in results[labels[0]] if k != "rows"]
+    keys = [k for k in dict.fromkeys(k for m in results.values() for k in m) if k != "rows"]  # union, in order
     header = ["metric", *labels] + (["delta"] if len(labels) > 1 else [])
     rows = []
     for k in keys:
@@ -189,19 +202,21 @@ def _bar_chart(results: dict[str, dict[str, float]]):
 
 
 def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest: str,
-                 specs: list[ModelSpec]) -> EvalOutput:
+                 specs: list[ModelSpec], preference_eval_path: str | None = None) -> EvalOutput:
     """Plain function behind the task: one Ray task per model (fresh process), then table, chart, metrics."""
     import ray
 
     key = content_key("evaluate", {"evaluate": cfg.evaluate, "system_prompt": cfg.model.system_prompt},
-                      {"eval": eval_digest, **{s.label: f"{s.base_path}|{s.adapter_dir}" for s in specs}})
+                      {"eval": eval_digest, **{s.label: f"{s.base_path}|{s.adapter_dir}" for s in specs},
+                       "preference_eval": str(preference_eval_path)})
     out_dir = ctx.stage_dir("evaluate", key)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "evaluate", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.evaluate.model_dump(mode="json"), prefix="evaluate")
         ray_runner.ensure_ray(cfg.compute)
         cpus = min(cfg.evaluate.cpus, ray.cluster_resources().get("CPU", 1))
         settings = {**cfg.evaluate.model_dump(), "threads": max(1, int(cpus)), "json_targets": cfg.data.json_targets,
-                    "system_prompt": cfg.model.system_prompt, "dtype": models.dtype_for(cfg.evaluate.precision)}
+                    "system_prompt": cfg.model.system_prompt, "dtype": models.dtype_for(cfg.evaluate.precision),
+                    "preference_eval_path": preference_eval_path, "beta": cfg.align.beta}
         # ^ resolved here, once, so every model of the run is scored in the same dtype
         tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.eval_dtype", settings["dtype"])
         # max_calls=1: each model gets a fresh worker process, so one model's peak RSS cannot hide another's.
@@ -234,6 +249,6 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest: str,
-             specs: list[ModelSpec]) -> EvalOutput:
+             specs: list[ModelSpec], preference_eval_path: str | None = None) -> EvalOutput:
     """Score every model on the held-out split with the same decoding."""
-    return run_evaluate(cfg, ctx, eval_path, eval_digest, specs)
+    return run_evaluate(cfg, ctx, eval_path, eval_digest, specs, preference_eval_path)

@@ -1,6 +1,7 @@
-"""Validate stage: checks the SFT and held-out data with a Great Expectations suite before anything trains.
+"""Validate stage: checks the SFT, held-out and preference data with Great Expectations before anything trains.
 
-Reads `data.sft` and `data.eval`; writes canonical JSONL of both, GX Data Docs and the validation results.
+Reads `data.sft`, `data.eval` and (when set) `data.preference` / `data.preference_eval`; writes canonical JSONL
+of each, GX Data Docs and the validation results.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from alignpipe import tracking
 from alignpipe.chat import render, with_system
 from alignpipe.config import PipelineConfig
 from alignpipe.data.formats import load_sft, write_jsonl
+from alignpipe.data.preference import load_preference
 from alignpipe.errors import DataValidationError
 from alignpipe.models import load_tokenizer
 from alignpipe.runs import RunContext, content_key, file_digest
@@ -32,6 +34,9 @@ from alignpipe.runs import RunContext, content_key, file_digest
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 SPLITS = ("sft", "eval")
+PREFERENCE_SPLITS = ("preference", "preference_eval")
+PREFERENCE_COLUMNS = ["line", "text", "blank_fields", "answer_roles_ok", "answers_differ", "same_prompt", "n_tokens",
+                      "is_duplicate"]
 COLUMNS = ["line", "text", "n_turns", "blank_fields", "n_assistant", "roles", "n_tokens", "is_duplicate",
            "answers_are_json", "leaks_into_train"]
 ALLOWED_ROLES = r"^(?:(?:system|user|assistant)(?:,|$))+$"
@@ -61,6 +66,8 @@ class ValidationReport(BaseModel):
     result_path: str             # the GX validation results of both splits, as JSON
     stats: dict[str, float]      # rows_train, rows_eval, max_tokens_seen, duplicate_rate, ...
     failures: list[str]          # one human-readable block per failed expectation (empty on success)
+    preference_path: str | None = None       # canonical preference pairs (data.preference), when configured
+    preference_eval_path: str | None = None  # canonical held-out pairs (data.preference_eval), when configured
 
 
 def _source_digest(path: str) -> str:
@@ -89,6 +96,12 @@ def validate_data(cfg: PipelineConfig, tokenizer_path: str, out_dir: str | Path)
     tok = load_tokenizer(tokenizer_path, cfg.model.revision)
     train_prompts = {_norm(_prompt(r["messages"])) for r in rows["sft"]} - {""}  # no user turn: not a prompt
     frames = {split: _frame(rows[split], tok, cfg, train_prompts if split == "eval" else None) for split in SPLITS}
+    pref_paths = {}
+    for split, src in _preference_sources(cfg).items():
+        pairs = load_preference(src.path, src.format, src.limit)
+        pref_paths[split] = str(write_jsonl(pairs, out_dir / f"{split}.jsonl"))
+        frames[split] = _preference_frame(pairs, tok, cfg)
+        sources[split] = src
 
     results, docs_dir = _run_gx(frames, cfg, out_dir)
     result_path = out_dir / "validation.json"
@@ -105,7 +118,73 @@ def validate_data(cfg: PipelineConfig, tokenizer_path: str, out_dir: str | Path)
         success=not failures, train_path=str(train_path), eval_path=str(eval_path),
         digests={split: _source_digest(src.path) for split, src in sources.items()},
         docs_dir=str(docs_dir), result_path=str(result_path), stats=stats, failures=failures,
+        preference_path=pref_paths.get("preference"), preference_eval_path=pref_paths.get("preference_eval"),
     )
+
+
+def _preference_sources(cfg: PipelineConfig) -> dict:
+    return {split: src for split in PREFERENCE_SPLITS if (src := getattr(cfg.data, split)) is not None}
+
+
+def _preference_frame(pairs: list[dict], tok, cfg: PipelineConfig) -> pd.DataFrame:
+    """One row per pair, with the derived columns the preference suite checks."""
+    seen: set[str] = set()
+    records = []
+    for pair in pairs:
+        prompt, chosen, rejected = pair["prompt"], pair["chosen"], pair["rejected"]
+        answers = chosen + rejected
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+        text += "\nchosen: " + " ".join(m["content"] for m in chosen)
+        text += "\nrejected: " + " ".join(m["content"] for m in rejected)
+        key = _norm(text)
+        records.append({
+            "line": pair["line"],
+            "text": text,
+            "blank_fields": sum(not m["content"].strip() for m in prompt + answers)
+            + sum(not part for part in (prompt, chosen, rejected)),
+            "answer_roles_ok": all(m["role"] == "assistant" for m in answers),
+            "answers_differ": _norm(_answer(chosen)) != _norm(_answer(rejected)),
+            "same_prompt": "rejected_prompt" not in pair,
+            "n_tokens": max(_count_tokens(tok, prompt + side, cfg.model.system_prompt, text) if prompt + side else 0
+                            for side in (chosen, rejected)),
+            "is_duplicate": key in seen,
+        })
+        seen.add(key)
+    return pd.DataFrame(records, columns=PREFERENCE_COLUMNS)
+
+
+def _preference_suite(split: str, cfg: PipelineConfig):
+    """The expectations for preference pairs (same `meta` convention as `_suite`)."""
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    v = cfg.validate_
+
+    def meta(check: str, expected: str) -> dict:
+        return {"meta": {"check": check, "expected": expected}, "description": f"{check}: {expected}"}
+
+    checks = [
+        gxe.ExpectTableRowCountToBeBetween(min_value=1, **meta("not empty", "at least 1 pair")),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="blank_fields", min_value=0, max_value=0,
+            **meta("non-empty fields", "prompt, chosen and rejected present, every message non-blank")),
+        gxe.ExpectColumnValuesToBeInSet(column="answer_roles_ok", value_set=[True],
+                                        **meta("answer roles", "chosen and rejected are assistant turns")),
+        gxe.ExpectColumnValuesToBeInSet(column="answers_differ", value_set=[True],
+                                        **meta("chosen differs", "chosen != rejected (whitespace/case-insensitive)")),
+        gxe.ExpectColumnValuesToBeInSet(column="same_prompt", value_set=[True],
+                                        **meta("same prompt", "chosen and rejected answer the same conversation")),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="n_tokens", max_value=v.max_tokens,
+            **meta("token length", f"<= {v.max_tokens} tokens for prompt + the longer answer, chat-template-rendered")),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="is_duplicate", value_set=[False], mostly=1 - v.max_duplicate_rate,
+            **meta("duplicates", f"duplicate pair rate <= {v.max_duplicate_rate} (whitespace- and case-insensitive)")),
+    ]
+    suite = gx.ExpectationSuite(name=split)
+    for expectation in checks:
+        suite.add_expectation(expectation)
+    return suite
 
 
 def _frame(rows: list[dict], tok, cfg: PipelineConfig, train_prompts: set[str] | None) -> pd.DataFrame:
@@ -204,7 +283,7 @@ def _run_gx(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, out_dir: Path)
     results = {}
     for split, df in frames.items():
         batch = source.add_dataframe_asset(split).add_batch_definition_whole_dataframe("all rows")
-        suite = context.suites.add(_suite(split, cfg))
+        suite = context.suites.add((_preference_suite if split in PREFERENCE_SPLITS else _suite)(split, cfg))
         definition = context.validation_definitions.add(gx.ValidationDefinition(name=split, data=batch, suite=suite))
         checkpoint = context.checkpoints.add(Checkpoint(
             name=f"validate_{split}", validation_definitions=[definition],
@@ -218,7 +297,13 @@ def _run_gx(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, out_dir: Path)
 def _stats(frames: dict[str, pd.DataFrame]) -> dict[str, float]:
     train, held = frames["sft"], frames["eval"]
     tokens = pd.concat([train["n_tokens"], held["n_tokens"]])
-    return {
+    pref = {}
+    for split in PREFERENCE_SPLITS:
+        if split in frames:
+            pref[f"rows_{split}"] = float(len(frames[split]))
+            pref[f"duplicate_rate_{split}"] = _rate(frames[split]["is_duplicate"])
+            pref[f"max_tokens_{split}"] = float(frames[split]["n_tokens"].max()) if len(frames[split]) else 0.0
+    return {**pref,
         "rows_train": float(len(train)),
         "rows_eval": float(len(held)),
         "max_tokens_seen": float(tokens.max()) if len(tokens) else 0.0,
@@ -241,7 +326,7 @@ def _failure_block(split: str, er, texts: dict[int, str], stats: dict[str, float
         return f"data.{split}: {check} could not run (column {column}): {str(er.exception_info)[:300]}"
     observed = f"{res['unexpected_count']} of {res['element_count']} rows"
     if check == "duplicates":
-        rate = stats["duplicate_rate" if split == "sft" else "duplicate_rate_eval"]
+        rate = stats[{"sft": "duplicate_rate", "eval": "duplicate_rate_eval"}.get(split, f"duplicate_rate_{split}")]
         observed = f"duplicate rate {round(rate, 4)} > allowed {cfg.validate_.max_duplicate_rate} ({observed})"
     elif check == "token length":
         observed += f", longest {max(row['n_tokens'] for row in res['unexpected_index_list'])} tokens"
@@ -250,6 +335,10 @@ def _failure_block(split: str, er, texts: dict[int, str], stats: dict[str, float
         line = int(row["line"])
         lines.append(f"  line {line}: {' '.join(texts[line].split())[:120] or '(no messages)'}")
     return "\n".join(lines)
+
+
+def _answer(msgs: list[dict]) -> str:
+    return "\n".join(m["content"] for m in msgs)
 
 
 def _prompt(msgs: list[dict]) -> str:
@@ -275,6 +364,7 @@ def _rate(flags: pd.Series) -> float:
 def validate(cfg: PipelineConfig, ctx: RunContext) -> ValidationReport:
     """Validate the data in a nested MLflow run; raise DataValidationError (after logging) if it fails."""
     digests = {"sft": _source_digest(cfg.data.sft.path), "eval": _source_digest(cfg.data.eval.path)}
+    digests.update({split: _source_digest(src.path) for split, src in _preference_sources(cfg).items()})
     section = {"data": cfg.data.model_dump(mode="json"), "validate": cfg.validate_.model_dump(mode="json"),
                "system_prompt": cfg.model.system_prompt}
     key = content_key("validate", section, digests)
@@ -285,7 +375,8 @@ def validate(cfg: PipelineConfig, ctx: RunContext) -> ValidationReport:
         for split, digest in report.digests.items():
             client.set_tag(run_id, f"alignpipe.data.{split}.sha256", digest)
         tracking.log_params(uri, run_id, {"data": {s: {"path": src.path, "sha256": report.digests[s]}
-                                                   for s, src in (("sft", cfg.data.sft), ("eval", cfg.data.eval))},
+                                                   for s, src in {"sft": cfg.data.sft, "eval": cfg.data.eval,
+                                                         **_preference_sources(cfg)}.items()},
                                           "validate": cfg.validate_.model_dump()})
         tracking.log_metrics(uri, run_id, {**report.stats, "success": float(report.success),
                                            "failed_expectations": float(len(report.failures))})

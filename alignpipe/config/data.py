@@ -7,6 +7,7 @@ from pydantic import Field
 from alignpipe.config.base import Section
 
 SftFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt"]
+PreferenceFormat = Literal["auto", "prompt_chosen_rejected", "hh_rlhf", "ultrafeedback"]
 
 
 class SourceConfig(Section):
@@ -15,10 +16,18 @@ class SourceConfig(Section):
     limit: int | None = Field(None, ge=1, description="Use only the first N rows (quick experiments).")
 
 
+class PreferenceSourceConfig(SourceConfig):
+    format: PreferenceFormat = Field(  # type: ignore[assignment]
+        "auto", description="Pair format: prompt/chosen/rejected, HH-RLHF transcripts or UltraFeedback message "
+        "lists; `auto` detects it from the columns.")
+
+
 class DataConfig(Section):
     sft: SourceConfig = Field(..., description="Supervised fine-tuning data.")
     eval: SourceConfig = Field(..., description="Held-out split used by `evaluate` (never trained on).")
-    preference: SourceConfig | None = Field(None, description="Preference pairs for the align stage.")
+    preference: PreferenceSourceConfig | None = Field(None, description="Preference pairs for the align stage.")
+    preference_eval: PreferenceSourceConfig | None = Field(
+        None, description="Held-out preference pairs: preference accuracy and reward margin in `evaluate`.")
     json_targets: bool = Field(False, description="Assistant answers must parse as JSON objects (checked and scored).")
 
 

@@ -89,7 +89,8 @@ def load_all(path: str | Path, env: Mapping[str, str] | None = None) -> dict[str
 def preflight(cfg: PipelineConfig) -> list[str]:
     """Checks that need the filesystem: data files and local model folders exist."""
     problems = []
-    sources = {"data.sft": cfg.data.sft, "data.eval": cfg.data.eval, "data.preference": cfg.data.preference}
+    sources = {"data.sft": cfg.data.sft, "data.eval": cfg.data.eval, "data.preference": cfg.data.preference,
+               "data.preference_eval": cfg.data.preference_eval}
     for key, src in sources.items():
         if src is not None and not src.path.startswith("hf://") and not Path(src.path).is_file():
             problems.append(f"pipelines.{cfg.name}.{key}.path: {src.path!r} does not exist; fix the path or generate it")
@@ -175,7 +176,7 @@ def _resolve_paths(cfg: PipelineConfig, root: Path) -> PipelineConfig:
         return str(q if q.is_absolute() else (root / q).resolve())
 
     cfg.workdir = fix(cfg.workdir)
-    for src in (cfg.data.sft, cfg.data.eval, cfg.data.preference):
+    for src in (cfg.data.sft, cfg.data.eval, cfg.data.preference, cfg.data.preference_eval):
         if src is not None:
             src.path = fix(src.path)
     if _looks_local(cfg.model.name) and cfg.model.name not in (EMBEDDED_MODEL, TINY_MODEL):

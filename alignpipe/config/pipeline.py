@@ -4,6 +4,7 @@ from urllib.parse import urlparse
 
 from pydantic import ConfigDict, Field, model_validator
 
+from alignpipe.config.align import AlignConfig
 from alignpipe.config.base import Section
 from alignpipe.config.cache import CacheConfig
 from alignpipe.config.compute import ComputeConfig
@@ -28,6 +29,7 @@ class PipelineConfig(Section):
     data: DataConfig
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     sft: SftConfig = Field(default_factory=SftConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
@@ -48,6 +50,13 @@ class PipelineConfig(Section):
             raise ValueError(
                 f"sft.quantized_base={self.sft.quantized_base!r} (QLoRA) needs a GPU: set compute.use_gpu=true "
                 "or sft.quantized_base=null"
+            )
+        if self.data.preference is None and "method" not in self.align.model_fields_set:
+            self.align.method = "none"  # the default (dpo) applies only where there are pairs to align on
+        if self.align.method != "none" and self.data.preference is None:
+            raise ValueError(
+                f"align.method={self.align.method!r} needs preference pairs: set data.preference.path, "
+                "or align.method=none to skip the align stage"
             )
         return self
 

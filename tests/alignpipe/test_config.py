@@ -114,3 +114,16 @@ def test_qlora_needs_gpu(tmp_path):
 def test_unknown_pipeline_suggests():
     assert "no pipeline 'smok'" in str(pytest.raises(ConfigError, load_pipeline, PIPELINES, "smok").value)
     assert "did you mean 'smoke'" in str(pytest.raises(ConfigError, load_pipeline, PIPELINES, "smok").value)
+
+
+def test_align_defaults_to_dpo_only_where_there_are_pairs(tmp_path):
+    assert load_pipeline(write(tmp_path, BASE), "p").align.method == "none"
+    with_pairs = BASE + "      preference: {path: pairs.jsonl, format: hh_rlhf}\n"
+    cfg = load_pipeline(write(tmp_path, with_pairs), "p")
+    assert (cfg.align.method, cfg.data.preference.format) == ("dpo", "hh_rlhf")
+    msg = str(pytest.raises(ConfigError, load_pipeline, write(tmp_path, BASE + "    align: {method: kto}\n"), "p").value)
+    assert "align.method='kto' needs preference pairs" in msg and "data.preference.path" in msg
+    bad = with_pairs + "    align: {method: ppo}\n"
+    assert "pipelines.p.align.method" in str(pytest.raises(ConfigError, load_pipeline, write(tmp_path, bad), "p").value)
+    demo = load_pipeline(PIPELINES, "demo")
+    assert demo.align.method == "dpo" and demo.data.preference_eval is not None

@@ -22,7 +22,7 @@ def _overrides(tmp_path, tiny_model, mlflow_uri, **extra):
 def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_uri, tmp_path):
     summary = alignpipe_pipeline(pipeline="smoke", overrides=_overrides(tmp_path, tiny_model, mlflow_uri),
                                  config_file=str(PIPELINES))
-    assert [s["stage"] for s in summary["stages"]] == ["prepare", "validate", "sft", "evaluate", "register"]
+    assert [s["stage"] for s in summary["stages"]] == ["prepare", "validate", "sft", "align", "evaluate", "register"]
     assert all(s["status"] == "done" for s in summary["stages"])
     assert (tmp_path / "work" / "runs" / f"{summary['flow_run_id']}.json").is_file()
 
@@ -33,7 +33,7 @@ def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_ur
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags[tracking.TAG_STAGE]: r for r in children}
-    assert set(by_stage) == {"validate", "sft", "evaluate", "register"}
+    assert set(by_stage) == {"validate", "sft", "align", "evaluate", "register"}
     for run in by_stage.values():
         assert run.info.status == "FINISHED"
         assert run.data.tags[tracking.TAG_FLOW_RUN] == summary["flow_run_id"]
@@ -49,6 +49,15 @@ def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_ur
         for metric in ("exact_match", "json_validity", "field_accuracy", "perplexity", "tokens_per_s", "peak_rss_mb"):
             assert f"{label}/{metric}" in by_stage["evaluate"].data.metrics
     assert "plots/comparison.png" in artifacts(by_stage["evaluate"], "plots")
+    # align: a nested run with the DPO curves, the adapter, and the aligned model scored beside base and SFT
+    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(
+        by_stage["align"].data.metrics)
+    assert "adapter/adapter_model.safetensors" in artifacts(by_stage["align"], "adapter")
+    assert "plots/align_curves.png" in artifacts(by_stage["align"], "plots")
+    for label in ("base", "sft", "aligned"):
+        assert 0.0 <= by_stage["evaluate"].data.metrics[f"{label}/preference_accuracy"] <= 1.0
+    assert "aligned/reward_margin" in by_stage["evaluate"].data.metrics
+    assert set(summary["metrics"]) == {"base", "sft", "aligned"}
     assert "| exact_match |" in summary["table"]
 
     reg = summary["registered"]
@@ -56,6 +65,7 @@ def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_ur
     assert str(version.version) == reg["version"]
     assert version.tags["flow_run_id"] == summary["flow_run_id"]
     assert version.tags["run_id.sft"] == by_stage["sft"].info.run_id
+    assert version.tags["run_id.align"] == by_stage["align"].info.run_id  # the aligned model is the one registered
     assert {"config_digest", "git_commit", "data_digest.sft", "data_digest.eval"} <= set(version.tags)
     assert version.tags["run_id.validate"] == by_stage["validate"].info.run_id
     assert version.tags["promotion.decision"] in ("promoted", "rejected")  # gates ran; the summary says which

@@ -11,6 +11,7 @@ from alignpipe import tracking
 from alignpipe.errors import DataValidationError
 from alignpipe.runs import RunContext, file_digest
 from tasks.validate import validate, validate_data
+from testlib import run_context
 
 PEOPLE = [("Ana Lima", 34, "Porto"), ("Kenji Sato", 51, "Osaka"), ("Lea Novak", 27, "Zagreb"),
           ("Omar Haddad", 45, "Amman"), ("Ines Duarte", 62, "Lisbon"), ("Tom Berg", 19, "Oslo")]
@@ -54,10 +55,15 @@ def test_demo_data_passes(smoke_cfg):
     assert len(Path(report.eval_path).read_text().splitlines()) == 16
     assert json.loads(Path(report.train_path).read_text().splitlines()[0])["line"] == 1
     assert (Path(report.docs_dir) / "index.html").is_file()
-    assert set(json.loads(Path(report.result_path).read_text())) == {"sft", "eval"}
-    assert report.digests == {"sft": file_digest(smoke_cfg.data.sft.path), "eval": file_digest(smoke_cfg.data.eval.path)}
+    splits = {"sft", "eval", "preference", "preference_eval"}
+    assert set(json.loads(Path(report.result_path).read_text())) == splits
+    assert report.digests == {s: file_digest(getattr(smoke_cfg.data, s).path) for s in splits}
     stats = report.stats
     assert (stats["rows_train"], stats["rows_eval"]) == (64, 16)
+    assert (stats["rows_preference"], stats["rows_preference_eval"]) == (32, 16)  # smoke limits
+    pair = json.loads(Path(report.preference_path).read_text().splitlines()[0])
+    assert set(pair) == {"line", "prompt", "chosen", "rejected"}
+    assert len(Path(report.preference_eval_path).read_text().splitlines()) == 16
     assert 0 < stats["max_tokens_seen"] <= smoke_cfg.validate_.max_tokens
     for rate in ("duplicate_rate", "duplicate_rate_eval", "leak_rate"):
         assert 0.0 <= stats[rate] <= 1.0
@@ -155,3 +161,70 @@ def test_task_logs_to_a_nested_run_and_fails_it_on_bad_data(smoke_cfg, tmp_path)
     failed = nested_runs()[-1]
     assert failed.info.status == "FAILED" and failed.data.metrics["success"] == 0.0
     assert client.list_artifacts(failed.info.run_id, "data_docs")
+
+
+def pair(i: int, **change) -> dict:
+    """A clean contact-card preference pair (chosen: the card; rejected: the card without its age)."""
+    name, age, city = PEOPLE[i]
+    row = {"prompt": f"{name} ({age}) lives in {city}.",
+           "chosen": json.dumps({"name": name, "age": age, "city": city}),
+           "rejected": json.dumps({"name": name, "city": city})}
+    return {**row, **change}
+
+
+def run_pairs(cfg, tmp_path: Path, pairs: list[dict]):
+    """validate_data with clean SFT splits and the given preference pairs (no held-out pairs)."""
+    cfg.data.preference.path = write(tmp_path / "pairs.jsonl", pairs)
+    cfg.data.preference.limit = None
+    cfg.data.preference_eval = None
+    return run(cfg, tmp_path, [card(0), card(1)])
+
+
+BAD_PAIRS = {  # id: (bad pair written at line 3, check named in the failure)
+    "empty_prompt": (pair(2, prompt="  "), "non-empty fields"),
+    "empty_chosen": (pair(2, chosen=""), "non-empty fields"),
+    "empty_rejected": (pair(2, rejected=[]), "non-empty fields"),
+    "chosen_equals_rejected": (pair(2, rejected=" " + pair(2)["chosen"].upper()), "chosen differs"),
+    "different_prompts": ({"chosen": "\n\nHuman: Ana is 34.\n\nAssistant: {}",
+                           "rejected": "\n\nHuman: Bo is 50.\n\nAssistant: []"}, "same prompt"),
+    "too_long": (pair(2, chosen=LONG), "token length"),
+    "duplicate": (pair(0), "duplicates"),
+    "answer_role": (pair(2, rejected=[{"role": "user", "content": "{}"}]), "answer roles"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PAIRS))
+def test_preference_suite_rejects_each_bad_kind(smoke_cfg, tmp_path, case):
+    bad, check = BAD_PAIRS[case]
+    if case == "different_prompts":  # HH-RLHF transcripts: every row in that format
+        def hh(p):
+            return {"chosen": f"\n\nHuman: {p['prompt']}\n\nAssistant: {p['chosen']}",
+                    "rejected": f"\n\nHuman: {p['prompt']}\n\nAssistant: {p['rejected']}"}
+        pairs = [hh(pair(0)), hh(pair(1)), bad]
+    else:
+        pairs = [pair(0), pair(1), bad]
+    report = run_pairs(smoke_cfg, tmp_path, pairs)
+
+    assert report.success is False
+    block = failure(report, check)
+    assert block.startswith(f"data.preference: {check} failed (column ")
+    assert "line 3:" in block and "line 1:" not in block and "line 2:" not in block
+    assert all(b.startswith("data.preference:") for b in report.failures)  # the SFT splits are clean
+
+
+def test_clean_pairs_pass_in_every_format(smoke_cfg, tmp_path):
+    p = pair(0)
+    ultra = {"prompt": p["prompt"], "chosen": [{"role": "user", "content": p["prompt"]},
+                                               {"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["rejected"]}]}
+    report = run_pairs(smoke_cfg, tmp_path, [ultra])
+    assert report.success, "\n".join(report.failures)
+    assert report.preference_eval_path is None
+
+
+def test_bad_pairs_stop_the_task_before_compute(smoke_cfg, tmp_path):
+    smoke_cfg.data.preference.path = write(tmp_path / "pairs.jsonl", [pair(0), pair(0, rejected=pair(0)["chosen"])])
+    smoke_cfg.data.preference.limit = None
+    ctx = run_context(smoke_cfg, smoke_cfg.model.name)
+    with pytest.raises(DataValidationError, match="data.preference: chosen differs failed"):
+        validate.fn(smoke_cfg, ctx)

@@ -1,0 +1,47 @@
+"""Alignment settings: preference tuning of the SFT model (DPO, ORPO, KTO) or RLHF (reward model + RLOO/GRPO)."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from alignpipe.config.base import Section
+from alignpipe.config.sft import PeftConfig
+
+
+class RlhfConfig(Section):
+    reward_steps: int = Field(60, ge=1, description="Optimizer steps of the reward model (TRL RewardTrainer).")
+    reward_learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate of the reward model's LoRA.")
+    policy_optimizer: Literal["rloo", "grpo"] = Field(
+        "rloo", description="Policy optimiser against the reward model: TRL RLOOTrainer or GRPOTrainer.")
+    policy_steps: int = Field(20, ge=1, description="Optimizer steps of the policy.")
+    policy_learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of the policy's LoRA.")
+    num_generations: int = Field(4, ge=2, description="Sampled answers per prompt (the RLOO/GRPO group).")
+    max_new_tokens: int = Field(32, ge=1, description="Longest sampled answer.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the policy's answers.")
+    kl_beta: float = Field(0.05, ge=0, description="KL penalty towards the reference (the SFT model).")
+
+
+class AlignConfig(Section):
+    method: Literal["dpo", "orpo", "kto", "rlhf", "none"] = Field(
+        "dpo", description="dpo | orpo | kto | rlhf (reward model + RLOO/GRPO) | none (skip the stage). Defaults "
+        "to dpo when data.preference is set, none otherwise.")
+    peft: PeftConfig = Field(default_factory=PeftConfig, description="The new adapter trained on the merged SFT model.")
+    beta: float = Field(0.1, gt=0, description="DPO/KTO temperature (strength of the pull to the reference); "
+                        "ORPO's odds-ratio weight.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the pairs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = use epochs; 0 = no training.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
+    batch_size: int = Field(8, ge=1, description="Pairs per worker and step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_length: int = Field(256, ge=8, description="Truncate prompt + answer to this many tokens.")
+    eval_fraction: float = Field(0.1, ge=0, lt=0.5, description="rlhf: share of pairs held back to score the "
+                                 "reward model when data.preference_eval is not set.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint (to Ray storage) every N steps.")
+    logging_steps: int = Field(5, ge=1, description="Log curves to MLflow every N steps.")
+    seed: int = Field(42, description="Seed for data order and adapter init.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 = frozen weights in bfloat16 + autocast; auto = bf16 where native (as sft).")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (~50% slower on CPU).")
+    rlhf: RlhfConfig = Field(default_factory=RlhfConfig, description="Settings of method: rlhf.")
