@@ -1,4 +1,4 @@
-"""The alignpipe flow: validate -> sft -> align -> evaluate -> register, one MLflow parent run per flow run."""
+"""The alignpipe flow: validate -> sft -> align -> quantize -> evaluate -> register; one MLflow parent run per flow run."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from alignpipe.errors import ConfigError
 from alignpipe.runs import RunContext, config_digest, git_commit, save_summary
 from tasks.align import align
 from tasks.evaluate import ModelSpec, evaluate
+from tasks.quantize import quantize
 from tasks.register import register
 from tasks.sft import sft
 from tasks.validate import validate
@@ -69,12 +70,20 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
                                 data.digests["preference"], data.preference_eval_path)
         specs = [ModelSpec(label="base", base_path=base)] if cfg.evaluate.compare_base else []
         specs.append(ModelSpec(label="sft", base_path=base, adapter_dir=tuned.adapter_dir))
+        last, last_key = specs[-1], tuned.content_key  # the last trained artifact: quantized and registered
         if aligned:
-            specs.append(ModelSpec(label="aligned", base_path=aligned.base_path, adapter_dir=aligned.adapter_dir,
-                                   reference_path=aligned.base_path))
+            last = ModelSpec(label="aligned", base_path=aligned.base_path, adapter_dir=aligned.adapter_dir,
+                             reference_path=aligned.base_path)
+            last_key = aligned.content_key
+            specs.append(last)
+        quantized = None
+        if cfg.quantize.method != "none":
+            quantized = clock.run("quantize", quantize, cfg, ctx, last.base_path, last.adapter_dir, last_key)
+            specs.append(ModelSpec(label="quantized", base_path=quantized.merged_dir, quantized_dir=quantized.model_dir,
+                                   quantized_from=last.label))
         scores = clock.run("evaluate", evaluate, cfg, ctx, data.eval_path, data.digests["eval"], specs,
                            data.preference_eval_path)
-        final = specs[-1]  # the last trained artifact is the one registered
+        final = specs[-1]  # the registered artifact: the quantized model when quantization ran
         registered = None
         if cfg.register_.enabled:
             lineage.update({f"data_digest.{k}": v for k, v in data.digests.items()})
@@ -83,8 +92,10 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
             if aligned:
                 lineage.update({"run_id.align": aligned.mlflow_run_id, "align.content_key": aligned.content_key,
                                 "align.method": aligned.method})
+            if quantized:
+                lineage["run_id.quantize"] = quantized.mlflow_run_id
             registered = clock.run("register", register, cfg, ctx, final.base_path, final.adapter_dir,
-                                   getattr(final, "quantized_dir", None), scores.metrics, final.label, lineage)
+                                   final.quantized_dir, scores.metrics, final.label, lineage)
     summary = {
         "pipeline": cfg.name,
         "flow_run_id": run_id,
@@ -92,6 +103,8 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         "stages": clock.stages,
         "metrics": scores.metrics,
         "table": Path(scores.table_path).read_text(),
+        "quantized": quantized.model_dump() if quantized else None,
+        "cascade": scores.cascade,
         "registered": registered.model_dump() if registered else None,
         "promotion": registered.decision if registered else "not registered (register.enabled is false)",
         "mlflow_ui": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",

@@ -1,7 +1,9 @@
-"""Evaluate stage: base and tuned models on the held-out split, each in its own Ray task, side by side.
+"""Evaluate stage: one suite over every artifact (base, sft, aligned, quantized), each in its own Ray task.
 
-Reads the canonical held-out JSONL and the SFT adapter; writes predictions, a comparison table (markdown
-and CSV) and a bar chart, all logged to the stage's nested MLflow run. Every rate is a fraction in [0, 1].
+Reads the canonical held-out JSONL and each artifact (base folder, adapter, quantized folder); every artifact
+gets the same rows and the same greedy decoding. Writes per-row predictions (with each answer's mean token
+log-prob), a side-by-side table (markdown and CSV), charts and the cascade report (`alignpipe.cascade`), all
+logged to the stage's nested MLflow run. Every rate is a fraction in [0, 1].
 """
 
 from __future__ import annotations
@@ -17,26 +19,31 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from alignpipe import chat, models, ray_runner, tracking
+from alignpipe import cascade, chat, int8_cpu, models, ray_runner, tracking
 from alignpipe.config import PipelineConfig
 from alignpipe.data.formats import load_canonical
 from alignpipe.merge import load_with_adapter
 from alignpipe.runs import RunContext, content_key
 
 HEADLINE = ("exact_match", "json_validity", "field_accuracy")
+EFFICIENCY = {"tokens_per_s": "tokens/s (higher is better)", "latency_p95_ms": "latency p95 per request (ms)",
+              "peak_rss_mb": "peak RSS (MB)", "size_mb": "size on disk (MB)"}
 
 
 class ModelSpec(BaseModel):
-    label: str                   # "base", "sft", ...
+    label: str                   # "base", "sft", "aligned", "quantized"
     base_path: str
     adapter_dir: str | None = None
     reference_path: str | None = None   # reference policy for the DPO reward margin (aligned: the merged SFT model)
+    quantized_dir: str | None = None    # a quantized model folder: loaded instead of base_path (+ adapter)
+    quantized_from: str | None = None   # label of the full-precision artifact it was made from (for the cascade)
 
 
 class EvalOutput(BaseModel):
     metrics: dict[str, dict[str, float]]   # label -> metric -> value
     table_path: str
     mlflow_run_id: str
+    cascade: dict[str, Any] | None = None  # best operating point and both ends, when a quantized artifact ran
 
 
 def score(predictions: list[str], references: list[str], json_targets: bool) -> dict[str, float]:
@@ -62,7 +69,13 @@ def score(predictions: list[str], references: list[str], json_targets: bool) -> 
 def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Load one model, generate greedily for every held-out prompt, score it. Runs inside a Ray task."""
     ray_runner.set_worker_threads(settings["threads"])
-    if spec["adapter_dir"]:  # merged in memory where possible: same outputs, faster decoding
+    if spec.get("quantized_dir"):  # a saved quantized folder: transformers rebuilds it from its quantization_config
+        fused = settings.get("int8_cpu_kernel") == "fbgemm" and int8_cpu.is_int8_dynamic(spec["quantized_dir"])
+        model = models.load_model(spec["quantized_dir"], dtype="float32" if fused else settings["dtype"])
+        tokenizer = models.load_tokenizer(spec["quantized_dir"])
+        if fused:
+            int8_cpu.use_fbgemm_linears(model)
+    elif spec["adapter_dir"]:  # merged in memory where possible: same outputs, faster decoding
         model, tokenizer = load_with_adapter(spec["base_path"], spec["adapter_dir"], settings["dtype"])
     else:
         model, tokenizer = models.load_model(spec["base_path"], dtype=settings["dtype"]), \
@@ -74,19 +87,39 @@ def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict
     prompts = [chat.render(tokenizer, msgs, add_generation_prompt=True) for msgs, _ in convs]
     references = [ref for _, ref in convs]
 
-    predictions, gen_tokens, gen_time, latencies = _generate(model, tokenizer, prompts, settings)
+    predictions, logprobs, gen_tokens, gen_time, latencies = _generate(model, tokenizer, prompts, settings)
     metrics = score(predictions, references, settings["json_targets"])
     n_ppl = settings["perplexity_rows"] or len(prompts)
     metrics["perplexity"] = _perplexity(model, tokenizer, prompts[:n_ppl], references[:n_ppl], settings["batch_size"])
     metrics["tokens_per_s"] = gen_tokens / gen_time if gen_time else 0.0
-    metrics["batch_latency_s"] = sum(latencies) / len(latencies) if latencies else 0.0
+    metrics["latency_p50_ms"] = _percentile(latencies, 0.50) * 1000
+    metrics["latency_p95_ms"] = _percentile(latencies, 0.95) * 1000
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics["size_mb"] = size_on_disk(spec) / 1e6
     metrics["rows"] = len(rows)
     if settings.get("preference_eval_path"):
         metrics.update(_preference_metrics(model, tokenizer, spec, settings))
     return {"label": spec["label"], "metrics": metrics,
-            "predictions": [{"prompt": p, "reference": r, "prediction": y}
-                            for (p, _), r, y in zip(convs, references, predictions)]}
+            "predictions": [{"prompt": p, "reference": r, "prediction": y, "mean_logprob": lp,
+                             "correct": y.strip() == r.strip()}
+                            for (p, _), r, y, lp in zip(convs, references, predictions, logprobs)]}
+
+
+def size_on_disk(spec: dict) -> int:
+    """Bytes of the weights an artifact is served from: the quantized folder, or base (+ adapter) weights."""
+    from pathlib import Path
+
+    folders = [spec["quantized_dir"]] if spec.get("quantized_dir") else [spec["base_path"], spec["adapter_dir"]]
+    return sum(f.stat().st_size for d in folders if d and Path(d).is_dir()
+               for f in Path(d).iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation: every value reported was observed)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def _preference_metrics(model, tokenizer, spec: dict, settings: dict[str, Any]) -> dict[str, float]:
@@ -100,11 +133,16 @@ def _preference_metrics(model, tokenizer, spec: dict, settings: dict[str, Any]) 
 
 
 def _generate(model, tokenizer, prompts: list[str], settings: dict[str, Any]):
-    """Batched greedy decoding with the KV cache; prompts sorted by length so batches pad little."""
+    """Batched greedy decoding with the KV cache; prompts sorted by length so batches pad little.
+
+    Returns answers, each answer's mean token log-prob (its own confidence: the cascade's signal), generated
+    tokens, decoding time, and one latency per request: the wall time of the batch that served it.
+    """
     import torch
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
+    logprobs: list[float] = [0.0] * len(prompts)
     total_tokens, total_time, latencies = 0, 0.0, []
     eos = tokenizer.eos_token_id
     bs = settings["batch_size"]
@@ -114,17 +152,22 @@ def _generate(model, tokenizer, prompts: list[str], settings: dict[str, Any]):
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=settings["max_new_tokens"], do_sample=False,
-                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                                 output_logits=True, return_dict_in_generate=True)
         elapsed = time.perf_counter() - t0
         total_time += elapsed
-        latencies.append(elapsed)
-        new = out[:, enc["input_ids"].shape[1] :]
-        for row, i in zip(new, idx):
+        latencies += [elapsed] * len(idx)
+        new = out.sequences[:, enc["input_ids"].shape[1] :]
+        # log-prob of each chosen token under the raw (unprocessed) logits, one step at a time (small peak RSS)
+        chosen = torch.stack([step.float().log_softmax(-1).gather(-1, new[:, j, None]).squeeze(-1)
+                              for j, step in enumerate(out.logits)], dim=1)
+        for row, lp, i in zip(new, chosen, idx):
             ids = row.tolist()
             n = ids.index(eos) + 1 if eos in ids else len(ids)
             total_tokens += n
             answers[i] = tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
-    return answers, total_tokens, total_time, latencies
+            logprobs[i] = lp[:n].mean().item() if n else float("-inf")
+    return answers, logprobs, total_tokens, total_time, latencies
 
 
 def _perplexity(model, tokenizer, prompts: list[str], references: list[str], batch_size: int) -> float:
@@ -165,7 +208,7 @@ def _as_object(text: str) -> dict | None:
 def comparison_table(results: dict[str, dict[str, float]]) -> tuple[str, list[list[str]]]:
     """Markdown table and CSV rows: one row per metric, one column per model, plus tuned - base."""
     labels = list(results)
-    keys = [k for k in dict.fromkeys(k for m in results.values() for k in m) if k != "rows"]  # union, in order
+    keys = list(dict.fromkeys(k for m in results.values() for k in m if k != "rows"))  # union, first-seen order
     header = ["metric", *labels] + (["delta"] if len(labels) > 1 else [])
     rows = []
     for k in keys:
@@ -201,14 +244,81 @@ def _bar_chart(results: dict[str, dict[str, float]]):
     return fig
 
 
+def _efficiency_chart(results: dict[str, dict[str, float]]):
+    """One panel per cost metric (speed, latency, memory, size), one bar per artifact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results)
+    fig, axes = plt.subplots(1, len(EFFICIENCY), figsize=(3.2 * len(EFFICIENCY), 3.2))
+    for ax, (key, title) in zip(axes, EFFICIENCY.items()):
+        bars = ax.bar(labels, [results[label].get(key, 0.0) for label in labels],
+                      color=[f"C{i}" for i in range(len(labels))])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8, rotation=30)
+    fig.suptitle("Cost per artifact (same rows, same decoding)")
+    fig.tight_layout()
+    return fig
+
+
+def lm_eval_notes(tasks: list[str]) -> str | None:
+    """lm-evaluation-harness is optional and not a dependency: say clearly why its tasks did not run."""
+    if not tasks:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        return (f"evaluate.lm_eval_tasks={tasks}: skipped, lm-evaluation-harness is not installed "
+                "(pip install lm-eval, with its task data in the local HF datasets cache; this machine cannot "
+                "download it). Nothing else changes.")
+    return None
+
+
+def _run_lm_eval(spec: ModelSpec, tasks: list[str]) -> dict[str, float]:
+    """Run lm-eval tasks offline on one artifact; a clear message (not a crash) when their data is not local."""
+    import os
+
+    from lm_eval import simple_evaluate  # optional, checked by lm_eval_notes
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    path = spec.quantized_dir or spec.base_path
+    args = f"pretrained={path}" + (f",peft={spec.adapter_dir}" if spec.adapter_dir and not spec.quantized_dir else "")
+    try:
+        out = simple_evaluate(model="hf", model_args=args, tasks=tasks, batch_size=8, device="cpu")
+    except Exception as exc:  # noqa: BLE001 - lm-eval raises many types for missing data; report, don't fail the run
+        print(f"evaluate: lm-eval tasks {tasks} on {spec.label} did not run: data not available locally? ({exc})")
+        return {}
+    return {f"lm_eval/{task}/{k.split(',')[0]}": v for task, res in out["results"].items()
+            for k, v in res.items() if tracking.is_number(v)}
+
+
+def _log_table(run_id: str, uri: str, out_dir, name: str, md: str, csv_rows: list[list[str]]) -> None:
+    (out_dir / f"{name}.md").write_text(md)
+    with (out_dir / f"{name}.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(csv_rows)
+    client = tracking.client_for(uri)
+    client.log_artifact(run_id, str(out_dir / f"{name}.md"), "evaluation")
+    client.log_artifact(run_id, str(out_dir / f"{name}.csv"), "evaluation")
+
+
+def _log_figure(uri: str, run_id: str, fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    tracking.log_figure(uri, run_id, fig, path)
+    plt.close(fig)
+
+
 def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest: str,
                  specs: list[ModelSpec], preference_eval_path: str | None = None) -> EvalOutput:
-    """Plain function behind the task: one Ray task per model (fresh process), then table, chart, metrics."""
+    """Plain function behind the task: one Ray task per artifact (fresh process), then tables, charts, cascade."""
     import ray
 
     key = content_key("evaluate", {"evaluate": cfg.evaluate, "system_prompt": cfg.model.system_prompt},
-                      {"eval": eval_digest, **{s.label: f"{s.base_path}|{s.adapter_dir}" for s in specs},
-                       "preference_eval": str(preference_eval_path)})
+                      {"eval": eval_digest, **{s.label: f"{s.base_path}|{s.adapter_dir}|{s.quantized_dir}"
+                                               for s in specs}, "preference_eval": str(preference_eval_path)})
     out_dir = ctx.stage_dir("evaluate", key)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "evaluate", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.evaluate.model_dump(mode="json"), prefix="evaluate")
@@ -216,35 +326,45 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
         cpus = min(cfg.evaluate.cpus, ray.cluster_resources().get("CPU", 1))
         settings = {**cfg.evaluate.model_dump(), "threads": max(1, int(cpus)), "json_targets": cfg.data.json_targets,
                     "system_prompt": cfg.model.system_prompt, "dtype": models.dtype_for(cfg.evaluate.precision),
+                    "int8_cpu_kernel": cfg.quantize.cpu_kernel,
                     "preference_eval_path": preference_eval_path, "beta": cfg.align.beta}
         # ^ resolved here, once, so every model of the run is scored in the same dtype
         tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.eval_dtype", settings["dtype"])
         # max_calls=1: each model gets a fresh worker process, so one model's peak RSS cannot hide another's.
         remote = ray.remote(num_cpus=cpus, max_calls=1)(evaluate_model)
-        results = {}
+        results, rows = {}, {}
+        note = lm_eval_notes(cfg.evaluate.lm_eval_tasks)
+        if note:
+            print(f"evaluate: {note}")
+            tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.lm_eval", note[:5000])
         for spec in specs:  # one at a time: concurrent runs would share the same cores and skew tokens/s
             print(f"evaluate: {spec.label} on {eval_path}")
             res = ray_runner.get(remote.remote(spec.model_dump(), eval_path, settings))
-            results[spec.label] = res["metrics"]
+            if cfg.evaluate.lm_eval_tasks and not note:
+                res["metrics"].update(_run_lm_eval(spec, cfg.evaluate.lm_eval_tasks))
+            results[spec.label], rows[spec.label] = res["metrics"], res["predictions"]
             pred_file = out_dir / f"predictions_{spec.label}.jsonl"
             pred_file.write_text("".join(json.dumps(p) + "\n" for p in res["predictions"]))
             tracking.client_for(ctx.tracking_uri).log_artifact(run_id, str(pred_file), "predictions")
             tracking.log_metrics(ctx.tracking_uri, run_id, {f"{spec.label}/{k}": v for k, v in res["metrics"].items()})
         md, csv_rows = comparison_table(results)
-        (out_dir / "comparison.md").write_text(md)
-        with (out_dir / "comparison.csv").open("w", newline="") as f:
-            csv.writer(f).writerows(csv_rows)
-        client = tracking.client_for(ctx.tracking_uri)
-        client.log_artifact(run_id, str(out_dir / "comparison.md"), "evaluation")
-        client.log_artifact(run_id, str(out_dir / "comparison.csv"), "evaluation")
-        fig = _bar_chart(results)
-        tracking.log_figure(ctx.tracking_uri, run_id, fig, "plots/comparison.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        summary = None
+        for spec in specs:  # the cascade pairs a quantized artifact with the model it was made from
+            if spec.quantized_from in rows:
+                summary, cmd, ccsv, fig = cascade.report(rows[spec.label], rows[spec.quantized_from],
+                                                         cfg.evaluate.cascade_tolerance,
+                                                         (spec.label, spec.quantized_from))
+                _log_table(run_id, ctx.tracking_uri, out_dir, "cascade", cmd, ccsv)
+                _log_figure(ctx.tracking_uri, run_id, fig, "plots/cascade.png")
+                tracking.log_metrics(ctx.tracking_uri, run_id, {f"cascade/{k}": v for k, v in summary.items()})
+                md += "\n" + cmd.split("\n\n")[0] + "\n"  # the table the CLI prints ends with the cascade verdict
+        _log_table(run_id, ctx.tracking_uri, out_dir, "comparison", md, csv_rows)
+        _log_figure(ctx.tracking_uri, run_id, _bar_chart(results), "plots/comparison.png")
+        _log_figure(ctx.tracking_uri, run_id, _efficiency_chart(results), "plots/efficiency.png")
         tracking.log_metrics(ctx.tracking_uri, ctx.parent_run_id,
                              {f"eval/{label}/{k}": v for label, m in results.items() for k, v in m.items()})
-    return EvalOutput(metrics=results, table_path=str(out_dir / "comparison.md"), mlflow_run_id=run_id)
+    return EvalOutput(metrics=results, table_path=str(out_dir / "comparison.md"), mlflow_run_id=run_id,
+                      cascade=summary)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -18,7 +18,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from alignpipe.config.model import EMBEDDED_MODEL, TINY_MODEL
-from alignpipe.config.pipeline import PipelineConfig
+from alignpipe.config.pipeline import PipelineConfig, ray_is_remote
+from alignpipe.config.quantize import GPU_ONLY
 from alignpipe.errors import ConfigError
 
 ENV_KEYS = {"MLFLOW_TRACKING_URI": ("tracking", "mlflow_uri"), "RAY_ADDRESS": ("compute", "ray_address")}
@@ -100,7 +101,20 @@ def preflight(cfg: PipelineConfig) -> list[str]:
             f"pipelines.{cfg.name}.model.name: {name!r} is not a folder; give an existing local model folder, "
             f"a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct', or {EMBEDDED_MODEL!r}"
         )
+    problems += quantize_problems(cfg)
     return problems
+
+
+def quantize_problems(cfg: PipelineConfig) -> list[str]:
+    """GPU-only quantization on a local Ray without CUDA fails here, before any stage runs."""
+    if cfg.quantize.method not in GPU_ONLY or ray_is_remote(cfg.compute.ray_address):
+        return []  # a remote cluster's workers may have GPUs this machine lacks
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    return [f"pipelines.{cfg.name}.quantize.method: {cfg.quantize.method!r} (bitsandbytes) needs a CUDA GPU and "
+            "none is visible here; use quantize.method=int8_dynamic (or int4_weight_only) on CPU"]
 
 
 def format_errors(exc: ValidationError, prefix: str) -> str:

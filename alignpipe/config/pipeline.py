@@ -11,6 +11,7 @@ from alignpipe.config.compute import ComputeConfig
 from alignpipe.config.data import DataConfig, ValidateConfig
 from alignpipe.config.evaluate import EvaluateConfig
 from alignpipe.config.model import ModelConfig
+from alignpipe.config.quantize import GPU_ONLY, QuantizeConfig
 from alignpipe.config.register import RegisterConfig
 from alignpipe.config.schedule import ScheduleConfig
 from alignpipe.config.sft import SftConfig
@@ -30,6 +31,7 @@ class PipelineConfig(Section):
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     sft: SftConfig = Field(default_factory=SftConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
@@ -57,6 +59,11 @@ class PipelineConfig(Section):
             raise ValueError(
                 f"align.method={self.align.method!r} needs preference pairs: set data.preference.path, "
                 "or align.method=none to skip the align stage"
+            )
+        if self.compute.use_gpu is False and self.quantize.method in GPU_ONLY:
+            raise ValueError(
+                f"quantize.method={self.quantize.method!r} (bitsandbytes) needs a CUDA GPU: set compute.use_gpu=true "
+                "on a GPU machine, or quantize.method=int8_dynamic for CPU"
             )
         return self
 

@@ -22,7 +22,8 @@ def _overrides(tmp_path, tiny_model, mlflow_uri, **extra):
 def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_uri, tmp_path):
     summary = alignpipe_pipeline(pipeline="smoke", overrides=_overrides(tmp_path, tiny_model, mlflow_uri),
                                  config_file=str(PIPELINES))
-    assert [s["stage"] for s in summary["stages"]] == ["prepare", "validate", "sft", "align", "evaluate", "register"]
+    assert [s["stage"] for s in summary["stages"]] == ["prepare", "validate", "sft", "align", "quantize", "evaluate",
+                                                       "register"]
     assert all(s["status"] == "done" for s in summary["stages"])
     assert (tmp_path / "work" / "runs" / f"{summary['flow_run_id']}.json").is_file()
 
@@ -33,7 +34,7 @@ def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_ur
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags[tracking.TAG_STAGE]: r for r in children}
-    assert set(by_stage) == {"validate", "sft", "align", "evaluate", "register"}
+    assert set(by_stage) == {"validate", "sft", "align", "quantize", "evaluate", "register"}
     for run in by_stage.values():
         assert run.info.status == "FINISHED"
         assert run.data.tags[tracking.TAG_FLOW_RUN] == summary["flow_run_id"]
@@ -45,10 +46,6 @@ def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_ur
     assert "data_docs" in {a.path for a in client.list_artifacts(by_stage["validate"].info.run_id)}
     assert "adapter/adapter_model.safetensors" in artifacts(by_stage["sft"], "adapter")
     assert {"loss", "learning_rate", "grad_norm", "tokens_per_s", "trainable_share"} <= set(by_stage["sft"].data.metrics)
-    for label in ("base", "sft"):
-        for metric in ("exact_match", "json_validity", "field_accuracy", "perplexity", "tokens_per_s", "peak_rss_mb"):
-            assert f"{label}/{metric}" in by_stage["evaluate"].data.metrics
-    assert "plots/comparison.png" in artifacts(by_stage["evaluate"], "plots")
     # align: a nested run with the DPO curves, the adapter, and the aligned model scored beside base and SFT
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(
         by_stage["align"].data.metrics)
@@ -57,8 +54,25 @@ def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_ur
     for label in ("base", "sft", "aligned"):
         assert 0.0 <= by_stage["evaluate"].data.metrics[f"{label}/preference_accuracy"] <= 1.0
     assert "aligned/reward_margin" in by_stage["evaluate"].data.metrics
-    assert set(summary["metrics"]) == {"base", "sft", "aligned"}
-    assert "| exact_match |" in summary["table"]
+    # One suite over every artifact: every metric for each, side by side, with charts and the cascade report.
+    assert list(summary["metrics"]) == ["base", "sft", "aligned", "quantized"]
+    evaluated = by_stage["evaluate"].data.metrics
+    for label in ("base", "sft", "aligned", "quantized"):
+        for metric in ("exact_match", "json_validity", "field_accuracy", "perplexity", "tokens_per_s",
+                       "latency_p50_ms", "latency_p95_ms", "peak_rss_mb", "size_mb"):
+            assert f"{label}/{metric}" in evaluated, (label, metric)
+        assert evaluated[f"{label}/latency_p95_ms"] >= evaluated[f"{label}/latency_p50_ms"] > 0
+    assert evaluated["quantized/size_mb"] < evaluated["aligned/size_mb"]
+    assert {"plots/comparison.png", "plots/efficiency.png", "plots/cascade.png"} <= artifacts(by_stage["evaluate"], "plots")
+    assert {"evaluation/comparison.md", "evaluation/comparison.csv", "evaluation/cascade.md",
+            "evaluation/cascade.csv"} <= artifacts(by_stage["evaluate"], "evaluation")
+    assert "| exact_match |" in summary["table"] and "| metric | base | sft | aligned | quantized |" in summary["table"]
+    cascade = summary["cascade"]
+    assert (cascade["quantized"], cascade["full"]) == ("quantized", "aligned")
+    assert cascade["quantized_accuracy"] == summary["metrics"]["quantized"]["exact_match"]
+    assert cascade["full_accuracy"] == summary["metrics"]["aligned"]["exact_match"]
+    assert by_stage["quantize"].data.metrics["linear_ratio"] <= 0.30
+    assert summary["quantized"]["model_dir"].endswith("quantized")
 
     reg = summary["registered"]
     version = client.get_model_version_by_alias(reg["model_name"], "challenger")

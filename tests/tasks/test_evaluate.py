@@ -1,6 +1,7 @@
 """Evaluation: the scoring is exact, and every model gets every metric, a table, a chart and predictions."""
 
 import csv
+import json
 
 import pytest
 
@@ -46,11 +47,12 @@ def test_every_model_gets_every_metric(smoke_cfg, tiny_model, ray_local, tmp_pat
     assert list(out.metrics) == ["base", "sft"]
     for metrics in out.metrics.values():
         for key in ("exact_match", "json_validity", "field_accuracy", "field_accuracy/name", "perplexity",
-                    "tokens_per_s", "peak_rss_mb"):
+                    "tokens_per_s", "latency_p50_ms", "latency_p95_ms", "peak_rss_mb", "size_mb"):
             assert key in metrics, key
         for key in ("exact_match", "json_validity", "field_accuracy"):
             assert 0.0 <= metrics[key] <= 1.0
         assert metrics["rows"] == 16 and metrics["peak_rss_mb"] > 50 and metrics["tokens_per_s"] > 0
+        assert metrics["latency_p95_ms"] >= metrics["latency_p50_ms"] > 0 and metrics["size_mb"] > 1
     # LoRA B starts at zero: an untrained adapter must score exactly like its base.
     assert out.metrics["sft"]["perplexity"] == pytest.approx(out.metrics["base"]["perplexity"], rel=1e-4)
 
@@ -59,6 +61,10 @@ def test_every_model_gets_every_metric(smoke_cfg, tiny_model, ray_local, tmp_pat
              for a in client.list_artifacts(out.mlflow_run_id, folder)}
     assert {"evaluation/comparison.md", "evaluation/comparison.csv", "plots/comparison.png",
             "predictions/predictions_base.jsonl", "predictions/predictions_sft.jsonl"} <= paths
+    assert "plots/efficiency.png" in paths
+    first = json.loads(open(out.table_path.replace("comparison.md", "predictions_sft.jsonl")).readline())
+    assert first["mean_logprob"] < 0 and isinstance(first["correct"], bool)
+    assert out.metrics["sft"]["size_mb"] > out.metrics["base"]["size_mb"]  # base weights + the adapter
     run = client.get_run(out.mlflow_run_id)
     assert run.data.metrics["sft/exact_match"] == out.metrics["sft"]["exact_match"]
     assert "eval/sft/perplexity" in client.get_run(ctx.parent_run_id).data.metrics

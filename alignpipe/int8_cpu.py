@@ -1,0 +1,51 @@
+"""Run a saved torchao int8-dynamic model on CPU through PyTorch's fused dynamic-quantized linear (fbgemm).
+
+torchao's eager int8 path quantizes activations and rescales outputs in a dozen Python-dispatched ops per
+linear call, which on CPU decodes several times slower than bf16. PyTorch's `quantized::linear_dynamic` does
+the same work in one fused kernel. The swap keeps the stored int8 weights and per-channel scales bit for bit;
+only the activations are quantized differently (per tensor, asymmetric, instead of per token, symmetric).
+"""
+
+from __future__ import annotations
+
+
+def is_int8_dynamic(folder: str) -> bool:
+    """True for a saved torchao int8-dynamic model on a machine without CUDA (where the swap helps)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    config = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    return not torch.cuda.is_available() and "Int8DynamicActivationInt8WeightConfig" in json.dumps(config)
+
+
+def use_fbgemm_linears(model) -> int:
+    """Replace every linear whose weight is a torchao `Int8Tensor` (dynamic activations) in place.
+
+    The model must run in float32 (the fused kernel takes fp32 activations). Returns how many were replaced.
+    """
+    import warnings
+
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torchao.quantization import Int8Tensor
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            w = getattr(child, "weight", None)
+            if not (isinstance(child, torch.nn.Linear) and isinstance(w, Int8Tensor) and w.act_quant_kwargs):
+                continue
+            rows = w.qdata.shape[0]
+            qweight = torch._make_per_channel_quantized_tensor(
+                w.qdata.contiguous(), w.scale.reshape(rows).double(), torch.zeros(rows, dtype=torch.long), 0)
+            with warnings.catch_warnings():  # torch.ao.nn.quantized is deprecated in favour of torchao
+                warnings.simplefilter("ignore")
+                fused = DynamicLinear(child.in_features, child.out_features, bias_=child.bias is not None,
+                                      dtype=torch.qint8)
+            bias = child.bias.detach().float() if child.bias is not None else None
+            fused.set_weight_bias(qweight, bias)
+            setattr(parent, name, fused)
+            swapped += 1
+    return swapped
