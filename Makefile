@@ -9,7 +9,7 @@ export GX_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test check bench demo-data clean
+.PHONY: setup demo test check bench demo-data clean up down status browser
 
 setup: $(STAMP)
 
@@ -26,8 +26,25 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(BIN)/alignpipe run demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium for the Prefect-UI test (Debian package; the test skips, saying why, where it is absent).
+browser:
+	@command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
+	  { $$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) sh -c \
+	    'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium-headless-shell' \
+	    || echo "browser: could not install chromium-headless-shell; the Prefect UI test will be skipped"; }
+
+# Local stack on 127.0.0.1: Prefect server + UI, MLflow server, Ray head + worker (see `alignpipe status`).
+up: setup
+	$(BIN)/alignpipe up
+
+down: setup
+	$(BIN)/alignpipe down
+
+status: setup
+	$(BIN)/alignpipe status
 
 check: setup
 	$(BIN)/alignpipe check

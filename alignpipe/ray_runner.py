@@ -7,6 +7,8 @@ storage finds the last reported checkpoint (Ray Train v2 restores it; `ray.train
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,10 +37,15 @@ def ensure_ray(compute: ComputeConfig) -> None:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
                               "runtime_env": {"env_vars": dict(WORKER_ENV)}}
+    # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (Prefect's, which turns a
+    # runner's SIGTERM into a Cancelled flow run instead of a Crashed one). Ray's atexit shutdown still runs.
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     if compute.ray_address:
         ray.init(address=compute.ray_address, **kwargs)
     else:
         ray.init(num_cpus=os.cpu_count(), **kwargs)
+    if sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def storage_path(compute: ComputeConfig, workdir: str) -> str:
@@ -106,3 +113,27 @@ def set_worker_threads(threads: int) -> None:
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+
+
+def shutdown() -> None:
+    """Leave Ray if this process joined or started it: an in-process Ray stops with its workers, and on a
+    cluster the job's actors (Ray Train's controller and training workers) die with their driver."""
+    import sys
+
+    ray = sys.modules.get("ray")  # never import Ray just to find it was not running
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def ranks_in_sync(model) -> bool:
+    """True when every DDP rank holds the same trainable weights (gradients were all-reduced each step);
+    True without a multi-worker process group. Call it on every rank: it is a collective."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return True
+    flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in model.parameters() if p.requires_grad])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])

@@ -67,11 +67,34 @@ def run(
         from flows.pipeline import alignpipe_pipeline
 
         _hide_user_error_tracebacks()
-        summary = alignpipe_pipeline(pipeline=pipeline, overrides=overrides, config_file=str(config))
+        summary = _run_with_progress(pipeline, lambda: alignpipe_pipeline(
+            pipeline=pipeline, overrides=overrides, config_file=str(config)))
     except AlignpipeError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
     print_summary(summary)
+
+
+def _run_with_progress(pipeline: str, run_flow):
+    """Run the flow under a live per-stage table (see cli/progress.py); plain logs when not a terminal."""
+    from rich.live import Live
+
+    from cli.progress import StageProgress
+
+    if not console.is_terminal:
+        return run_flow()
+    view = StageProgress(pipeline)
+    flow_logger = logging.getLogger("prefect.flow_runs")
+    flow_logger.addHandler(view)
+    try:
+        with Live(view, console=console, refresh_per_second=2):
+            try:
+                return run_flow()
+            except BaseException:
+                view.fail_running()
+                raise
+    finally:
+        flow_logger.removeHandler(view)
 
 
 class _NoTracebackForUserErrors(logging.Filter):
@@ -106,6 +129,9 @@ def print_summary(summary: dict) -> None:
 from cli.registry import add_commands  # noqa: E402  (the registry commands live in their own module)
 
 add_commands(app)
+from cli import ops  # noqa: E402  (up/down/status/env/deploy)
+
+ops.register(app)
 
 if __name__ == "__main__":  # python -m cli.main
     app()

@@ -10,7 +10,7 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from alignpipe import models, tracking
+from alignpipe import models, ray_runner, tracking
 from alignpipe.config import load_pipeline, preflight
 from alignpipe.errors import ConfigError
 from alignpipe.runs import RunContext, config_digest, git_commit, save_summary
@@ -37,18 +37,31 @@ class StageClock:
         t0 = time.perf_counter()
         try:
             result = fn(*args)
-        except BaseException:
+        except BaseException as exc:
             entry.update(status="failed", seconds=time.perf_counter() - t0)
+            if not isinstance(exc, Exception):  # SIGTERM from a runner cancelling us, Ctrl-C: stop Ray work now
+                ray_runner.shutdown()
             raise
         entry.update(status="done", seconds=time.perf_counter() - t0)
         print(f"stage {name}: done in {entry['seconds']:.1f}s")
         return result
 
 
-@flow(name="alignpipe", log_prints=True)
+def stop_ray_work(flow, flow_run, state) -> None:
+    """Cancelled or crashed: no training worker may outlive the flow run (Prefect hook signature)."""
+    ray_runner.shutdown()
+
+
+@flow(name="alignpipe", log_prints=True, on_cancellation=[stop_ray_work], on_crashed=[stop_ray_work])
 def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None = None,
                        config_file: str = DEFAULT_CONFIG) -> dict[str, Any]:
-    """Run one pipeline from pipelines.yaml; `overrides` maps `section.key` to a value (like `--set`)."""
+    """Run one pipeline from pipelines.yaml.
+
+    Args:
+        pipeline: Name of the pipeline in the pipelines file.
+        overrides: `section.key` -> value, like `--set` (e.g. {"sft.max_steps": 100}).
+        config_file: The pipelines file (a path the flow-run process can read).
+    """
     cfg = load_pipeline(config_file, pipeline, overrides, env=os.environ)
     problems = preflight(cfg)
     if problems:

@@ -173,6 +173,8 @@ def train_loop(config: dict[str, Any]) -> None:
                         "train_runtime_s": out.metrics.get("train_runtime", 0.0)})
         if trainer.eval_dataset is not None:
             summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+        if ray.train.get_context().get_world_size() > 1:  # DDP kept every rank's weights identical?
+            summary["ranks_in_sync"] = float(ray_runner.ranks_in_sync(trainer.model))
     final_dir = Path(tempfile.mkdtemp(prefix="sft-final-"))
     if rank0:
         trainer.save_model(str(final_dir / "adapter"))

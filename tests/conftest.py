@@ -65,3 +65,15 @@ def smoke_cfg(tmp_path, tiny_model, mlflow_uri):
         PIPELINES, "smoke", {"workdir": str(tmp_path / "work"), "model.name": tiny_model,
                              "tracking.mlflow_uri": mlflow_uri},
     )
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory):
+    """`alignpipe up`'s stack (Prefect server, MLflow server, Ray head + worker) in a temp workdir; always torn down."""
+    from cli import stack
+
+    workdir = tmp_path_factory.mktemp("stack")
+    try:
+        yield stack.up(workdir, on_wait=lambda what: print(f"waiting for {what}"))
+    finally:
+        stack.down(workdir)

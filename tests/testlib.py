@@ -57,3 +57,24 @@ def registry_version(client, name: str, metrics: dict, base: dict, source, pipel
     tags.update({f"{registry.BASE_TAG}{k}": str(v) for k, v in base.items()})
     tags["pipeline"] = pipeline
     return str(client.create_model_version(name, Path(source).resolve().as_uri(), tags=tags).version)
+
+
+def stack_pipelines(tmp_path, tiny_model, schedules: dict[str, dict] | None = None):
+    """A copy of pipelines.yaml whose `smoke` runs the tiny model on a 1-CPU-per-node cluster, in tmp_path."""
+    import yaml
+
+    raw = yaml.safe_load(PIPELINES.read_text())
+    for body in (raw["defaults"]["data"], raw["pipelines"]["smoke"]["data"]):
+        for src in body.values():
+            if isinstance(src, dict):
+                src["path"] = str(REPO / src["path"])
+    raw["defaults"]["workdir"] = str(tmp_path / "work")
+    smoke = raw["pipelines"]["smoke"]
+    smoke["model"]["name"] = tiny_model
+    smoke["compute"] = {"cpus_per_worker": 1}
+    smoke["evaluate"]["cpus"] = 1
+    for name, schedule in (schedules or {}).items():
+        raw["pipelines"][name]["schedule"] = schedule
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

@@ -1,0 +1,69 @@
+"""`alignpipe up | status | env | down` start and stop a real local stack (Prefect, MLflow, 2-node Ray)."""
+
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from cli import stack
+from testlib import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args, timeout=400):
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.read().decode()
+
+
+def test_up_status_env_down(tmp_path):
+    workdir = tmp_path / "work"
+    try:
+        up = _cli("up", "--workdir", str(workdir))
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = stack.load(workdir)
+        names = [s.name for s in state.services]
+        assert names == ["prefect", "mlflow", "ray-head", "ray-worker"]
+        assert all(s.url.startswith(("http://127.0.0.1:", "127.0.0.1:")) for s in state.services)
+        by = {s.name: s for s in state.services}
+        assert _get(f"{by['prefect'].url}/api/health")[0] == 200
+        assert _get(f"{by['mlflow'].url}/health")[0] == 200
+        assert stack._ray_nodes(by["ray-head"].port) == 2  # head + the separately started worker node
+
+        status = _cli("status", "--workdir", str(workdir))
+        assert status.returncode == 0 and status.stdout.count("running") == 4, status.stdout
+        env = _cli("env", "--workdir", str(workdir))
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in env.stdout.splitlines())
+        assert exports["PREFECT_API_URL"] == f"{by['prefect'].url}/api"
+        assert exports["MLFLOW_TRACKING_URI"] == by["mlflow"].url
+        assert exports["RAY_ADDRESS"] == f"127.0.0.1:{by['ray-head'].port}"
+        assert exports["PREFECT_API_URL"] in up.stdout  # `up` prints the exports too
+
+        again = _cli("up", "--workdir", str(workdir))
+        assert again.returncode == 1 and "already running" in again.stderr
+    finally:
+        down = _cli("down", "--workdir", str(workdir))
+    assert down.returncode == 0 and "ray-worker" in down.stdout, down.stdout + down.stderr
+    assert not stack.state_file(workdir).exists()
+    for svc in state.services:  # every process of every service's session is gone, Ray workers included
+        assert stack._session_pids(svc.pid) == [], svc.name
+    assert _cli("status", "--workdir", str(workdir)).returncode == 1
+
+
+def test_env_without_stack_says_how_to_start_one(tmp_path):
+    result = _cli("env", "--workdir", str(tmp_path))
+    assert result.returncode == 1 and "alignpipe up" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_deploy_without_a_server_says_how_to_get_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = subprocess.run([sys.executable, "-m", "cli.main", "deploy"], capture_output=True, text=True,
+                            timeout=300, cwd=REPO, env={**env, "PREFECT_HOME": str(tmp_path)})
+    assert result.returncode == 1 and "PREFECT_API_URL" in result.stderr and "alignpipe up" in result.stderr

@@ -1,0 +1,156 @@
+"""Deployments on a real local Prefect server (the `alignpipe up` stack): schedules, the parameter form, runs
+launched through the API as the UI launches them (on the 2-node Ray cluster), cancellation, and the UI page."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Cancelling
+
+from alignpipe import tracking
+from cli import stack
+from flows.deploy import apply_deployments, build_deployments
+from testlib import REPO, stack_pipelines
+
+pytestmark = pytest.mark.slow
+SCHEDULES = {"smoke": {"cron": "0 3 * * 1", "timezone": "Europe/Lisbon"}, "demo": {"interval_seconds": 86400}}
+ARTIFACTS = REPO / "tests" / "output"  # gitignored: screenshots for humans to look at
+CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def deployed(local_stack, tmp_path_factory, tiny_model):
+    """Both shipped pipelines deployed to the stack's Prefect server; yields (pipelines file, name -> id)."""
+    path = stack_pipelines(tmp_path_factory.mktemp("deploy"), tiny_model, SCHEDULES)
+    with temporary_settings({PREFECT_API_URL: local_stack.env["PREFECT_API_URL"]}):
+        yield path, apply_deployments(build_deployments(path))
+
+
+@pytest.fixture(scope="module")
+def server(local_stack, deployed):
+    """`alignpipe deploy --serve` against the stack, as a user runs it; stopped (whole session) at the end."""
+    log = open(deployed[0].parent / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "deploy", "--serve", "--config", str(deployed[0])],
+                            cwd=REPO, env={**os.environ, **local_stack.env}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _client(local_stack):
+    with temporary_settings({PREFECT_API_URL: local_stack.env["PREFECT_API_URL"]}):
+        return get_client(sync_client=True)
+
+
+def _wait_state(client, run_id, done, timeout=900):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run_id)
+        if done(run.state):
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} still {run.state.name} after {timeout}s")
+
+
+def _train_workers(local_stack) -> list[int]:
+    """Ray Train worker processes of the stack's cluster (other Ray instances on the machine do not count)."""
+    sessions = {s.pid for s in local_stack.services if s.name.startswith("ray")}
+    return [pid for sid in sessions for pid in stack._session_pids(sid)
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_deployments_have_schedules_and_a_typed_form(local_stack, deployed):
+    with _client(local_stack) as client:
+        smoke = client.read_deployment_by_name("alignpipe/smoke")
+        demo = client.read_deployment_by_name("alignpipe/demo")
+    assert {str(smoke.id), str(demo.id)} == set(deployed[1].values())
+    (cron,) = [s.schedule for s in smoke.schedules]
+    assert (cron.cron, cron.timezone) == ("0 3 * * 1", "Europe/Lisbon")
+    (interval,) = [s.schedule for s in demo.schedules]
+    assert interval.interval.total_seconds() == 86400
+    assert smoke.parameters == {"pipeline": "smoke", "overrides": {}, "config_file": str(deployed[0])}
+    props = smoke.parameter_openapi_schema["properties"]
+    assert props["pipeline"]["type"] == "string" and props["pipeline"]["enum"] == ["demo", "smoke"]
+    assert [t["type"] for t in props["overrides"]["anyOf"]] == ["object", "null"]
+    assert "section.key" in props["overrides"]["description"]  # the form explains itself
+    assert props["config_file"]["type"] == "string"
+    assert smoke.enforce_parameter_schema
+
+
+def test_run_launched_through_the_api_trains_ddp_on_two_nodes(local_stack, deployed, server):
+    """As the UI's "Run" button: a flow run from the deployment, picked up by the serve process."""
+    with _client(local_stack) as client:
+        run = client.create_flow_run_from_deployment(
+            deployed[1]["smoke"], parameters={"overrides": {"compute.num_workers": 2}})
+        final = _wait_state(client, run.id, lambda s: s.is_final())
+    assert final.state.is_completed(), final.state.message
+
+    mlflow = tracking.client_for(local_stack.env["MLFLOW_TRACKING_URI"])
+    (sft_run,) = mlflow.search_runs([mlflow.get_experiment_by_name("alignpipe-smoke").experiment_id],
+                                   f"tags.`{tracking.TAG_FLOW_RUN}` = '{run.id}' and tags.`{tracking.TAG_STAGE}` = 'sft'")
+    # Two workers of 1 CPU on nodes of 1 CPU each: one per node; DDP kept their weights identical.
+    assert sft_run.data.metrics["final/ranks_in_sync"] == 1.0
+
+
+def test_cancelling_a_run_stops_its_ray_training_workers(local_stack, deployed, server):
+    with _client(local_stack) as client:
+        run = client.create_flow_run_from_deployment(
+            deployed[1]["smoke"], parameters={"overrides": {"sft.max_steps": 100000, "sft.save_steps": 100000,
+                                                            "sft.eval_steps": 100000}})
+        deadline = time.monotonic() + 600
+        while not _train_workers(local_stack):
+            assert time.monotonic() < deadline, "training never started"
+            assert not client.read_flow_run(run.id).state.is_final()
+            time.sleep(2)
+        client.set_flow_run_state(run.id, Cancelling(), force=True)  # what the UI's "Cancel" does
+        final = _wait_state(client, run.id, lambda s: s.is_final(), timeout=300)
+    assert final.state.is_cancelled(), final.state
+    deadline = time.monotonic() + 120
+    while _train_workers(local_stack) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _train_workers(local_stack) == []
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium: `make browser` installs chromium-headless-shell")
+def test_prefect_ui_lists_the_deployments(local_stack, deployed):
+    url = local_stack.env["PREFECT_API_URL"].removesuffix("/api") + "/deployments"
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "prefect-ui-deployments.png"
+    shot.unlink(missing_ok=True)
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+            "--window-size=1400,900"]
+    dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert ">smoke<" in dom and ">demo<" in dom, dom[-2000:]  # the SPA rendered the deployments table
+    subprocess.run([*args, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 10_000
+
+
+def test_prefect_yaml_declares_every_pipeline():
+    """The Prefect-native file stays in step with pipelines.yaml and points at the real flow."""
+    import yaml
+
+    from alignpipe.config import pipeline_names
+    from flows.pipeline import alignpipe_pipeline
+    from testlib import PIPELINES
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    by_name = {d["name"]: d for d in spec["deployments"]}
+    assert set(by_name) == set(pipeline_names(PIPELINES))
+    for name, d in by_name.items():
+        path, func = d["entrypoint"].split(":")
+        assert (REPO / path).is_file() and func == alignpipe_pipeline.fn.__name__
+        assert d["parameters"]["pipeline"] == name and d["work_pool"]["name"] == "alignpipe"
