@@ -14,7 +14,7 @@ import time
 from rich.spinner import Spinner
 from rich.table import Table
 
-STAGE_LINE = re.compile(r"^stage (?P<stage>[\w-]+): (?P<what>running|done in (?P<secs>[\d.]+)s)")
+STAGE_LINE = re.compile(r"^stage (?P<stage>[\w-]+): (?P<what>running|(?P<status>done|cached) in (?P<secs>[\d.]+)s)")
 
 
 class StageProgress(logging.Handler):
@@ -33,7 +33,7 @@ class StageProgress(logging.Handler):
             self.stages[m["stage"]] = {"status": "running", "start": time.monotonic(), "secs": None}
         else:
             entry = self.stages.setdefault(m["stage"], {"start": time.monotonic()})
-            entry.update(status="done", secs=float(m["secs"]))
+            entry.update(status=m["status"], secs=float(m["secs"]))
 
     def fail_running(self) -> None:
         for entry in self.stages.values():
@@ -47,7 +47,7 @@ class StageProgress(logging.Handler):
                 status = Spinner("dots", text="running", style="yellow")
                 secs = time.monotonic() - entry["start"]
             else:
-                status = "[green]done[/green]" if entry["status"] == "done" else "[red]failed[/red]"
+                status = {"done": "[green]done[/green]", "cached": "[cyan]cached[/cyan]"}.get(entry["status"], "[red]failed[/red]")
                 secs = entry["secs"]
             table.add_row(name, status, f"{secs:.0f}s")
         if not self.stages:

@@ -7,19 +7,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import Task, flow
 from prefect.runtime import flow_run
 
 from alignpipe import models, ray_runner, tracking
+from alignpipe.caching import cached
 from alignpipe.config import load_pipeline, preflight
 from alignpipe.errors import ConfigError
 from alignpipe.runs import RunContext, config_digest, git_commit, save_summary
-from tasks.align import align
-from tasks.evaluate import ModelSpec, evaluate
-from tasks.quantize import quantize
+from tasks import align, evaluate, quantize, sft, validate
+from tasks.evaluate import ModelSpec
 from tasks.register import register
-from tasks.sft import sft
-from tasks.validate import validate
 
 DEFAULT_CONFIG = "pipelines.yaml"
 
@@ -31,20 +29,32 @@ class StageClock:
         self.stages: list[dict[str, Any]] = []
 
     def run(self, name: str, fn, *args):
+        """Run one stage (a Prefect task, or a plain function); a task served from the cache is marked `cached`."""
         print(f"stage {name}: running")
         entry = {"stage": name, "status": "running", "seconds": 0.0}
         self.stages.append(entry)
         t0 = time.perf_counter()
+        status = "done"
         try:
-            result = fn(*args)
+            if isinstance(fn, Task):
+                state = fn(*args, return_state=True)
+                status = "cached" if state.name == "Cached" else "done"
+                result = state.result()  # re-raises the stage's own exception
+            else:
+                result = fn(*args)
         except BaseException as exc:
             entry.update(status="failed", seconds=time.perf_counter() - t0)
             if not isinstance(exc, Exception):  # SIGTERM from a runner cancelling us, Ctrl-C: stop Ray work now
                 ray_runner.shutdown()
             raise
-        entry.update(status="done", seconds=time.perf_counter() - t0)
-        print(f"stage {name}: done in {entry['seconds']:.1f}s")
+        entry.update(status=status, seconds=time.perf_counter() - t0)
+        print(f"stage {name}: {status} in {entry['seconds']:.1f}s")
         return result
+
+
+def _stage(module, cfg):
+    """A stage module's Prefect task, content-keyed by the module's own `cache_key` (see alignpipe/caching.py)."""
+    return cached(getattr(module, module.__name__.rsplit(".", 1)[-1]), module.cache_key, cfg.cache, cfg.workdir)
 
 
 def stop_ray_work(flow, flow_run, state) -> None:
@@ -75,11 +85,11 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         tracking.log_params(uri, parent, cfg.model_dump(mode="json", by_alias=True))
         ctx = RunContext(run_id=run_id, pipeline=cfg.name, tracking_uri=uri, experiment_id=exp,
                          parent_run_id=parent, workdir=cfg.workdir, base_model=base)
-        data = clock.run("validate", validate, cfg, ctx)
-        tuned = clock.run("sft", sft, cfg, ctx, data.train_path, data.digests["sft"])
+        data = clock.run("validate", _stage(validate, cfg), cfg, ctx)
+        tuned = clock.run("sft", _stage(sft, cfg), cfg, ctx, data.train_path, data.digests["sft"])
         aligned = None
         if cfg.align.method != "none":
-            aligned = clock.run("align", align, cfg, ctx, tuned.adapter_dir, data.preference_path,
+            aligned = clock.run("align", _stage(align, cfg), cfg, ctx, tuned.adapter_dir, data.preference_path,
                                 data.digests["preference"], data.preference_eval_path)
         specs = [ModelSpec(label="base", base_path=base)] if cfg.evaluate.compare_base else []
         specs.append(ModelSpec(label="sft", base_path=base, adapter_dir=tuned.adapter_dir))
@@ -91,10 +101,10 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
             specs.append(last)
         quantized = None
         if cfg.quantize.method != "none":
-            quantized = clock.run("quantize", quantize, cfg, ctx, last.base_path, last.adapter_dir, last_key)
+            quantized = clock.run("quantize", _stage(quantize, cfg), cfg, ctx, last.base_path, last.adapter_dir, last_key)
             specs.append(ModelSpec(label="quantized", base_path=quantized.merged_dir, quantized_dir=quantized.model_dir,
                                    quantized_from=last.label))
-        scores = clock.run("evaluate", evaluate, cfg, ctx, data.eval_path, data.digests["eval"], specs,
+        scores = clock.run("evaluate", _stage(evaluate, cfg), cfg, ctx, data.eval_path, data.digests["eval"], specs,
                            data.preference_eval_path)
         final = specs[-1]  # the registered artifact: the quantized model when quantization ran
         registered = None
@@ -109,6 +119,8 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
                 lineage["run_id.quantize"] = quantized.mlflow_run_id
             registered = clock.run("register", register, cfg, ctx, final.base_path, final.adapter_dir,
                                    final.quantized_dir, scores.metrics, final.label, lineage)
+        cached_stages = [s["stage"] for s in clock.stages if s["status"] == "cached"]
+        tracking.client_for(uri).set_tag(parent, "alignpipe.cached_stages", ",".join(cached_stages) or "none")
     summary = {
         "pipeline": cfg.name,
         "flow_run_id": run_id,

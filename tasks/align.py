@@ -286,12 +286,18 @@ def merge_sft(base_model: str, sft_adapter_dir: str, out_dir: Path) -> str:
     return ray_runner.get(merge.remote(base_model, sft_adapter_dir, str(out_dir)))
 
 
+def cache_key(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, preference_path: str,
+              preference_digest: str, preference_eval_path: str | None = None) -> str:
+    """The align and model sections, the worker count, the pairs' digest and the SFT adapter's digest."""
+    return content_key("align", {"align": cfg.align, "model": cfg.model, "compute": cfg.compute.num_workers},
+                       {"preference": preference_digest, "sft_adapter": dir_digest(sft_adapter_dir),
+                        "base_model": ctx.base_model, "preference_eval": str(preference_eval_path)})
+
+
 def run_align(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, preference_path: str,
               preference_digest: str, preference_eval_path: str | None = None) -> AlignOutput:
     """Plain function behind the task: merge the SFT model, train the alignment adapter on Ray, log it all."""
-    key = content_key("align", {"align": cfg.align, "model": cfg.model, "compute": cfg.compute.num_workers},
-                      {"preference": preference_digest, "sft_adapter": dir_digest(sft_adapter_dir),
-                       "base_model": ctx.base_model, "preference_eval": str(preference_eval_path)})
+    key = cache_key(cfg, ctx, sft_adapter_dir, preference_path, preference_digest, preference_eval_path)
     out_dir = ctx.stage_dir("align", key)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "align", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.align.model_dump(mode="json"), prefix="align")

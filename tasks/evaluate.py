@@ -311,14 +311,26 @@ def _log_figure(uri: str, run_id: str, fig, path: str) -> None:
     plt.close(fig)
 
 
+def cache_key(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest: str, specs: list[ModelSpec],
+              preference_eval_path: str | None = None) -> str:
+    """The evaluate section (+ the settings it borrows), the held-out digest and every artifact's folders.
+
+    Stage output folders are content-addressed, so an artifact's paths change whenever its weights do.
+    """
+    section = {"evaluate": cfg.evaluate, "system_prompt": cfg.model.system_prompt, "json": cfg.data.json_targets,
+               "int8_cpu_kernel": cfg.quantize.cpu_kernel, "beta": cfg.align.beta}
+    return content_key("evaluate", section,
+                       {"eval": eval_digest, **{s.label: f"{s.base_path}|{s.adapter_dir}|{s.quantized_dir}|"
+                                                         f"{s.reference_path}" for s in specs},
+                        "preference_eval": str(preference_eval_path)})
+
+
 def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest: str,
                  specs: list[ModelSpec], preference_eval_path: str | None = None) -> EvalOutput:
     """Plain function behind the task: one Ray task per artifact (fresh process), then tables, charts, cascade."""
     import ray
 
-    key = content_key("evaluate", {"evaluate": cfg.evaluate, "system_prompt": cfg.model.system_prompt},
-                      {"eval": eval_digest, **{s.label: f"{s.base_path}|{s.adapter_dir}|{s.quantized_dir}"
-                                               for s in specs}, "preference_eval": str(preference_eval_path)})
+    key = cache_key(cfg, ctx, eval_path, eval_digest, specs, preference_eval_path)
     out_dir = ctx.stage_dir("evaluate", key)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "evaluate", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.evaluate.model_dump(mode="json"), prefix="evaluate")

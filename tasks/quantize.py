@@ -148,6 +148,13 @@ def _under(sizes: dict[str, int], modules: list[str]) -> int:
     return sum(v for k, v in sizes.items() if k.startswith(prefixes))
 
 
+def cache_key(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter_dir: str | None,
+              input_digest: str) -> str:
+    """The quantize section, the model folders and the training stage's content key."""
+    return content_key("quantize", cfg.quantize, {"base": base_path, "adapter": adapter_dir or "",
+                                                  "input": input_digest})
+
+
 def run_quantize(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter_dir: str | None,
                  input_digest: str) -> QuantizeOutput:
     """Plain function behind the task: one Ray task (fresh process) does the work; sizes and recipe go to MLflow.
@@ -162,7 +169,7 @@ def run_quantize(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter_d
     q = cfg.quantize
     if q.method == "none":
         raise ConfigError("quantize.method=none: the flow skips the quantize stage; nothing to do")
-    key = content_key("quantize", q, {"base": base_path, "adapter": adapter_dir or "", "input": input_digest})
+    key = cache_key(cfg, ctx, base_path, adapter_dir, input_digest)
     out_dir = ctx.stage_dir("quantize", key)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "quantize", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, q.model_dump(mode="json"), prefix="quantize")

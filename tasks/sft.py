@@ -190,10 +190,15 @@ def loop_settings(cfg: PipelineConfig, base_model: str, train_path: str) -> dict
             "system_prompt": cfg.model.system_prompt, "train_path": train_path, "use_gpu": cfg.compute.use_gpu}
 
 
+def cache_key(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest: str) -> str:
+    """The sft and model sections, the worker count, the training data's digest and the base model."""
+    return content_key("sft", {"sft": cfg.sft, "model": cfg.model, "compute": cfg.compute.num_workers},
+                       {"train": train_digest, "base_model": ctx.base_model})
+
+
 def run_sft(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest: str) -> SftOutput:
     """Plain function behind the task: train on Ray, copy the adapter next to the stage's other outputs."""
-    key = content_key("sft", {"sft": cfg.sft, "model": cfg.model, "compute": cfg.compute.num_workers},
-                      {"train": train_digest, "base_model": ctx.base_model})
+    key = cache_key(cfg, ctx, train_path, train_digest)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "sft", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.sft.model_dump(mode="json"), prefix="sft")
         ray_runner.ensure_ray(cfg.compute)

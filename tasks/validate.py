@@ -360,14 +360,19 @@ def _rate(flags: pd.Series) -> float:
     return round(float(flags.mean()), 6) if len(flags) else 0.0
 
 
-@task(name="validate", cache_policy=NO_CACHE)  # no retries: bad data fails the same way every time
-def validate(cfg: PipelineConfig, ctx: RunContext) -> ValidationReport:
-    """Validate the data in a nested MLflow run; raise DataValidationError (after logging) if it fails."""
+def cache_key(cfg: PipelineConfig, ctx: RunContext) -> str:
+    """The data and validate sections, the tokenizer's model and the sha256 of every source file."""
     digests = {"sft": _source_digest(cfg.data.sft.path), "eval": _source_digest(cfg.data.eval.path)}
     digests.update({split: _source_digest(src.path) for split, src in _preference_sources(cfg).items()})
     section = {"data": cfg.data.model_dump(mode="json"), "validate": cfg.validate_.model_dump(mode="json"),
                "system_prompt": cfg.model.system_prompt}
-    key = content_key("validate", section, digests)
+    return content_key("validate", section, {**digests, "tokenizer": ctx.base_model})
+
+
+@task(name="validate", cache_policy=NO_CACHE)  # no retries: bad data fails the same way every time
+def validate(cfg: PipelineConfig, ctx: RunContext) -> ValidationReport:
+    """Validate the data in a nested MLflow run; raise DataValidationError (after logging) if it fails."""
+    key = cache_key(cfg, ctx)
     uri = ctx.tracking_uri
     with tracking.stage_run(uri, ctx.parent_run_id, "validate", key) as run_id:
         report = validate_data(cfg, ctx.base_model, ctx.stage_dir("validate", key))

@@ -99,6 +99,25 @@ def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_ur
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(result["out"]) == 1 and isinstance(result["out"][0], str) and not result["alignpipe"]
 
+    # Re-run unchanged: every stage is served from the content-keyed cache; register finds the same weights.
+    again = alignpipe_pipeline(pipeline="smoke", overrides=_overrides(tmp_path, tiny_model, mlflow_uri),
+                               config_file=str(PIPELINES))
+    status = {s["stage"]: s["status"] for s in again["stages"]}
+    assert status == {"prepare": "done", "validate": "cached", "sft": "cached", "align": "cached",
+                      "quantize": "cached", "evaluate": "cached", "register": "done"}
+    assert again["registered"]["version"] == reg["version"] and again["registered"]["reused"]
+    assert again["metrics"] == summary["metrics"]
+    assert client.get_run(again["mlflow_run_id"]).data.tags["alignpipe.cached_stages"] == \
+        "validate,sft,align,quantize,evaluate"
+
+    # Only the evaluation settings change: evaluate runs again, the training stages stay cached.
+    changed = alignpipe_pipeline(
+        pipeline="smoke", overrides=_overrides(tmp_path, tiny_model, mlflow_uri, **{"evaluate.max_new_tokens": 12}),
+        config_file=str(PIPELINES))
+    status = {s["stage"]: s["status"] for s in changed["stages"]}
+    assert status == {"prepare": "done", "validate": "cached", "sft": "cached", "align": "cached",
+                      "quantize": "cached", "evaluate": "done", "register": "done"}
+
 
 def test_bad_data_stops_the_flow_before_training(prefect_harness, ray_local, tiny_model, mlflow_uri, tmp_path):
     bad = tmp_path / "bad.jsonl"
