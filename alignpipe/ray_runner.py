@@ -137,3 +137,14 @@ def ranks_in_sync(model) -> bool:
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def task_cpus(requested: float) -> float:
+    """`requested` capped at the largest alive node's CPUs: one task runs on one node, so more can never schedule.
+
+    (Capping at the cluster total is not enough: on two 1-CPU nodes a 2-CPU task would wait forever.)
+    """
+    import ray
+
+    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+    return min(requested, largest) or 1.0

@@ -128,6 +128,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         "stages": clock.stages,
         "metrics": scores.metrics,
         "table": Path(scores.table_path).read_text(),
+        "aligned": aligned.model_dump() if aligned else None,
         "quantized": quantized.model_dump() if quantized else None,
         "cascade": scores.cascade,
         "registered": registered.model_dump() if registered else None,

@@ -335,7 +335,7 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "evaluate", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.evaluate.model_dump(mode="json"), prefix="evaluate")
         ray_runner.ensure_ray(cfg.compute)
-        cpus = min(cfg.evaluate.cpus, ray.cluster_resources().get("CPU", 1))
+        cpus = ray_runner.task_cpus(cfg.evaluate.cpus)
         settings = {**cfg.evaluate.model_dump(), "threads": max(1, int(cpus)), "json_targets": cfg.data.json_targets,
                     "system_prompt": cfg.model.system_prompt, "dtype": models.dtype_for(cfg.evaluate.precision),
                     "int8_cpu_kernel": cfg.quantize.cpu_kernel,

@@ -179,7 +179,7 @@ def run_quantize(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter_d
             res = json.loads(done.read_text())
         else:
             ray_runner.ensure_ray(cfg.compute)
-            cpus = min(q.cpus, ray.cluster_resources().get("CPU", 1))
+            cpus = ray_runner.task_cpus(q.cpus)
             settings = {**q.model_dump(), "threads": max(1, int(cpus))}
             gpus = 1 if q.method in GPU_ONLY else 0
             remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_calls=1)(quantize_model)
