@@ -6,8 +6,10 @@ storage finds the last reported checkpoint (Ray Train v2 restores it; `ray.train
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -148,3 +150,21 @@ def task_cpus(requested: float) -> float:
 
     largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
     return min(requested, largest) or 1.0
+
+
+def resume_from_checkpoint(prefix: str, final_marker: str) -> tuple[Path | None, bool]:
+    """In a Ray Train worker: the last checkpoint as a local folder (None on a fresh start), and whether it holds
+    this exact work already finished (a file `final_marker`), in which case its result is reported again here
+    and the training loop can return at once.
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None, False
+    folder = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix=f"{prefix}-resume-")))
+    if not (folder / final_marker).is_file():
+        return folder, False
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    ray.train.report(json.loads((folder / final_marker).read_text()), checkpoint=checkpoint if rank0 else None)
+    return folder, True

@@ -148,14 +148,9 @@ def train_loop(config: dict[str, Any]) -> None:
     rank0 = ray.train.get_context().get_world_rank() == 0
     s = config["sft"]
 
-    resume_dir = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        resume_dir = Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="sft-resume-")))
-        if (resume_dir / FINAL_MARKER).is_file():  # this exact work already finished: hand back its result
-            final = json.loads((resume_dir / FINAL_MARKER).read_text())
-            ray.train.report(final, checkpoint=checkpoint if rank0 else None)
-            return
+    resume_dir, finished = ray_runner.resume_from_checkpoint("sft", FINAL_MARKER)
+    if finished:  # this exact work already finished: its result was handed back
+        return
 
     scratch = tempfile.mkdtemp(prefix="sft-scratch-")
     callbacks = [MlflowStream(config["tracking_uri"], config["mlflow_run_id"]), RayTrainReportCallback()]

@@ -2,7 +2,6 @@
 
 import math
 
-import pytest
 
 from alignpipe.cascade import best_point, report, sweep
 from tasks.evaluate import score
