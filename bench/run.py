@@ -112,7 +112,7 @@ def _run_demo(work: Path, *sets: str) -> tuple[float, dict]:
     return wall, json.loads(new.read_text())
 
 
-def demo_run() -> dict:
+def demo_run(rlhf: bool = True) -> dict:
     """The whole demo pipeline in a fresh workdir, then the same again (cached), then `align: rlhf` beside it."""
     work = Path(tempfile.mkdtemp(prefix="bench-demo-"))
     models = ROOT / ".alignpipe" / "models"
@@ -129,6 +129,8 @@ def demo_run() -> dict:
     # Unchanged re-run: every stage but register comes from the cache.
     out["cached_wall_s"], again = _run_demo(work)
     out["cached_stage_status"] = {s["stage"]: s["status"] for s in again["stages"]}
+    if not rlhf:
+        return out
     # RLHF on the same SFT model (validate and sft come from the cache): reward model + RLOO.
     out["rlhf_wall_s"], rl = _run_demo(work, "align.method=rlhf", "quantize.method=none", "evaluate.limit=50",
                                        "register.enabled=false")
@@ -263,6 +265,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--skip-demo", action="store_true", help="reuse the demo numbers from the last results.json")
     ap.add_argument("--skip-sft", action="store_true", help="reuse the SFT throughput numbers from results.json")
+    ap.add_argument("--skip-rlhf", action="store_true", help="reuse the RLHF numbers from results.json")
     ap.add_argument("--skip-orchestration", action="store_true", help="skip the local-stack overhead run")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -274,7 +277,7 @@ def main() -> None:
     if not args.skip_sft:
         results.update(sft_throughput(args.steps, args.rows))
     if not args.skip_demo:
-        results.update(demo_run())
+        results.update(demo_run(rlhf=not args.skip_rlhf))
         results.update(int8_speed(results["demo_workdir"]))
     if not args.skip_orchestration:
         results["orchestration"] = orchestration()
