@@ -92,7 +92,11 @@ def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list):
 
         # ref_model=None with a PEFT model: TRL computes the reference with the adapter disabled, i.e. the
         # merged SFT model itself; no second copy of the weights is kept.
-        args = DPOConfig(**common, beta=a["beta"], max_length=a["max_length"], precompute_ref_log_probs=False)
+        # sft_loss_weight > 0: TRL sums the sigmoid (DPO) loss and the chosen answers' NLL with these weights (RPO)
+        losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, a["sft_loss_weight"]]} \
+            if a["sft_loss_weight"] else {}
+        args = DPOConfig(**common, beta=a["beta"], max_length=a["max_length"], precompute_ref_log_probs=False,
+                         **losses)
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train, processing_class=tokenizer,
                              peft_config=peft, callbacks=callbacks)
     elif a["method"] == "orpo":

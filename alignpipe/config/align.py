@@ -28,6 +28,9 @@ class AlignConfig(Section):
     peft: PeftConfig = Field(default_factory=PeftConfig, description="The new adapter trained on the merged SFT model.")
     beta: float = Field(0.1, gt=0, description="DPO/KTO temperature (strength of the pull to the reference); "
                         "ORPO's odds-ratio weight.")
+    sft_loss_weight: float = Field(
+        0.0, ge=0, description="dpo: add the SFT loss (mean NLL of the chosen answer) with this weight, as in RPO. "
+        "Plain DPO can lower the chosen answer's own likelihood while widening the margin; this keeps it up.")
     epochs: float = Field(1.0, gt=0, description="Passes over the pairs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = use epochs; 0 = no training.")
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")

@@ -67,6 +67,39 @@ def test_step0_reference_is_the_sft_model_from_its_saved_artifact(tiny_model, sf
     assert metrics["rewards/margins"] == pytest.approx(0, abs=1e-5)
 
 
+def test_sft_loss_weight_adds_the_chosen_answers_nll_to_the_dpo_loss(tiny_model, sft_adapter, tmp_path):
+    import math
+
+    import torch
+
+    from alignpipe.config.align import AlignConfig
+
+    reference = merge_adapter(tiny_model, sft_adapter, str(tmp_path / "sft_merged"))
+    pairs = pairs_file(tmp_path, "pref_train.jsonl", 4)
+
+    def step0_loss(weight):
+        config = {"align": AlignConfig(precision="fp32", batch_size=4, max_steps=1, sft_loss_weight=weight)
+                  .model_dump(mode="json"), "reference_path": reference, "preference_path": pairs,
+                  "system_prompt": SYSTEM, "use_gpu": False}
+        trainer, _ = build_trainer(config, str(tmp_path / f"out{weight}"), [])
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, batch).item(), batch
+
+    plain, batch = step0_loss(0.0)
+    assert plain == pytest.approx(math.log(2), abs=1e-4)  # step 0: policy == reference, sigmoid(0)
+    # The chosen answers' mean token NLL under the SFT model, computed here independently of TRL.
+    sft_model = load_model(reference).eval()
+    with torch.no_grad():
+        logits = sft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    chosen_logps, _ = logps.chunk(2)
+    chosen_mask, _ = batch["completion_mask"][:, 1:].chunk(2)
+    nll = -chosen_logps[chosen_mask.bool()].mean().item()
+    assert nll > 0.1
+    assert step0_loss(0.5)[0] == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-3)
+
+
 @pytest.mark.parametrize("method", ["orpo", "kto"])
 def test_orpo_and_kto_train_a_new_adapter_on_the_sft_model(method, tiny_model, sft_adapter, tmp_path):
     from alignpipe.config.align import AlignConfig
