@@ -43,13 +43,12 @@ def client_for(uri: str):
         # MLflow prints "View run ... at: <tracking URI>/#/..." on every finished run of a server store, password
         # included. Set for the rest of the process, never put back: a per-call toggle would race across threads.
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if uri.startswith("sqlite:///") and uri not in _SCHEMA_READY:
-        _create_schema_once(uri, client)
-    return client
+        _create_schema_once(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _create_schema_once(uri: str, client) -> None:
+def _create_schema_once(uri: str) -> None:
     """Build MLflow's tables in a new SQLite file under a lock beside it, once per process.
 
     MLflow's tracking and registry stores each create and migrate missing tables on first use, without a lock:
@@ -63,6 +62,9 @@ def _create_schema_once(uri: str, client) -> None:
             return
         fcntl.flock(handle, fcntl.LOCK_EX)  # blocking: a migration takes seconds, and nothing else can proceed
         try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # builds the tracking store already
             client.search_experiments(max_results=1)        # the tracking store: its tables, the default experiment
             client.search_registered_models(max_results=1)  # the registry store: its tables
         finally:
