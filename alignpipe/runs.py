@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 import alignpipe
+from alignpipe.secrets import redact
 
 CODE_ROOTS = ("alignpipe", "tasks")
 
@@ -94,5 +95,5 @@ def save_summary(workdir: str | Path, summary: dict[str, Any]) -> Path:
     """Keep each flow run's summary (stages, wall times, metrics, registered version) as JSON in the workdir."""
     path = Path(workdir) / "runs" / f"{summary['flow_run_id']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, default=str))
+    path.write_text(redact(json.dumps(summary, indent=2, default=str)))
     return path

@@ -6,18 +6,25 @@ running in other threads or on Ray workers log to the right run.
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from alignpipe import secrets
 from alignpipe.config.pipeline import PipelineConfig
+from alignpipe.registry import local_store
 
 TAG_FLOW_RUN = "prefect.flow_run_id"
 TAG_PIPELINE = "alignpipe.pipeline"
 TAG_STAGE = "alignpipe.stage"
 TAG_CONTENT_KEY = "alignpipe.content_key"
+_SCHEMA_READY: set[str] = set()   # SQLite stores this process has seen with MLflow's tables in place
+_SCHEMA_GUARD = threading.Lock()
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -29,9 +36,40 @@ def tracking_uri(cfg: PipelineConfig) -> str:
 
 
 def client_for(uri: str):
+    """A client on `uri` (credentials and all: the URI is used as given, only what gets recorded is redacted)."""
     from mlflow.tracking import MlflowClient
 
+    if secrets.redact_uri(uri) != uri:
+        # MLflow prints "View run ... at: <tracking URI>/#/..." on every finished run of a server store, password
+        # included. Set for the rest of the process, never put back: a per-call toggle would race across threads.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    if uri.startswith("sqlite:///") and uri not in _SCHEMA_READY:
+        _create_schema_once(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _create_schema_once(uri: str) -> None:
+    """Build MLflow's tables in a new SQLite file under a lock beside it, once per process.
+
+    MLflow's tracking and registry stores each create and migrate missing tables on first use, without a lock:
+    two pipelines starting on the same new file both migrate it and one fails ("table ... already exists",
+    "database is locked"). Under the lock the first one creates them and the other finds them.
+    """
+    path = local_store(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _SCHEMA_GUARD, open(path.parent / f"{path.name}.init.lock", "a") as handle:
+        if uri in _SCHEMA_READY:
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocking: a migration takes seconds, and nothing else can proceed
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # builds the tracking store already
+            client.search_experiments(max_results=1)        # the tracking store: its tables, the default experiment
+            client.search_registered_models(max_results=1)  # the registry store: its tables
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        _SCHEMA_READY.add(uri)
 
 
 def ensure_experiment(cfg: PipelineConfig) -> str:
@@ -50,7 +88,7 @@ def ensure_experiment(cfg: PipelineConfig) -> str:
 
 
 def start_run(uri: str, experiment_id: str, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
-    tags = {"mlflow.runName": name, **tags}
+    tags = {"mlflow.runName": name, **{k: secrets.redact(str(v)) for k, v in tags.items()}}
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
     return client_for(uri).create_run(experiment_id, tags=tags, run_name=name).info.run_id
@@ -82,11 +120,11 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | No
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any], prefix: str = "") -> None:
-    """Log a nested dict as flat `a.b.c` params (MLflow caps values at 6000 chars)."""
+    """Log a nested dict as flat `a.b.c` params (MLflow caps values at 6000 chars), credentials masked."""
     from mlflow.entities import Param
 
     flat = _flatten(params, prefix)
-    items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+    items = [Param(k, secrets.redact(str(v))[:6000]) for k, v in flat.items()]
     client = client_for(uri)
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])

@@ -1,6 +1,7 @@
 """The local stack behind `alignpipe up | down | status | env`: Prefect server, MLflow server, 2-node Ray cluster.
 
-Every service is a child process in its own session (process group), bound to 127.0.0.1; their pids, ports
+Every service is a child process in its own session (process group), asked to bind 127.0.0.1 (Prefect and
+MLflow do; Ray's gRPC servers listen on every interface regardless, see RAY_CLIENT_ENV); their pids, ports
 and URLs go to `<workdir>/stack/state.json`, so `down` stops exactly what `up` started and nothing else
 (no `ray stop`, which would stop every Ray instance on the machine). It lives with the CLI because only the
 CLI and the tests use it.

@@ -10,7 +10,7 @@ from typing import Any
 from prefect import Task, flow
 from prefect.runtime import flow_run
 
-from alignpipe import models, ray_runner, tracking
+from alignpipe import models, ray_runner, secrets, tracking
 from alignpipe.caching import cached
 from alignpipe.config import load_pipeline, preflight
 from alignpipe.errors import ConfigError
@@ -133,7 +133,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         "cascade": scores.cascade,
         "registered": registered.model_dump() if registered else None,
         "promotion": registered.decision if registered else "not registered (register.enabled is false)",
-        "mlflow_ui": f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
+        "mlflow_ui": f"mlflow ui --backend-store-uri {secrets.redact_uri(uri)} --host 127.0.0.1 --port 5000",
     }
     save_summary(cfg.workdir, summary)
     return summary

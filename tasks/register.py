@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 import alignpipe
-from alignpipe import ray_runner, registry, tracking
+from alignpipe import ray_runner, registry, secrets, tracking
 from alignpipe.config import PipelineConfig
 from alignpipe.errors import AlignpipeError
 from alignpipe.merge import merge_adapter
@@ -138,9 +138,10 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
         existing = registry.find_by_digest(client, name, art.digest)
         if existing is None:
             champion = registry.alias_version(client, name, registry.CHAMPION)
-            card = model_card(cfg, name, candidate, metrics,
-                              (str(champion.version), registry.tag_metrics(champion.tags)) if champion else None,
-                              {**lineage, **tags}, art.description)
+            card = secrets.redact(model_card(
+                cfg, name, candidate, metrics,
+                (str(champion.version), registry.tag_metrics(champion.tags)) if champion else None,
+                {**lineage, **tags}, art.description))
             card_path = ctx.stage_dir("register", key) / "model_card.md"
             card_path.write_text(card)
             client.log_artifact(run_id, str(card_path))
@@ -182,7 +183,7 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
                 out.promoted, out.decision = decision.promoted, decision.summary()
         for k, v in {"registered_model": name, "registered_version": out.version, "registered_alias": alias,
                      "weights_digest": art.digest, "promotion": out.decision}.items():
-            client.set_tag(run_id, k, v)
+            client.set_tag(run_id, k, secrets.redact(v))
     print(f"registered {name} version {out.version} as @{alias} (models:/{name}@{alias}); {out.decision}")
     return out
 
@@ -245,7 +246,7 @@ def _lineage_tags(cfg: PipelineConfig, lineage: dict[str, str], metrics: dict[st
     tags.update({f"{registry.METRIC_TAG}{k}": str(v) for k, v in numbers.get(candidate, {}).items()})
     tags.update({f"{registry.BASE_TAG}{k}": str(v) for k, v in numbers.get("base", {}).items()})
     tags["evaluation"] = json.dumps(numbers, sort_keys=True)
-    return tags
+    return {k: secrets.redact(v) for k, v in tags.items()}  # lineage carries user-set text (paths, names)
 
 
 def _stage_run_ids(client, ctx: RunContext) -> dict[str, str]:
