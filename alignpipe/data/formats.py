@@ -252,11 +252,14 @@ def _plain(value: Any) -> Any:
 
 
 def _maybe_json(value: Any) -> Any:
-    if isinstance(value, str) and value[:1] in "[{":
+    """A CSV cell holding a JSON list of message objects becomes that list; any other text stays text (a JSON
+    object answer is the answer, not a structure to unpack)."""
+    if isinstance(value, str) and value[:1] == "[":
         try:
-            return json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
             return value
+        return parsed if parsed and all(isinstance(m, dict) for m in parsed) else value
     return value
 
 
