@@ -71,8 +71,9 @@ class ValidationReport(BaseModel):
 
 
 def _source_digest(path: str) -> str:
-    """sha256 of a local source file; for `hf://` sources, of the spec itself (the hub cannot be hashed here)."""
-    return file_digest(path) if not path.startswith("hf://") else hashlib.sha256(path.encode()).hexdigest()
+    """sha256 of a local source file; else of the spec itself: the hub cannot be hashed here, and a missing file
+    or a folder is reported by the load with its data.<split> key rather than as a traceback from hashing."""
+    return file_digest(path) if Path(path).is_file() else hashlib.sha256(path.encode()).hexdigest()
 
 
 def validate_data(cfg: PipelineConfig, tokenizer_path: str, out_dir: str | Path) -> ValidationReport:
