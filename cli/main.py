@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.table import Table
 
 from alignpipe.config import load_all, load_pipeline, preflight
@@ -37,7 +38,7 @@ def check(config: ConfigOpt = Path("pipelines.yaml")) -> None:
     try:
         results = load_all(config, env=os.environ)
     except AlignpipeError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")  # `[str]` in a message is not markup
         raise typer.Exit(1) from None
     table = Table("pipeline", "status", "details")
     failed = False
@@ -45,7 +46,7 @@ def check(config: ConfigOpt = Path("pipelines.yaml")) -> None:
         problems = [str(cfg)] if isinstance(cfg, AlignpipeError) else preflight(cfg)
         failed |= bool(problems)
         table.add_row(name, "[red]invalid[/red]" if problems else "[green]ok[/green]",
-                      "\n".join(problems) if problems else cfg.description)
+                      escape("\n".join(problems) if problems else cfg.description))
     console.print(table)
     if failed:
         raise typer.Exit(1)
@@ -70,7 +71,7 @@ def run(
         summary = _run_with_progress(pipeline, lambda: alignpipe_pipeline(
             pipeline=pipeline, overrides=overrides, config_file=str(config)))
     except AlignpipeError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")  # `[str]` in a message is not markup
         raise typer.Exit(1) from None
     print_summary(summary)
 

@@ -25,7 +25,7 @@ from alignpipe.chat import render, with_system
 from alignpipe.config import PipelineConfig
 from alignpipe.data.formats import load_sft, write_jsonl
 from alignpipe.data.preference import load_preference
-from alignpipe.errors import DataValidationError
+from alignpipe.errors import AlignpipeError, DataValidationError
 from alignpipe.models import load_tokenizer
 from alignpipe.runs import RunContext, content_key, file_digest
 
@@ -71,8 +71,9 @@ class ValidationReport(BaseModel):
 
 
 def _source_digest(path: str) -> str:
-    """sha256 of a local source file; for `hf://` sources, of the spec itself (the hub cannot be hashed here)."""
-    return file_digest(path) if not path.startswith("hf://") else hashlib.sha256(path.encode()).hexdigest()
+    """sha256 of a local source file; else of the spec itself: the hub cannot be hashed here, and a missing file
+    or a folder is reported by the load with its data.<split> key rather than as a traceback from hashing."""
+    return file_digest(path) if Path(path).is_file() else hashlib.sha256(path.encode()).hexdigest()
 
 
 def validate_data(cfg: PipelineConfig, tokenizer_path: str, out_dir: str | Path) -> ValidationReport:
@@ -89,7 +90,7 @@ def validate_data(cfg: PipelineConfig, tokenizer_path: str, out_dir: str | Path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = {"sft": cfg.data.sft, "eval": cfg.data.eval}
-    rows = {split: load_sft(src.path, src.format, src.limit) for split, src in sources.items()}
+    rows = {split: _load(load_sft, split, src, cfg) for split, src in sources.items()}
     train_path = write_jsonl(rows["sft"], out_dir / "train.jsonl")
     eval_path = write_jsonl(rows["eval"], out_dir / "eval.jsonl")
 
@@ -98,7 +99,7 @@ def validate_data(cfg: PipelineConfig, tokenizer_path: str, out_dir: str | Path)
     frames = {split: _frame(rows[split], tok, cfg, train_prompts if split == "eval" else None) for split in SPLITS}
     pref_paths = {}
     for split, src in _preference_sources(cfg).items():
-        pairs = load_preference(src.path, src.format, src.limit)
+        pairs = _load(load_preference, split, src, cfg)
         pref_paths[split] = str(write_jsonl(pairs, out_dir / f"{split}.jsonl"))
         frames[split] = _preference_frame(pairs, tok, cfg)
         sources[split] = src
@@ -120,6 +121,16 @@ def validate_data(cfg: PipelineConfig, tokenizer_path: str, out_dir: str | Path)
         docs_dir=str(docs_dir), result_path=str(result_path), stats=stats, failures=failures,
         preference_path=pref_paths.get("preference"), preference_eval_path=pref_paths.get("preference_eval"),
     )
+
+
+def _load(loader, split: str, src, cfg: PipelineConfig) -> list[dict]:
+    """Read one source under the size caps; a file that cannot be read at all names its `data.<split>` key."""
+    v = cfg.validate_
+    try:
+        return loader(src.path, src.format, src.limit, max_bytes=int(v.max_file_mb * 2**20),
+                      max_line_bytes=v.max_line_kb * 1024)
+    except AlignpipeError as exc:  # structure errors stop at the first bad row: there is no table to check yet
+        raise DataValidationError(f"data.{split}: {exc}") from None
 
 
 def _preference_sources(cfg: PipelineConfig) -> dict:
@@ -181,10 +192,21 @@ def _preference_suite(split: str, cfg: PipelineConfig):
             column="is_duplicate", value_set=[False], mostly=1 - v.max_duplicate_rate,
             **meta("duplicates", f"duplicate pair rate <= {v.max_duplicate_rate} (whitespace- and case-insensitive)")),
     ]
+    checks += _pii_checks(cfg, meta)
     suite = gx.ExpectationSuite(name=split)
     for expectation in checks:
         suite.add_expectation(expectation)
     return suite
+
+
+def _pii_checks(cfg: PipelineConfig, meta) -> list:
+    """One expectation per PII kind on the row's full text (none when validate.allow_pii is true)."""
+    import great_expectations.expectations as gxe
+
+    if cfg.validate_.allow_pii:
+        return []
+    return [gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=regex, **meta(f"no {kind}", f"no {kind}"))
+            for kind, regex in PII.items()]
 
 
 def _frame(rows: list[dict], tok, cfg: PipelineConfig, train_prompts: set[str] | None) -> pd.DataFrame:
@@ -251,9 +273,7 @@ def _suite(split: str, cfg: PipelineConfig):
             column="is_duplicate", value_set=[False], mostly=1 - v.max_duplicate_rate,
             **meta("duplicates", f"duplicate rate <= {v.max_duplicate_rate} (whitespace- and case-insensitive)")),
     ]
-    if not v.allow_pii:
-        checks += [gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=regex, **meta(f"no {kind}", f"no {kind}"))
-                   for kind, regex in PII.items()]
+    checks += _pii_checks(cfg, meta)
     if cfg.data.json_targets:
         checks.append(gxe.ExpectColumnValuesToBeInSet(
             column="answers_are_json", value_set=[True],

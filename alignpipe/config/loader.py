@@ -26,15 +26,35 @@ ENV_KEYS = {"MLFLOW_TRACKING_URI": ("tracking", "mlflow_uri"), "RAY_ADDRESS": ("
 TOP_KEYS = {"defaults", "pipelines"}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a second `sft:` block silently replacing the first is a bug."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{key_node.start_mark.line + 1}: key {key!r} appears twice in the same "
+                                  f"mapping (first on line {seen[key]}); merge the two into one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_file(path: str | Path) -> dict[str, Any]:
     """Parse the YAML file and check its two top-level keys."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; pass --config PATH/pipelines.yaml")
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; pass --config PATH or run from the project folder")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}:{exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode the file as UTF-8") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("pipelines"), dict) or not raw["pipelines"]:
         raise ConfigError(f"{path}: needs a top-level `pipelines:` mapping of name -> pipeline settings")
     for key in raw:
@@ -67,6 +87,7 @@ def load_pipeline(
         if env and env.get(var):
             _set_path(merged, keys, env[var])
     for key, value in parse_overrides(overrides).items():
+        _check_override_path(key)
         _set_path(merged, tuple(key.split(".")), value)
     merged["name"] = name
     try:
@@ -93,8 +114,16 @@ def preflight(cfg: PipelineConfig) -> list[str]:
     sources = {"data.sft": cfg.data.sft, "data.eval": cfg.data.eval, "data.preference": cfg.data.preference,
                "data.preference_eval": cfg.data.preference_eval}
     for key, src in sources.items():
-        if src is not None and not src.path.startswith("hf://") and not Path(src.path).is_file():
+        if src is None or src.path.startswith("hf://") or Path(src.path).is_file():
+            continue
+        if Path(src.path).is_dir():
+            problems.append(f"pipelines.{cfg.name}.{key}.path: {src.path!r} is a folder, not a file; point it at "
+                            "the .jsonl/.json/.csv/.parquet file in it")
+        else:
             problems.append(f"pipelines.{cfg.name}.{key}.path: {src.path!r} does not exist; fix the path or generate it")
+    if Path(cfg.workdir).exists() and not Path(cfg.workdir).is_dir():
+        problems.append(f"pipelines.{cfg.name}.workdir: {cfg.workdir!r} is a file; workdir must be a folder "
+                        "(it holds the MLflow store, stage outputs and caches)")
     name = cfg.model.name
     if name not in (EMBEDDED_MODEL, TINY_MODEL) and _looks_local(name) and not Path(name).is_dir():
         problems.append(
@@ -152,8 +181,30 @@ def parse_overrides(overrides: list[str] | Mapping[str, Any] | None) -> dict[str
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. --set sft.learning_rate=1e-4")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                              f"--set '{key.strip()}=\"{value}\"', or fix the brackets") from None
     return out
+
+
+def _check_override_path(key: str) -> None:
+    """`--set sft.learning_rate.x=1` walks through a value: say so, instead of a confusing type error later."""
+    model: type[BaseModel] | None = PipelineConfig
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {key}=...: empty key segment; write section.key=value, e.g. sft.learning_rate=1e-4")
+    for i, part in enumerate(parts[:-1]):
+        field = _field(model, part)
+        if field is None:
+            return  # an unknown key: the schema check names it and suggests the closest
+        subs = _submodels(field.annotation)
+        if not subs:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a section; "
+                              f"use --set {'.'.join(parts[: i + 1])}=<value>")
+        model = subs[0]
 
 
 def _set_path(tree: dict, keys: tuple[str, ...], value: Any) -> None:
@@ -237,11 +288,11 @@ def _clean_loc(loc) -> tuple:
     """Drop pydantic's union-member tags ('list[str]', 'literal[...]') so paths name real keys."""
     out, model = [], PipelineConfig
     for part in loc:
+        field = _field(model, str(part)) if model else None
+        if field is None and isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none")):
+            continue
         if model is None:
             out.append(part)
-            continue
-        field = _field(model, str(part))
-        if field is None and isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none")):
             continue
         out.append(part)
         subs = _submodels(field.annotation) if field else []

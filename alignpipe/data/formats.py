@@ -7,6 +7,7 @@ Supported inputs: OpenAI `messages`, `prompt`/`completion` (strings or message l
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,42 +16,80 @@ from typing import Any
 from alignpipe.errors import AlignpipeError
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
+REQUIRED = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
+            "alpaca": ("instruction", "output"), "sharegpt": ("conversations",)}
+STREAMED = (".jsonl", ".csv")  # with a row limit these are read only up to that row; the rest are read whole
+BOM = b"\xef\xbb\xbf"  # Windows tools (Excel, Notepad) start UTF-8 files with it; it is not data
+
+
+class RowError(ValueError):
+    """A row's structure is wrong; `normalise` adds the file and line to the message."""
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def read_rows(path: str, limit: int | None = None) -> list[dict[str, Any]]:
+def read_rows(path: str, limit: int | None = None, max_bytes: int | None = None,
+              max_line_bytes: int | None = None) -> list[dict[str, Any]]:
     """Read a local JSONL/JSON/CSV/Parquet file (or `hf://id[:split]`) into a list of dicts.
 
+    Args:
+        path: the file, or `hf://<dataset id>[:split]`.
+        limit: read only the first N rows (streamed for .jsonl and .csv, so the file's size does not matter).
+        max_bytes: refuse a file larger than this that would be read whole (None = no cap).
+        max_line_bytes: refuse a JSONL line longer than this, without reading the rest of it (None = no cap).
+
     Raises:
-        AlignpipeError: unreadable file, bad encoding or an invalid JSONL line (with its line number).
+        AlignpipeError: unreadable file, bad encoding, too large, or an invalid row (with its line number).
     """
     if path.startswith("hf://"):
         return _read_hub(path[len("hf://") :], limit)
     p = Path(path)
+    if p.is_dir():
+        raise AlignpipeError(f"{path}: is a folder, not a file; point at the .jsonl/.json/.csv/.parquet file in it")
     if not p.is_file():
         raise AlignpipeError(f"{path}: no such file")
     suffix = p.suffix.lower()
+    size = p.stat().st_size  # from the file system: a huge (or sparse) file is refused without reading it
+    if max_bytes is not None and size > max_bytes and not (limit is not None and suffix in STREAMED):
+        raise AlignpipeError(
+            f"{path}: {size / 2**20:,.0f} MB is over validate.max_file_mb ({max_bytes / 2**20:g} MB), and "
+            f"validate loads the whole file into memory; set data.<split>.limit to read only the first N rows "
+            f"(streamed for .jsonl and .csv), split the file, or raise validate.max_file_mb"
+        )
     if suffix == ".jsonl":
-        return [dict(row, __line__=lineno) for lineno, row in _iter_jsonl(p, limit)]
+        return [dict(row, __line__=lineno) for lineno, row in _iter_jsonl(p, limit, max_line_bytes)]
     if suffix == ".json":
-        data = json.loads(_read_text(p))
+        try:
+            data = json.loads(_read_text(p))
+        except json.JSONDecodeError as exc:
+            raise AlignpipeError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}, column {exc.colno}); "
+                                 "fix the file or convert it to .jsonl, one row per line") from None
         if not isinstance(data, list):
-            raise AlignpipeError(f"{path}: a .json file must hold a list of rows; use .jsonl for one row per line")
-        return data[:limit]
+            raise AlignpipeError(f"{path}: a .json file must hold a list of rows, got a JSON {_kind(data)}; "
+                                 "use .jsonl for one row per line")
+        for i, item in enumerate(data[:limit], start=1):
+            if not isinstance(item, dict):
+                raise AlignpipeError(f"{path}: item {i} of the list must be a JSON object (one row), got {_kind(item)}")
+        return [dict(row, __line__=i) for i, row in enumerate(data[:limit], start=1)]
     if suffix in (".csv", ".parquet"):
         import pandas as pd
 
-        try:
-            df = pd.read_csv(p, nrows=limit) if suffix == ".csv" else pd.read_parquet(p)
-        except (ValueError, UnicodeDecodeError, OSError) as exc:
+        try:  # CSV cells stay text: an empty cell is "" (not the float NaN, which would train as the word "nan")
+            df = (pd.read_csv(p, nrows=limit, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+                  if suffix == ".csv" else pd.read_parquet(p))
+        except UnicodeDecodeError as exc:
+            raise AlignpipeError(f"{path}: not UTF-8 text (byte {exc.start}); re-encode the file as UTF-8") from None
+        except (ValueError, OSError) as exc:
             raise AlignpipeError(f"{path}: cannot read {suffix[1:]} file: {exc}") from None
         rows = df.head(limit).to_dict("records") if limit else df.to_dict("records")
-        return [{k: _maybe_json(v) for k, v in row.items()} for row in rows]
+        # CSV header = line 1, so row i is on line i + 1; parquet has no lines: its row number
+        offset = 1 if suffix == ".csv" else 0
+        return [{**{k: _maybe_json(_plain(v)) for k, v in row.items()}, "__line__": i + offset}
+                for i, row in enumerate(rows, start=1)]
     raise AlignpipeError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
 
 
-def detect_format(row: dict[str, Any]) -> str:
-    """Name the format of one row from its keys."""
+def detect_format(row: dict[str, Any], source: str = "") -> str:
+    """Name the format of one row from its keys (`source` names the file in the error)."""
     if "messages" in row:
         return "messages"
     if "conversations" in row:
@@ -60,31 +99,58 @@ def detect_format(row: dict[str, Any]) -> str:
     if "prompt" in row and "completion" in row:
         return "prompt_completion"
     raise AlignpipeError(
-        f"cannot tell the data format from the columns {sorted(row)}; expected one of: "
+        f"{source + ': ' if source else ''}cannot tell the data format from the columns "
+        f"{', '.join(_columns(row)) or '(none)'}; expected one of: "
         "messages | prompt+completion | instruction+output (Alpaca) | conversations (ShareGPT), "
         "or set data.<source>.format"
     )
 
 
-def normalise(rows: list[dict[str, Any]], fmt: str = "auto") -> list[dict[str, Any]]:
-    """Convert rows to canonical `{"line", "messages"}` rows. Bad content is kept for validation to report."""
+def normalise(rows: list[dict[str, Any]], fmt: str = "auto", source: str = "") -> list[dict[str, Any]]:
+    """Convert rows to canonical `{"line", "messages"}` rows. Bad content is kept for validation to report.
+
+    Args:
+        rows: rows from `read_rows` (each with its `__line__`).
+        fmt: one of FORMATS, or `auto` to detect it from the first row's columns.
+        source: the file, named in error messages.
+
+    Raises:
+        AlignpipeError: a row lacks its format's columns or holds a wrong type (file and line named).
+    """
     if not rows:
         return []
-    if fmt == "auto":
-        fmt = detect_format(rows[0])
+    detected = fmt == "auto"
+    if detected:
+        fmt = detect_format(rows[0], source)
     convert = {"messages": _from_messages, "prompt_completion": _from_prompt_completion,
                "alpaca": _from_alpaca, "sharegpt": _from_sharegpt}[fmt]
     out = []
     for i, row in enumerate(rows, start=1):
         line = row.get("__line__", i)
-        msgs = convert(row)
+        where = f"{source}:{line}" if source else f"line {line}"
+        check_columns(row, REQUIRED[fmt], fmt, detected, where)
+        try:
+            msgs = convert(row)
+        except RowError as exc:
+            raise AlignpipeError(f"{where}: {exc}") from None
         out.append({"line": line, "messages": msgs})
     return out
 
 
-def load_sft(path: str, fmt: str = "auto", limit: int | None = None) -> list[dict[str, Any]]:
-    """Read and normalise one SFT source."""
-    return normalise(read_rows(path, limit), fmt)
+def check_columns(row: dict[str, Any], required: tuple[str, ...], fmt: str, detected: bool, where: str) -> None:
+    """Every row of a file needs its format's columns (a row of another format says so, with its line)."""
+    missing = [c for c in required if c not in row]
+    if missing:
+        how = "detected from the first row" if detected else "set by data.<split>.format"
+        raise AlignpipeError(f"{where}: no {' or '.join(map(repr, missing))} column; the format is {fmt!r} ({how}), "
+                             f"so every row needs {', '.join(required)}; columns here: "
+                             f"{', '.join(_columns(row)) or '(none)'}")
+
+
+def load_sft(path: str, fmt: str = "auto", limit: int | None = None, max_bytes: int | None = None,
+             max_line_bytes: int | None = None) -> list[dict[str, Any]]:
+    """Read and normalise one SFT source (see `read_rows` for the size caps)."""
+    return normalise(read_rows(path, limit, max_bytes, max_line_bytes), fmt, path)
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -98,65 +164,129 @@ def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 def load_canonical(path: str | Path) -> list[dict[str, Any]]:
     """Read a canonical JSONL file written by `write_jsonl`."""
-    return [row for _, row in _iter_jsonl(Path(path), None)]
+    return [row for _, row in _iter_jsonl(Path(path), None, None)]
 
 
-def _msg(role: Any, content: Any) -> dict[str, str]:
-    return {"role": "" if role is None else str(role), "content": "" if content is None else str(content)}
+def _text(value: Any, where: str) -> str:
+    """A text field: None becomes "" (validate reports it as blank); any other non-string is refused."""
+    if value is not None and not isinstance(value, str):
+        raise RowError(f"{where} must be a string, got {_kind(value)} {_short(value)}")
+    return value or ""
 
 
-def _as_messages(value: Any, default_role: str) -> list[dict[str, str]]:
+def _msg(role: Any, content: Any, where: str = "message") -> dict[str, str]:
+    return {"role": _text(role, f"{where}.role"), "content": _text(content, f"{where}.content")}
+
+
+def _as_messages(value: Any, default_role: str, where: str = "value") -> list[dict[str, str]]:
+    """A string (one message of `default_role`) or a list of {role, content} objects."""
     if isinstance(value, list):
-        return [_msg(m.get("role"), m.get("content")) if isinstance(m, dict) else _msg(None, m) for m in value]
-    return [_msg(default_role, value)]
+        out = []
+        for i, m in enumerate(value):
+            if not isinstance(m, dict):
+                raise RowError(f"{where}[{i}] must be an object with role and content, got {_kind(m)} {_short(m)}")
+            out.append(_msg(m.get("role"), m.get("content"), f"{where}[{i}]"))
+        return out
+    if value is not None and not isinstance(value, str):
+        raise RowError(f"{where} must be a string or a list of messages, got {_kind(value)} {_short(value)}")
+    return [{"role": default_role, "content": value or ""}]
 
 
 def _from_messages(row):
-    return _as_messages(row.get("messages") or [], "user")
+    value = row.get("messages")
+    if value is not None and not isinstance(value, list):
+        raise RowError(f"messages must be a list of {{role, content}} objects, got {_kind(value)} {_short(value)}")
+    return _as_messages(value or [], "user", "messages")
 
 
 def _from_prompt_completion(row):
-    return _as_messages(row.get("prompt"), "user") + _as_messages(row.get("completion"), "assistant")
+    return _as_messages(row.get("prompt"), "user", "prompt") + _as_messages(row.get("completion"), "assistant",
+                                                                            "completion")
 
 
 def _from_alpaca(row):
-    instruction, extra = row.get("instruction") or "", row.get("input") or ""
-    user = f"{instruction}\n\n{extra}" if str(extra).strip() else instruction
-    msgs = [_msg("system", row["system"])] if row.get("system") else []
-    return msgs + [_msg("user", user), _msg("assistant", row.get("output"))]
+    instruction, extra = _text(row.get("instruction"), "instruction"), _text(row.get("input"), "input")
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    msgs = [_msg("system", row["system"], "system")] if row.get("system") else []
+    return msgs + [_msg("user", user), _msg("assistant", row.get("output"), "output")]
 
 
 def _from_sharegpt(row):
     turns = row.get("conversations") or []
-    return [_msg(SHAREGPT_ROLES.get(str(t.get("from", "")).lower(), t.get("from")), t.get("value"))
-            if isinstance(t, dict) else _msg(None, t) for t in turns]
+    if not isinstance(turns, list):
+        raise RowError(f"conversations must be a list of {{from, value}} objects, got {_kind(turns)} {_short(turns)}")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise RowError(f"conversations[{i}] must be an object with from and value, got {_kind(t)} {_short(t)}")
+        role = t.get("from")
+        role = SHAREGPT_ROLES.get(role.lower(), role) if isinstance(role, str) else role
+        out.append(_msg(role, t.get("value"), f"conversations[{i}]"))
+    return out
+
+
+def _columns(row: dict[str, Any]) -> list[str]:
+    return sorted(str(k) for k in row if k != "__line__")
+
+
+def _kind(value: Any) -> str:
+    """JSON's name for a Python value's type, as the user wrote it."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return f"({text[:40]}...)" if len(text) > 40 else f"({text})"
+
+
+def _plain(value: Any) -> Any:
+    """Parquet list columns arrive as numpy arrays (of dicts, of arrays): make them plain lists and dicts."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _maybe_json(value: Any) -> Any:
-    if isinstance(value, str) and value[:1] in "[{":
+    """A CSV cell holding a JSON list of message objects becomes that list; any other text stays text (a JSON
+    object answer is the answer, not a structure to unpack)."""
+    if isinstance(value, str) and value[:1] == "[":
         try:
-            return json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
             return value
+        return parsed if parsed and all(isinstance(m, dict) for m in parsed) else value
     return value
 
 
 def _read_text(p: Path) -> str:
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")  # a leading BOM is not data
     except UnicodeDecodeError as exc:
         raise AlignpipeError(f"{p}: not UTF-8 text (byte {exc.start}); re-encode the file as UTF-8") from None
 
 
-def _iter_jsonl(p: Path, limit: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Stream a JSONL file line by line, so a huge file is never loaded whole."""
+def _iter_jsonl(p: Path, limit: int | None, max_line_bytes: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Stream a JSONL file line by line, so a huge file is never loaded whole (nor one huge line)."""
     count = 0
     with p.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno in itertools.count(1):
             if limit is not None and count >= limit:
                 return
+            raw = f.readline(-1 if max_line_bytes is None else max_line_bytes + 1)
+            if not raw:
+                return
+            if max_line_bytes is not None and len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                raise AlignpipeError(
+                    f"{p}:{lineno}: line is longer than validate.max_line_kb ({max_line_bytes // 1024} KB); "
+                    "a conversation within validate.max_tokens is a few KB: check that the file is JSONL (one row "
+                    "per line), drop the row, or raise validate.max_line_kb")
             try:
-                text = raw.decode("utf-8").strip()
+                text = (raw.removeprefix(BOM) if lineno == 1 else raw).decode("utf-8").strip()
             except UnicodeDecodeError:
                 raise AlignpipeError(f"{p}:{lineno}: not UTF-8 text; re-encode the file as UTF-8") from None
             if not text:
@@ -166,7 +296,7 @@ def _iter_jsonl(p: Path, limit: int | None) -> Iterator[tuple[int, dict[str, Any
             except json.JSONDecodeError as exc:
                 raise AlignpipeError(f"{p}:{lineno}: invalid JSON ({exc.msg}); fix or remove that line") from None
             if not isinstance(row, dict):
-                raise AlignpipeError(f"{p}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+                raise AlignpipeError(f"{p}:{lineno}: each line must be a JSON object, got {_kind(row)}")
             count += 1
             yield lineno, row
 

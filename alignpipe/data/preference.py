@@ -15,19 +15,22 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from alignpipe.data.formats import _as_messages, _msg, read_rows
+from alignpipe.data.formats import RowError, _as_messages, _columns, _msg, _text, check_columns, read_rows
 from alignpipe.errors import AlignpipeError
 
 PREFERENCE_FORMATS = ("prompt_chosen_rejected", "hh_rlhf", "ultrafeedback")
+REQUIRED = {"prompt_chosen_rejected": ("prompt", "chosen", "rejected"), "hh_rlhf": ("chosen", "rejected"),
+            "ultrafeedback": ("chosen", "rejected")}
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
-def detect_preference_format(row: dict[str, Any]) -> str:
-    """Name the format of one preference row from its keys and value types."""
+def detect_preference_format(row: dict[str, Any], source: str = "") -> str:
+    """Name the format of one preference row from its keys and value types (`source` names the file)."""
+    where = f"{source}: " if source else ""
     if "chosen" not in row or "rejected" not in row:
         raise AlignpipeError(
-            f"cannot tell the preference format from the columns {sorted(k for k in row if k != '__line__')}; "
+            f"{where}cannot tell the preference format from the columns {', '.join(_columns(row)) or '(none)'}; "
             "expected prompt+chosen+rejected, HH-RLHF chosen+rejected transcripts, or UltraFeedback chosen+rejected "
             "message lists, or set data.preference.format"
         )
@@ -39,32 +42,44 @@ def detect_preference_format(row: dict[str, Any]) -> str:
     if "prompt" in row:
         return "prompt_chosen_rejected"
     raise AlignpipeError(
-        "preference rows have chosen/rejected but no prompt, and they are neither HH-RLHF transcripts "
+        f"{where}preference rows have chosen/rejected but no prompt, and they are neither HH-RLHF transcripts "
         "(\\n\\nHuman: / \\n\\nAssistant: turns) nor message lists that include the prompt; add a `prompt` column"
     )
 
 
-def normalise_preference(rows: list[dict[str, Any]], fmt: str = "auto") -> list[dict[str, Any]]:
-    """Convert rows to canonical pairs. Bad content (blank answers, mismatched prompts) is kept for validation."""
+def normalise_preference(rows: list[dict[str, Any]], fmt: str = "auto", source: str = "") -> list[dict[str, Any]]:
+    """Convert rows to canonical pairs. Bad content (blank answers, mismatched prompts) is kept for validation.
+
+    Raises:
+        AlignpipeError: a row lacks its format's columns or holds a wrong type (file and line named).
+    """
     if not rows:
         return []
-    if fmt == "auto":
-        fmt = detect_preference_format(rows[0])
+    detected = fmt == "auto"
+    if detected:
+        fmt = detect_preference_format(rows[0], source)
     convert = {"prompt_chosen_rejected": _from_prompt_chosen_rejected, "hh_rlhf": _from_hh,
                "ultrafeedback": _from_ultrafeedback}[fmt]
     out = []
     for i, row in enumerate(rows, start=1):
-        prompt, chosen, rejected_prompt, rejected = convert(row)
-        canonical = {"line": row.get("__line__", i), "prompt": prompt, "chosen": chosen, "rejected": rejected}
+        line = row.get("__line__", i)
+        where = f"{source}:{line}" if source else f"line {line}"
+        check_columns(row, REQUIRED[fmt], fmt, detected, where)
+        try:
+            prompt, chosen, rejected_prompt, rejected = convert(row)
+        except RowError as exc:
+            raise AlignpipeError(f"{where}: {exc}") from None
+        canonical = {"line": line, "prompt": prompt, "chosen": chosen, "rejected": rejected}
         if rejected_prompt != prompt:
             canonical["rejected_prompt"] = rejected_prompt
         out.append(canonical)
     return out
 
 
-def load_preference(path: str, fmt: str = "auto", limit: int | None = None) -> list[dict[str, Any]]:
-    """Read and normalise one preference source."""
-    return normalise_preference(read_rows(path, limit), fmt)
+def load_preference(path: str, fmt: str = "auto", limit: int | None = None, max_bytes: int | None = None,
+                    max_line_bytes: int | None = None) -> list[dict[str, Any]]:
+    """Read and normalise one preference source (see `formats.read_rows` for the size caps)."""
+    return normalise_preference(read_rows(path, limit, max_bytes, max_line_bytes), fmt, path)
 
 
 def as_conversations(row: dict[str, Any], system_prompt: str | None) -> dict[str, list[dict[str, str]]]:
@@ -89,24 +104,25 @@ def _split_last_answer(msgs: list[dict[str, str]]) -> tuple[list[dict[str, str]]
 
 
 def _from_prompt_chosen_rejected(row):
-    prompt = _as_messages(row.get("prompt"), "user")
-    chosen, rejected = _as_messages(row.get("chosen"), "assistant"), _as_messages(row.get("rejected"), "assistant")
+    prompt = _as_messages(row.get("prompt"), "user", "prompt")
+    chosen = _as_messages(row.get("chosen"), "assistant", "chosen")
+    rejected = _as_messages(row.get("rejected"), "assistant", "rejected")
     return prompt, chosen, prompt, rejected
 
 
 def _from_ultrafeedback(row):
-    chosen_prompt, chosen = _split_last_answer(_as_messages(row.get("chosen"), "assistant"))
-    rejected_prompt, rejected = _split_last_answer(_as_messages(row.get("rejected"), "assistant"))
+    chosen_prompt, chosen = _split_last_answer(_as_messages(row.get("chosen"), "assistant", "chosen"))
+    rejected_prompt, rejected = _split_last_answer(_as_messages(row.get("rejected"), "assistant", "rejected"))
     return chosen_prompt, chosen, rejected_prompt, rejected
 
 
 def _from_hh(row):
-    chosen_prompt, chosen = _split_last_answer(_hh_turns(row.get("chosen")))
-    rejected_prompt, rejected = _split_last_answer(_hh_turns(row.get("rejected")))
+    chosen_prompt, chosen = _split_last_answer(_hh_turns(_text(row.get("chosen"), "chosen")))
+    rejected_prompt, rejected = _split_last_answer(_hh_turns(_text(row.get("rejected"), "rejected")))
     return chosen_prompt, chosen, rejected_prompt, rejected
 
 
-def _hh_turns(text: Any) -> list[dict[str, str]]:
+def _hh_turns(text: str) -> list[dict[str, str]]:
     """`\\n\\nHuman: a\\n\\nAssistant: b` -> chat messages (text before the first marker is dropped)."""
-    parts = HH_TURN.split("" if text is None else str(text))
+    parts = HH_TURN.split(text)
     return [_msg(HH_ROLES[role], content.strip()) for role, content in zip(parts[1::2], parts[2::2])]

@@ -72,3 +72,18 @@ def test_non_utf8_is_refused(tmp_path):
 def test_unknown_columns_say_what_is_expected():
     with pytest.raises(AlignpipeError, match="cannot tell the data format"):
         normalise([{"question": "q", "answer": "a"}])
+
+
+def test_tolerated_inputs_read_as_expected(tmp_path):
+    """Not bad input: a UTF-8 BOM (Windows tools write one), CRLF line ends, parquet message lists, and a CSV
+    answer that is a JSON object (text to learn, not a structure to unpack)."""
+    row = json.dumps(ROWS["messages"]).encode()
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + row + b"\r\n" + row + b"\r\n")
+    assert [r["messages"] for r in load_sft(str(bom))] == [EXPECTED, EXPECTED]
+    parquet = tmp_path / "d.parquet"
+    pd.DataFrame({"messages": [EXPECTED]}).to_parquet(parquet)  # read back as numpy arrays of dicts
+    assert load_sft(str(parquet))[0]["messages"] == EXPECTED
+    csv = tmp_path / "d.csv"
+    pd.DataFrame([{"prompt": "Ana is 34.", "completion": '{"age": 34}'}]).to_csv(csv, index=False)
+    assert load_sft(str(csv))[0]["messages"][1] == {"role": "assistant", "content": '{"age": 34}'}
