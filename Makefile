@@ -8,6 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export GX_ANALYTICS_ENABLED := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: setup demo test check bench demo-data clean up down status browser
 

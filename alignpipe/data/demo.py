@@ -18,21 +18,40 @@ from alignpipe.data.formats import write_jsonl
 TRAIN_FIRST = """Ana Maria James Wei Fatima Carlos Aiko Olumide Priya Lars Sofia Mateo Chloe Ahmed Ingrid Kenji Amara
 Diego Elena Tomasz Nadia Omar Hannah Raj Lucia Pavel Zara Hiroshi Grace Emeka Isabel Nikolai Leila Marco Yuki
 Tariq Freya Andre Mei Samuel Ayesha Bruno Clara Dmitri Esther Felipe Gabriela Hassan Irene Jonas Kavya Liam
-Mariam Nils Olga Pedro Rosa Stefan Tanvir Ursula Victor Wanjiru Ximena Yusuf Zofia""".split()
+Mariam Nils Olga Pedro Rosa Stefan Tanvir Ursula Victor Wanjiru Ximena Yusuf Zofia Adele Boris Celine Dorothea
+Eduardo Fabio Gemma Henrik Imani Joaquin Katarina Leon Magnus Natalia Orla Patrick Renata Sebastian Teresa Ulrich
+Vanessa William Xiomara Yolanda Zoltan Alejandro Birgit Cedric Delphine Enzo Flora Gideon Hedda Ilse Jorge Kirsten
+Lorcan Milan Nora Otto Penelope Ramon Sakura Thiago Uri Viktor Wendy Yannick Zuzana Anders Bridget Conor Daphne
+Elias Farid Gisela Hamid Ingeborg Joao Kasia Leandro Marisol Nuno Olivia Pablo Rhea Sergio Tamar Ugo Vivian
+Wilhelm Yvonne Zubair Agnieszka Bjorn Cormac Dagny Esteban Folake Gunnar Harriet Ishaan Jolene Kaito Ludmila
+Matteo Niamh Obinna Pradeep Rebecca Sunita Tomas Valeria Wiktor Zelda Amir Colm Ewa Juno Kai Lola Mira Nico Pia
+Rui Tess Vito Wren""".split()
 HELDOUT_FIRST = """Beatriz Arjun Chiara Daniel Farah Gustavo Helga Ibrahim Julia Kwame Lena Mohammed Noor Oscar Paula
 Quentin Rania Sven Thandiwe Umar Valentina Wojciech Xavier Yara Zeynep Abel Bianca Cyrus Dalia Emil Fiona Goran
 Hana Ivan Jasmine Kofi Lorenzo Maya Nathan Ophelia Rafael Selin Tobias Uma Vera Yasmin Zain Alicia Benedikt
 Camila Dario Elif Fernando Greta Hugo Ines Jakob Keiko Luca Mirela Nikhil Oona Pilar""".split()
 TRAIN_LAST = """Lima Santos Smith Chen Okafor Patel Novak Kowalski Haddad Tanaka Nilsson Garcia Rossi Muller Dubois
 Ivanova Mensah Nguyen Kim Fernandes Andersen Costa Yilmaz Khan Moreau Schmidt Silva Ortiz Papadopoulos Jensen
-Kaur Bianchi Adeyemi Horvat Lindqvist Murphy O'Brien Sato Herrera Petrov Baker Walsh Romero Ali Dlamini""".split()
+Kaur Bianchi Adeyemi Horvat Lindqvist Murphy O'Brien Sato Herrera Petrov Baker Walsh Romero Ali Dlamini Abara
+Bauer Carvalho Delgado Eriksen Fontaine Gallagher Hoffmann Iyer Jovanovic Kuznetsov Lindgren Mwangi Nakamura
+Oyelaran Pinto Quispe Rahman Sorensen Takahashi Urbina Varga Wagner Xu Yamamoto Zielinski Acheampong Brennan Cohen
+Dimitrov Esposito Falk Gomez Hughes Ibarra Johansson Kozlov Laurent Mendoza Obi Persson Quinn Reyes Steiner Toure
+Ueda Vasquez Webb Yadav Zhou Arslan Bertrand Chowdhury Duarte Engel Farouk Greco Holm Ikeda Jaramillo Keller Lund
+Molina Novotny Ochoa Pretorius Rocha Sahin Tiwari Uribe Vidal Wojcik Yoon Zamora""".split()
 HELDOUT_LAST = """Ferreira Wong Eze Shah Dvorak Nowak Saleh Suzuki Berg Lopez Ricci Weber Lambert Popescu Boateng
 Tran Park Almeida Hansen Moreno Aydin Hussain Girard Fischer Pereira Vargas Nikolaidis Larsen Singh Marino
 Owusu Kovac Sandberg Kelly Fitzgerald Ito Castillo Volkov Carter Byrne Navarro Ahmadi Zulu Mahlangu""".split()
 TRAIN_CITIES = [c.strip() for c in """Porto, Lisbon, San Diego, Kuala Lumpur, Toronto, Nairobi, Osaka, Krakow,
 Melbourne, Austin, Lyon, Bogota, Cape Town, Hamburg, Seattle, Mumbai, Buenos Aires, Oslo, Dublin, Hanoi,
 Marseille, Vancouver, Lagos, Seville, Denver, Auckland, Istanbul, Manila, Edinburgh, Prague, Santiago, Chicago,
-Helsinki, Accra, Bangkok, Valencia, Rio de Janeiro, Cairo, Montreal, Perth, Salt Lake City, Hong Kong""".split(",")]
+Helsinki, Accra, Bangkok, Valencia, Rio de Janeiro, Cairo, Montreal, Perth, Salt Lake City, Hong Kong, Geneva,
+Bristol, Leeds, Antwerp, Utrecht, Bordeaux, Florence, Bologna, Zurich, Copenhagen, Warsaw, Bucharest, Belgrade,
+Zagreb, Ljubljana, Vilnius, Tallinn, Ankara, Doha, Muscat, Lahore, Pune, Kolkata, Colombo, Kathmandu, Chengdu,
+Shanghai, Busan, Sapporo, Fukuoka, Adelaide, Hobart, Christchurch, Havana, San Juan, Guadalajara, Monterrey,
+Medellin, Caracas, La Paz, Asuncion, Rosario, Recife, Fortaleza, Luanda, Harare, Kigali, Abuja, Tunis, Algiers,
+Halifax, Ottawa, Winnipeg, Portland, Atlanta, Miami, Dallas, Houston, Nashville, Detroit, Pittsburgh, Minneapolis,
+Anchorage, Honolulu, Panama City, Quebec City, Las Vegas, Los Angeles, Kansas City, Tel Aviv, Abu Dhabi,
+Santo Domingo, San Sebastian, Saint Petersburg, New Delhi, Kota Kinabalu, Port Louis""".split(",")]
 HELDOUT_CITIES = [c.strip() for c in """Boston, Madrid, Kyoto, Nantes, Rotterdam, Calgary, Quito, Casablanca,
 Sydney, Phoenix, Munich, Bilbao, Gdansk, Kampala, Dhaka, Jakarta, Ho Chi Minh City, New Orleans, San Francisco,
 Mexico City, Addis Ababa, Tbilisi, Reykjavik, Stockholm, Vienna, Budapest, Athens, Naples, Turin, Glasgow,
@@ -86,6 +105,31 @@ TRAIN_TEMPLATES = [
     "Quick intro: I'm {name}, I'm {age}, and I live in {city} with {a_pet} called {pet_name}.",
     "{name} ({age}) has lived in {city} for {years} years and commutes to work by {transport}.",
     "Every {weekday}, {age}-year-old {name} takes the {transport} across {city}, where they have lived since {year}.",
+    # Second city before or after the real one, in many wordings: the commonest held-out failure is copying it.
+    "{name} grew up in {other_city} and, at {age}, now lives in {city}.",
+    "Former {other_city} resident {name} ({age}) now has a home in {city}.",
+    "Birthplace: {other_city}. Current city: {city}. Name: {name}. Age: {age}.",
+    "Name: {name} | Age: {age} | Lives in: {city} | Hometown: {other_city}",
+    "{name} left {other_city} {years} years ago and, now {age}, lives in {city}.",
+    "Spotted at the airport in {other_city}: {name}, {age}, on the way home to {city}.",
+    "{name} commutes to {other_city} for work but lives in {city}; {age} years old.",
+    "Though born in {other_city}, {name} has lived in {city} for {years} years and is {age}.",
+    "{age}, {job}, lives in {city}: that sums up {name}.",
+    "New member: {name}, {age}, of {city} (previously {other_city}).",
+    "Yesterday {name} flew from {other_city} back to {city}, where the {age}-year-old lives.",
+    "Home is {city} for {name}, {age}, who studied in {other_city} in {year}.",
+    "{name}, {age}, lives in {city} and visits family in {other_city} every {month}.",
+    "{name} ({age}) moved to {city} after {years} years in {other_city}.",
+    "Current address: {street}, {city}. Resident: {name}, {age}. Former address: {other_city}.",
+    "We met {name} on a trip to {other_city}; the {age}-year-old {job} actually lives in {city}.",
+    "{name}'s {pet} {pet_name} lives with them in {city}; {name} is {age}.",
+    "Hometown {other_city}, now living in {city}: {name}, age {age}, {a_job}.",
+    "Registered on {month} {day}: {name}, aged {age}, resident of {city}.",
+    "{name} is {age}. {name} lives in {city}. {name} likes {hobby}.",
+    "Passenger {name} ({age}) took the {transport} from {other_city} to home in {city}.",
+    "As of {year}, {name} lives in {city}; they were {age} at their last birthday.",
+    "{name}, a {job} aged {age}, lives in {city}, having worked in {other_city} before.",
+    "From {city}: {name}, {age} years old, {kids} kids, works as {a_job}.",
 ]
 HELDOUT_TEMPLATES = [
     "This is {name}; {age} years of age; currently residing in {city}.",
@@ -177,7 +221,7 @@ def _example(rng: random.Random, pools: Pools) -> Example:
     job, pet = rng.choice(JOBS), rng.choice(PETS)
     sentence = template.format(
         name=name, age=age, city=city, other_city=other_city, a_age=_article(str(age)),
-        job=job, a_job=_article(job), a_pet=_article(pet), pet_name=rng.choice(PET_NAMES),
+        job=job, a_job=_article(job), pet=pet, a_pet=_article(pet), pet_name=rng.choice(PET_NAMES),
         hobby=rng.choice(HOBBIES), street=f"{rng.randint(2, 300)} {rng.choice(STREETS)}",
         flat=rng.randint(1, 60), year=rng.randint(1998, 2023), years=rng.randint(2, min(age - 3, 30)),
         month=rng.choice(MONTHS), day=rng.randint(1, 28), weekday=rng.choice(WEEKDAYS),
