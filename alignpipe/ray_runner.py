@@ -26,6 +26,14 @@ WORKER_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 
+# Ray Train helpers that have nothing to do on the one in-process node, yet each wakes up for the whole run and
+# takes CPU from the training worker on a small machine (bench/ray_overhead.py measures them). Set for the
+# in-process Ray only, before it starts; a cluster keeps Ray's defaults (and its operator's settings).
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # an actor polling node drain state every 5 s: a local node never drains
+    "RAY_enable_metrics_collection": "0",         # every Ray process exports metrics nobody scrapes here
+}
+
 
 def ensure_ray(compute: ComputeConfig) -> None:
     """Start Ray in-process, or connect to `compute.ray_address`, once per process."""
@@ -37,6 +45,9 @@ def ensure_ray(compute: ComputeConfig) -> None:
     # Ray Train gives a worker group 60 s to start; importing torch + transformers in a fresh process on a
     # busy 2-core machine can take longer, and a timeout costs a whole restart.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    if not compute.ray_address:
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
                               "runtime_env": {"env_vars": dict(WORKER_ENV)}}
     # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (Prefect's, which turns a
@@ -57,16 +68,45 @@ def storage_path(compute: ComputeConfig, workdir: str) -> str:
     return path
 
 
+def worker_env(compute: ComputeConfig) -> dict[str, str]:
+    """Environment of each training worker process: OpenMP sized to the CPUs it reserved from the start, as
+    torch reads OMP_NUM_THREADS when it first initialises its thread pool (`set_worker_threads` only resizes it)."""
+    threads = str(max(1, int(compute.cpus_per_worker)))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def _trainer_class(compute: ComputeConfig):
+    """TorchTrainer; on the in-process Ray, one that does not start Ray Train's PlacementGroupCleaner.
+
+    The cleaner is a detached actor that asks the state API every second whether the controller is alive, so it
+    can free the workers' placement group if the controller dies. The in-process Ray runs without the dashboard
+    that serves the state API: every query fails, it logs a warning each second (through log_monitor to this
+    process) and can never clean anything up; and when this process dies the whole local Ray goes with it.
+    """
+    from ray.train.torch import TorchTrainer
+
+    if compute.ray_address:
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [cb for cb in super()._create_default_callbacks()
+                    if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
+
+
 def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute: ComputeConfig, name: str,
         storage: str):
     """Run `train_loop` on `compute.num_workers` Ray Train workers; returns the Ray `Result`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     resources = {"CPU": compute.cpus_per_worker}
     if compute.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = _trainer_class(compute)(
         train_loop,
         train_loop_config={**loop_config, "threads": max(1, int(compute.cpus_per_worker))},
         torch_config=TorchConfig(backend="nccl" if compute.use_gpu else "gloo"),
@@ -77,6 +117,7 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
             storage_path=storage,
             failure_config=FailureConfig(max_failures=compute.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=compute.checkpoints_to_keep),
+            worker_runtime_env={"env_vars": worker_env(compute)},
         ),
     )
     return trainer.fit()

@@ -1,0 +1,252 @@
+"""Where SFT time goes inside Ray Train: CPU seconds per process (and per worker thread) while training, and
+tokens/s of the same trainer inside Ray Train vs in this process, run interleaved (A B A B) in fresh processes.
+
+CPU attribution is read from /proc (utime+stime deltas), so it holds up on a machine shared with other work;
+tokens/s does not, hence the interleaving and medians.
+
+    .venv/bin/python bench/ray_overhead.py --rounds 3 --steps 12 [--model /path/to/smollm2-135m-instruct]
+    .venv/bin/python bench/ray_overhead.py --one ray --steps 12 --out trial.json     # a single trial
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_label(proc: psutil.Process, driver: int) -> str:
+    """A stable name for a process of this run: driver, gcs_server, raylet, or the Ray actor it hosts."""
+    if proc.pid == driver:
+        return "driver"
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return "?"
+    head = cmd[0] if cmd else proc.name()
+    if head.startswith("ray::"):  # a Ray worker renames itself after the actor/task it runs
+        name = head[5:].split(" ")[0]
+        return {"RayTrainWorker": "train worker", "TrainController": "train controller"}.get(
+            name.split(".")[0].lstrip("_"), name)
+    for key in ("gcs_server", "raylet", "dashboard_agent", "runtime_env_agent", "log_monitor", "monitor.py",
+                "dashboard.py", "default_worker"):
+        if any(key in part for part in cmd[:3]):
+            return key.replace(".py", "")
+    return Path(head).name
+
+
+def _thread_times(pid: int) -> dict[str, float]:
+    """CPU seconds per thread ("tid comm") of process `pid`."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[f"{tid} {comm}"] = (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+class CpuSampler(threading.Thread):
+    """Samples cumulative CPU time of this process, its descendants (Ray's processes) and their threads."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True, name="cpu-sampler")
+        self.interval, self.samples, self._halt = interval, [], threading.Event()
+        self.own_cpu = 0.0  # this thread's own CPU, to subtract from the driver
+
+    def run(self):
+        me = psutil.Process()
+        names: dict[int, str] = {}
+        while not self._halt.is_set():
+            t, per_proc, per_thread = time.time(), {}, {}
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    cpu = proc.cpu_times()
+                except psutil.Error:
+                    continue
+                label = _proc_label(proc, me.pid)
+                if label != "IDLE" or proc.pid not in names:  # keep the actor name after it exits to IDLE
+                    names[proc.pid] = label
+                per_proc[proc.pid] = (names[proc.pid], cpu.user + cpu.system)
+                if names[proc.pid] in ("train worker", "driver"):
+                    per_thread[proc.pid] = _thread_times(proc.pid)
+            busy = psutil.cpu_times()
+            self.samples.append({"t": t, "procs": per_proc, "threads": per_thread,
+                                 "machine_busy": sum(busy) - busy.idle - busy.iowait})
+            self.own_cpu = time.thread_time()
+            self._halt.wait(self.interval)
+
+    def stop(self):
+        self._halt.set()
+        self.join()
+
+    def window(self, t0: float, t1: float) -> dict:
+        """CPU seconds per process label and per worker thread between the samples nearest to t0 and t1."""
+        inside = [s for s in self.samples if t0 <= s["t"] <= t1]
+        if len(inside) < 2:
+            return {}
+        a, b = inside[0], inside[-1]
+        procs: dict[str, float] = defaultdict(float)
+        for pid, (label, cpu) in b["procs"].items():
+            start = a["procs"].get(pid, (label, 0.0))[1]  # a process born in the window started at 0
+            procs[label] += cpu - start
+        # Threads ranked by CPU within their process (tids differ between runs; ranks compare).
+        threads: dict[str, float] = {}
+        for pid, names in b["threads"].items():
+            label = b["procs"][pid][0]
+            deltas = sorted(((cpu - a["threads"].get(pid, {}).get(name, 0.0), name.split(" ", 1)[1])
+                             for name, cpu in names.items()), reverse=True)
+            for i, (cpu, comm) in enumerate(deltas[:6]):
+                threads[f"{label} thread #{i + 1} ({comm[:15]})"] = cpu
+        ours = sum(procs.values())
+        machine = b["machine_busy"] - a["machine_busy"]
+        return {"seconds": b["t"] - a["t"], "procs": dict(procs), "threads": dict(threads),
+                "ours": ours, "machine_busy": machine, "others": machine - ours}
+
+
+def _setup(steps: int, rows: int, model: str | None):
+    from alignpipe import tracking
+    from alignpipe.config import load_pipeline
+    from alignpipe.data.formats import load_sft, write_jsonl
+    from alignpipe.models import resolve_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-rayoh-"))
+    overrides = {"workdir": str(work), "sft.max_steps": steps, "sft.eval_fraction": 0.0, "sft.logging_steps": 1,
+                 "sft.save_steps": 10_000, "tracking.experiment": "bench"}
+    cfg = load_pipeline(ROOT / "pipelines.yaml", "demo", overrides, env={})
+    base = model or resolve_model(cfg.model.name, ROOT / ".alignpipe" / "models")
+    train = write_jsonl(load_sft(cfg.data.sft.path, limit=rows), work / "train.jsonl")
+    return cfg, base, train, work, tracking.tracking_uri(cfg), tracking.ensure_experiment(cfg)
+
+
+def trial(mode: str, steps: int, rows: int, model: str | None) -> dict:
+    """One SFT run (`ray`: the pipeline's path, run_sft on Ray Train; `inproc`: the same trainer here)."""
+    from alignpipe import tracking
+    from alignpipe.runs import RunContext, file_digest
+
+    cfg, base, train, work, uri, exp = _setup(steps, rows, model)
+    sampler = CpuSampler()
+    sampler.start()
+    if mode == "ray":
+        from tasks.sft import run_sft
+
+        ctx = RunContext(run_id="bench", pipeline="demo", tracking_uri=uri, experiment_id=exp,
+                         parent_run_id=tracking.start_run(uri, exp, "ray", {}), workdir=str(work), base_model=base)
+        run_id = run_sft(cfg, ctx, str(train), file_digest(train)).mlflow_run_id
+    else:
+        import torch
+
+        from tasks.sft import MlflowStream, build_trainer, loop_settings
+
+        torch.set_num_threads(int(cfg.compute.cpus_per_worker))
+        run_id = tracking.start_run(uri, exp, "in-process", {})
+        trainer, _ = build_trainer(loop_settings(cfg, base, str(train)), str(work / "inproc"),
+                                   [MlflowStream(uri, run_id)], log_progress=False)
+        trainer.train()
+    sampler.stop()
+    history = sorted(tracking.client_for(uri).get_metric_history(run_id, "tokens_per_s"), key=lambda m: m.step)
+    stamps = [m.timestamp / 1000 for m in history]
+    rates = [m.value for m in history]
+    steady = rates[1:] if len(rates) > 2 else rates  # the first interval holds warm-up
+    step_s = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    cpu = sampler.window(stamps[1] if len(stamps) > 2 else stamps[0], stamps[-1])
+    cpu["steps"] = max(1, len(stamps) - 2 if len(stamps) > 2 else len(stamps) - 1)
+    import torch
+
+    return {"mode": mode, "tokens_per_s": statistics.median(steady), "step_s": statistics.median(step_s or [0.0]),
+            "cpu": cpu, "torch_threads_driver": torch.get_num_threads()}
+
+
+def _table(trials: list[dict]) -> str:
+    lines = []
+    by_mode = defaultdict(list)
+    for t in trials:
+        by_mode[t["mode"]].append(t)
+    lines.append("trial order: " + " ".join(t["mode"] for t in trials))
+    for mode, ts in by_mode.items():
+        lines.append(f"{mode:7s} tokens/s: " + ", ".join(f"{t['tokens_per_s']:.1f}" for t in ts)
+                     + f"  median {statistics.median(t['tokens_per_s'] for t in ts):.1f};"
+                     f"  s/step median {statistics.median(t['step_s'] for t in ts):.2f}")
+    if "ray" in by_mode and "inproc" in by_mode:
+        ratio = [r["tokens_per_s"] / i["tokens_per_s"] for r, i in zip(by_mode["ray"], by_mode["inproc"])]
+        lines.append(f"ray/inproc per pair: {', '.join(f'{x:.3f}' for x in ratio)}  median {statistics.median(ratio):.3f}"
+                     f"  (ratio of medians {statistics.median(t['tokens_per_s'] for t in by_mode['ray']) / statistics.median(t['tokens_per_s'] for t in by_mode['inproc']):.3f})")
+    for mode, ts in by_mode.items():
+        lines.append(f"\nCPU s per second of training and per step ({mode}, median over {len(ts)} trials; "
+                     f"machine has {os.cpu_count()} cores):")
+        rows: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for t in ts:
+            c = t["cpu"]
+            secs, steps = c.get("seconds") or 1.0, c.get("steps", 1)
+            for label, v in c.get("procs", {}).items():
+                rows[label].append((v / secs, v / steps))
+            for label, v in c.get("threads", {}).items():
+                rows["  " + label].append((v / secs, v / steps))
+            rows["= ours (all above)"].append((c.get("ours", 0.0) / secs, c.get("ours", 0.0) / steps))
+            rows["= other users' processes"].append((c.get("others", 0.0) / secs, c.get("others", 0.0) / steps))
+        lines.append(f"  {'process / thread':45s} {'cpu/s':>6s} {'cpu/step':>8s}")
+        for label, vals in sorted(rows.items(), key=lambda kv: (kv[0].startswith("="),
+                                                                -statistics.median(v[0] for v in kv[1]))):
+            pad = [(0.0, 0.0)] * (len(ts) - len(vals))
+            per_s = statistics.median(v[0] for v in vals + pad)
+            per_step = statistics.median(v[1] for v in vals + pad)
+            if per_s >= 0.005 or label.startswith("="):
+                lines.append(f"  {label:45s} {per_s:6.3f} {per_step:8.3f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one", choices=["ray", "inproc"], help="run a single trial in this process")
+    ap.add_argument("--out", help="with --one: write the trial's JSON here")
+    ap.add_argument("--rounds", type=int, default=2, help="A B pairs (ray, inproc), each trial a fresh process")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--model", help="a local model folder (default: the embedded model under .alignpipe/models)")
+    ap.add_argument("--json", help="write all trials here")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.one:
+        res = trial(args.one, args.steps, args.rows, args.model)
+        if args.out:
+            Path(args.out).write_text(json.dumps(res))
+        print(json.dumps({k: v for k, v in res.items() if k != "cpu"}))
+        return
+    trials = []
+    for r in range(args.rounds):
+        for mode in (("ray", "inproc") if r % 2 == 0 else ("inproc", "ray")):  # A B B A: cancels drift
+            out = Path(tempfile.mkdtemp(prefix="rayoh-")) / "trial.json"
+            cmd = [sys.executable, __file__, "--one", mode, "--out", str(out), "--steps", str(args.steps),
+                   "--rows", str(args.rows)] + (["--model", args.model] if args.model else [])
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{mode} trial failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            trials.append(json.loads(out.read_text()))
+            print(f"round {r} {mode}: {trials[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(trials, indent=1))
+    print(_table(trials))
+
+
+if __name__ == "__main__":
+    main()
