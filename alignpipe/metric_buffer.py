@@ -48,6 +48,7 @@ class MetricBuffer:
 
     def __init__(self, uri: str, run_id: str, spool: Path | None = None):
         self.uri, self.run_id, self.spool = uri, run_id, spool
+        self._client = tracking.client_for(uri)  # here, not in the thread: a bad URI fails the caller at once
         self._pending: deque[tuple[str, float, int, int]] = deque()  # (key, value, timestamp ms, step)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -107,7 +108,6 @@ class MetricBuffer:
         """The writer: send the oldest batch; on success drop it, on failure keep it and back off."""
         from mlflow.entities import Metric
 
-        client = tracking.client_for(self.uri)
         backoff = 0.0
         while self._fatal is None:
             if backoff:
@@ -121,7 +121,7 @@ class MetricBuffer:
                 backoff = 0.0
                 continue
             try:
-                client.log_batch(self.run_id, metrics=[Metric(*p) for p in batch])
+                self._client.log_batch(self.run_id, metrics=[Metric(*p) for p in batch])
             except Exception as exc:  # noqa: BLE001 - anything transient stays queued; see _refused
                 self.last_error = exc
                 if _refused(exc):
