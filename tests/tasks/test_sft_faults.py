@@ -23,9 +23,10 @@ pytestmark = pytest.mark.slow
 # checkpoint, so it repeats the undisturbed run's arithmetic: the same losses up to float rounding (bf16
 # autocast where the CPU has it; measured: identical). 1e-3 is below the batch-to-batch spread of the loss
 # here, so a resume that lost optimizer state, restarted the schedule or trained other batches fails.
-# Checkpoints fall on epoch boundaries (16 rows, batch 4: 4 steps an epoch): resumed mid-epoch, HF rebuilds
-# the epoch's length-grouped order from the restored RNG state and draws different batches (measured: losses
-# up to 4e-3 apart after resuming at step 10), a known limit of the sampler this test does not cover.
+# Checkpoints fall on epoch boundaries (16 rows, batch 4: 4 steps an epoch). Resumed mid-epoch the losses are
+# not identical (measured: up to 4e-3 apart per step, 5e-4 at the last step, after resuming at step 10 of
+# this set-up), probably the epoch's length-grouped batch order or dropout RNG rebuilt differently by HF's
+# mid-epoch skip; not diagnosed yet, so this test does not cover it.
 LOSS_TOLERANCE = 1e-3
 STEPS_PER_EPOCH = 4
 
