@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from alignpipe.config.compute import ComputeConfig
+from alignpipe.metric_buffer import HTTP_ENV
 
-# Environment passed to every Ray worker: quiet, offline-friendly, no telemetry.
+# Environment passed to every Ray worker: quiet, offline-friendly, no telemetry. Ray workers talk to MLflow
+# only through a MetricBuffer, which retries by itself: MLflow's own HTTP retries are turned down there.
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
     "PYTHONUNBUFFERED": "1",
+    **HTTP_ENV,
 }
 
 # Ray Train helpers that have nothing to do on the one in-process node, yet each wakes up for the whole run and

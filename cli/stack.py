@@ -175,12 +175,7 @@ def up(workdir: str | Path, on_wait: Callable[[str], None] = print, ray_cpus: in
         stack.services.append(prefect)
         save(stack)
 
-        port = free_port()
-        (root / "mlartifacts").mkdir(parents=True, exist_ok=True)
-        mlflow = _start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri",
-                                   f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
-                                   str(root / "mlartifacts"), "--host", HOST, "--port", str(port), "--workers", "1"],
-                        port, f"http://{HOST}:{port}", logs, {})
+        mlflow = start_mlflow(root, free_port())
         stack.services.append(mlflow)
         save(stack)
 
@@ -209,13 +204,36 @@ def up(workdir: str | Path, on_wait: Callable[[str], None] = print, ray_cpus: in
         on_wait(f"Prefect server on {prefect.url}")
         _wait(prefect, _http_ok(f"{prefect.url}/api/health"), timeout)
         on_wait(f"MLflow server on {mlflow.url}")
-        _wait(mlflow, _http_ok(f"{mlflow.url}/health"), timeout)
+        wait_mlflow(mlflow, timeout)
         on_wait("Ray worker node joining the head")
         _wait(worker, lambda: _ray_nodes(head.port) >= 2, timeout)
     except BaseException:
         down(workdir)
         raise
     return stack
+
+
+def start_mlflow(root: Path, port: int) -> Service:
+    """An MLflow server on HOST:`port` with its SQLite store and artifacts under `root`; not waited for.
+
+    Started again with the same `root` and port, it serves the same runs (the tests stop and restart it).
+    """
+    (root / "mlartifacts").mkdir(parents=True, exist_ok=True)
+    return _start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--artifacts-destination", str(root / "mlartifacts"), "--host", HOST, "--port",
+                             str(port), "--workers", "1"],
+                  port, f"http://{HOST}:{port}", root / "logs", {})
+
+
+def wait_mlflow(svc: Service, timeout: float = 240) -> None:
+    """Return once the MLflow server `svc` answers its health check."""
+    _wait(svc, _http_ok(f"{svc.url}/health"), timeout)
+
+
+def kill(svc: Service) -> None:
+    """SIGKILL every process of the service's session at once (no grace) and reap its leader."""
+    _signal(_session_pids(svc.pid), signal.SIGKILL)
+    _reap(svc.pid)
 
 
 def down(workdir: str | Path, grace: float = 15) -> list[str]:
@@ -235,8 +253,7 @@ def down(workdir: str | Path, grace: float = 15) -> list[str]:
     while time.monotonic() < deadline and any(_session_pids(s.pid) for s in running):
         time.sleep(0.3)
     for svc in running:
-        _signal(_session_pids(svc.pid), signal.SIGKILL)
-        _reap(svc.pid)
+        kill(svc)
     state_file(workdir).unlink(missing_ok=True)
     shutil.rmtree(ray_temp_dir(workdir), ignore_errors=True)
     return [s.name for s in running]

@@ -25,6 +25,7 @@ from alignpipe.config.sft import PeftConfig
 from alignpipe.data.formats import load_canonical
 from alignpipe.data.preference import as_conversations, to_unpaired
 from alignpipe.merge import merge_adapter
+from alignpipe.metric_buffer import spool_path
 from alignpipe.runs import RunContext, content_key, dir_digest
 from tasks.sft import FINAL_MARKER, MlflowStream, peft_config
 
@@ -200,10 +201,11 @@ def train_loop(config: dict[str, Any]) -> None:
         return
 
     scratch = tempfile.mkdtemp(prefix="align-scratch-")
-    stream = MlflowStream(config["tracking_uri"], config["mlflow_run_id"])
+    stream = MlflowStream(config["tracking_uri"], config["mlflow_run_id"],
+                          spool=spool_path(config["mlflow_run_id"], ray.train.get_context().get_world_rank()))
     summary: dict[str, float] = {}
     if a["method"] == "rlhf":
-        reward_model = _reward_model(config, scratch, rank0, summary)
+        reward_model = _reward_model(config, scratch, rank0, summary, stream)
         trainer, tokenizer = build_policy_trainer(config, reward_model, scratch, [stream, RayTrainReportCallback()])
     else:
         trainer, tokenizer = build_trainer(config, scratch, [stream, RayTrainReportCallback()])
@@ -212,7 +214,7 @@ def train_loop(config: dict[str, Any]) -> None:
     summary.update({"trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
                     "train_rows": len(trainer.train_dataset)})
     if rank0:
-        tracking.log_metrics(config["tracking_uri"], config["mlflow_run_id"], summary, step=0)
+        stream.buffer.log(summary, step=0)
     if a["max_steps"] != 0:
         resume = resume_dir / RayTrainReportCallback.CHECKPOINT_NAME if resume_dir else None
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -221,6 +223,7 @@ def train_loop(config: dict[str, Any]) -> None:
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         if rewards:  # rlhf: the policy's mean reward per logged step, first and last
             summary.update({"policy/reward_start": rewards[0], "policy/reward_end": rewards[-1]})
+    stream.buffer.drain()  # before the final report: the driver ends the MLflow run right after it
     final_dir = Path(tempfile.mkdtemp(prefix="align-final-"))
     if rank0:
         trainer.save_model(str(final_dir / "adapter"))
@@ -233,8 +236,12 @@ def train_loop(config: dict[str, Any]) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _reward_model(config: dict[str, Any], scratch: str, rank0: bool, summary: dict[str, float]):
-    """rlhf phase 1, done once: reuse the saved reward adapter when a restarted run finds it, else train it."""
+def _reward_model(config: dict[str, Any], scratch: str, rank0: bool, summary: dict[str, float],
+                  stream: MlflowStream):
+    """rlhf phase 1, done once: reuse the saved reward adapter when a restarted run finds it, else train it.
+
+    Its curves go through `stream`'s buffer: one buffer (and spool file) per run and worker.
+    """
     from peft import PeftModel
 
     saved = Path(config["reward_adapter_dir"])
@@ -243,8 +250,8 @@ def _reward_model(config: dict[str, Any], scratch: str, rank0: bool, summary: di
         base = _scorer(config["reference_path"], models.dtype_for(config["align"]["precision"]), tokenizer)
         summary.update(json.loads((saved / REWARD_MARKER).read_text()))
         return PeftModel.from_pretrained(base, str(saved)).merge_and_unload().eval()
-    stream = PrefixedStream(config["tracking_uri"], config["mlflow_run_id"], "reward_model/")
-    trainer, _, scores = train_reward_model(config, str(Path(scratch) / "reward"), [stream])
+    prefixed = PrefixedStream(config["tracking_uri"], config["mlflow_run_id"], "reward_model/", buffer=stream.buffer)
+    trainer, _, scores = train_reward_model(config, str(Path(scratch) / "reward"), [prefixed])
     summary.update(scores)  # evaluate() above already streamed them as reward_model/eval_accuracy, ...
     if rank0:
         shutil.rmtree(saved, ignore_errors=True)
@@ -267,8 +274,8 @@ def _scorer(path: str, dtype: str, tokenizer):
 class PrefixedStream(MlflowStream):
     """MlflowStream that files the reward model's curves (loss, accuracy) under their own prefix."""
 
-    def __init__(self, uri: str, run_id: str, prefix: str):
-        super().__init__(uri, run_id)
+    def __init__(self, uri: str, run_id: str, prefix: str, buffer=None):
+        super().__init__(uri, run_id, buffer=buffer)
         self.prefix = prefix
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -23,6 +23,7 @@ from alignpipe import chat, models, ray_runner, tracking
 from alignpipe.config import PipelineConfig
 from alignpipe.config.sft import PeftConfig
 from alignpipe.data.formats import load_canonical
+from alignpipe.metric_buffer import MetricBuffer, spool_path
 from alignpipe.runs import RunContext, content_key
 
 FINAL_MARKER = "final.json"
@@ -66,10 +67,21 @@ def build_datasets(tokenizer, rows: list[dict], system_prompt: str | None, max_l
 
 
 class MlflowStream(TrainerCallback):
-    """Streams the Trainer's logs to an MLflow run as training goes, with tokens/s between logs."""
+    """Streams the Trainer's logs to an MLflow run as training goes, with tokens/s between logs.
 
-    def __init__(self, uri: str, run_id: str):
+    Points go through a `MetricBuffer`, so a tracking server that is down or slow never stalls training;
+    the end of training waits (bounded) for them to be written.
+
+    Args:
+        uri: MLflow tracking URI.
+        run_id: the stage's MLflow run.
+        spool: local JSONL file keeping the unwritten points across a worker restart (see `metric_buffer`).
+        buffer: an existing buffer to share (one per run and process), instead of a new one.
+    """
+
+    def __init__(self, uri: str, run_id: str, spool: Path | None = None, buffer: MetricBuffer | None = None):
         self.uri, self.run_id = uri, run_id
+        self.buffer = buffer or MetricBuffer(uri, run_id, spool)
         self._last = (time.perf_counter(), 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -82,7 +94,10 @@ class MlflowStream(TrainerCallback):
             if tokens > n0 and now > t0:
                 metrics["tokens_per_s"] = (tokens - n0) / (now - t0)
             self._last = (now, tokens)
-        tracking.log_metrics(self.uri, self.run_id, metrics, step=state.global_step)
+        self.buffer.log(metrics, step=state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.buffer.drain()  # what this run logged is in MLflow before anyone reads it back
 
 
 def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list, log_progress: bool = True):
@@ -153,14 +168,15 @@ def train_loop(config: dict[str, Any]) -> None:
         return
 
     scratch = tempfile.mkdtemp(prefix="sft-scratch-")
-    callbacks = [MlflowStream(config["tracking_uri"], config["mlflow_run_id"]), RayTrainReportCallback()]
-    trainer, tokenizer = build_trainer(config, scratch, callbacks, log_progress=rank0)
+    stream = MlflowStream(config["tracking_uri"], config["mlflow_run_id"],
+                          spool=spool_path(config["mlflow_run_id"], ray.train.get_context().get_world_rank()))
+    trainer, tokenizer = build_trainer(config, scratch, [stream, RayTrainReportCallback()], log_progress=rank0)
     trainer = prepare_trainer(trainer)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     summary: dict[str, float] = {"trainable_params": trainable, "total_params": total,
                                  "trainable_share": trainable / total, "train_rows": len(trainer.train_dataset)}
     if rank0:
-        tracking.log_metrics(config["tracking_uri"], config["mlflow_run_id"], summary, step=0)
+        stream.buffer.log(summary, step=0)
     if s["max_steps"] != 0:
         resume = resume_dir / RayTrainReportCallback.CHECKPOINT_NAME if resume_dir else None
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -170,6 +186,7 @@ def train_loop(config: dict[str, Any]) -> None:
             summary["eval_loss"] = trainer.evaluate()["eval_loss"]
         if ray.train.get_context().get_world_size() > 1:  # DDP kept every rank's weights identical?
             summary["ranks_in_sync"] = float(ray_runner.ranks_in_sync(trainer.model))
+    stream.buffer.drain()  # before the final report: the driver ends the MLflow run right after it
     final_dir = Path(tempfile.mkdtemp(prefix="sft-final-"))
     if rank0:
         trainer.save_model(str(final_dir / "adapter"))

@@ -78,3 +78,16 @@ def local_stack(tmp_path_factory):
         yield stack.up(workdir, on_wait=lambda what: print(f"waiting for {what}"))
     finally:
         stack.down(workdir)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A running MLflow server (SQLite store in tmp) the test may kill and restart; always stopped at the end."""
+    from testlib import MlflowServer
+
+    server = MlflowServer(tmp_path / "mlflow-server")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -78,3 +78,30 @@ def stack_pipelines(tmp_path, tiny_model, schedules: dict[str, dict] | None = No
     path = tmp_path / "pipelines.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+class MlflowServer:
+    """A real MLflow server, started the stack's own way, that a test can kill and start again on the same port
+    and store (`mlflow server`, SQLite backend, proxied artifacts, 127.0.0.1)."""
+
+    def __init__(self, root):
+        from cli import stack
+
+        self.root, self.port, self.svc = Path(root), stack.free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from cli import stack
+
+        self.svc = stack.start_mlflow(self.root, self.port)
+        stack.wait_mlflow(self.svc)
+
+    def kill(self) -> None:
+        from cli import stack
+
+        if self.svc is not None:
+            stack.kill(self.svc)
+            self.svc = None
