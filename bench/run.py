@@ -260,8 +260,9 @@ def evidence_rows(r: dict) -> list[str]:
         rows.append(_row("LoRA ÷ full fine-tuning peak RSS (own process each)",
                          f"{lora['peak_rss_mb']:.0f} MB / {full['peak_rss_mb']:.0f} MB = {rss:.2f}", "≤ 0.60",
                          rss <= 0.60))
+        share = lora["trainable_params"] / full["trainable_params"]
         rows.append(_info("Trainable parameters, LoRA vs full", f"{lora['trainable_params'] / 1e6:.2f} M vs "
-                          f"{full['trainable_params'] / 1e6:.1f} M ({lora['trainable_params'] / full['trainable_params']:.3f})"))
+                          f"{full['trainable_params'] / 1e6:.1f} M ({share:.3f})"))
         rows.append(_info("SFT tokens/s, LoRA vs full (in-process, same rows, steps, batch)",
                           f"{lora['tokens_per_s']:.0f} vs {full['tokens_per_s']:.0f}"))
         for mode, rule in (("lora", "4N + 6·adapter"), ("full", "6N")):
