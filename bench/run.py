@@ -421,7 +421,7 @@ def main() -> None:
     if not args.skip_demo:
         results.update(demo_run(rlhf=not args.skip_rlhf))
         results.update(int8_speed(results["demo_workdir"]))
-    if not args.skip_plain_trl:  # right after the demo: the two walls are compared, so the same sitting
+    if not args.skip_plain_trl:  # in the same sitting as the demo: their two walls are compared
         results.update(plain_trl())
     if not args.skip_lora_full:
         results.update(lora_vs_full(args.steps, args.rows))
