@@ -1,0 +1,107 @@
+"""One SFT run of the demo model, LoRA or full fine-tuning, in this process; prints its costs as JSON.
+
+bench/run.py starts it once per mode, each in a fresh process, so one run's peak RSS cannot hide the other's.
+Both modes use the pipeline's own trainer (`tasks.sft.build_trainer`: demo SFT settings, its tokenization with
+assistant-only loss, bf16 weights + autocast where native, no gradient checkpointing, length-grouped batches)
+on the same rows, steps and batch size; `full` only switches the adapter off, so every weight trains.
+
+    python bench/lora_vs_full.py --mode lora --steps 10 --rows 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from transformers import TrainerCallback  # noqa: E402
+
+import tasks.sft  # noqa: E402
+from alignpipe.config import load_pipeline  # noqa: E402
+from alignpipe.data.formats import load_sft, write_jsonl  # noqa: E402
+from alignpipe.models import dtype_for, resolve_model  # noqa: E402
+
+
+def rss_mb() -> float:
+    """This process's peak resident set so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class TokenRate(TrainerCallback):
+    """Non-padding tokens/s between consecutive logs (TRL logs the running `num_tokens` count), and peak RSS
+    at the end of the last optimizer step: before the Trainer's end-of-training checkpoint, which is not training.
+    """
+
+    def __init__(self):
+        self.rates: list[float] = []
+        self.train_peak_rss_mb = 0.0
+        self._last: tuple[float, float] | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.train_peak_rss_mb = rss_mb()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "num_tokens" not in logs or "loss" not in logs:
+            return
+        now, tokens = time.perf_counter(), logs["num_tokens"]
+        if self._last and tokens > self._last[1]:
+            self.rates.append((tokens - self._last[1]) / (now - self._last[0]))
+        self._last = (now, tokens)
+
+
+def run(mode: str, steps: int, rows: int, model: str | None) -> dict:
+    """Train `steps` steps on the first `rows` demo conversations; trainable params, peak RSS, tokens/s."""
+    import torch
+
+    baseline = rss_mb()  # imports only: the floor both modes share
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
+    cfg = load_pipeline(ROOT / "pipelines.yaml", "demo", {"workdir": str(work), "sft.max_steps": steps,
+                                                          "sft.eval_fraction": 0.0, "sft.logging_steps": 1,
+                                                          "sft.save_steps": 10_000}, env={})
+    base = model or resolve_model(cfg.model.name, ROOT / ".alignpipe" / "models")
+    train = write_jsonl(load_sft(cfg.data.sft.path, limit=rows), work / "train.jsonl")
+    threads = int(cfg.compute.cpus_per_worker)  # a Ray Train worker's torch threads
+    torch.set_num_threads(threads)
+    conf = tasks.sft.loop_settings(cfg, base, str(train))
+    rate = TokenRate()
+    # full: the same trainer with no adapter; build_trainer looks peft_config up in its module at call time
+    with mock.patch.object(tasks.sft, "peft_config", return_value=None) if mode == "full" else nullcontext():
+        trainer, _ = tasks.sft.build_trainer(conf, str(work / "out"), [rate], log_progress=False)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    out = trainer.train()
+    steady = rate.rates[1:] if len(rate.rates) > 2 else rate.rates  # the first interval pays for warm-up
+    return {"mode": mode, "trainable_params": trainable, "total_params": total,
+            "peak_rss_mb": rate.train_peak_rss_mb, "peak_rss_mb_at_exit": rss_mb(), "import_rss_mb": baseline,
+            "tokens_per_s": statistics.median(steady) if steady else float("nan"),
+            "train_runtime_s": out.metrics.get("train_runtime", float("nan")), "steps": steps, "rows": rows,
+            "batch_size": cfg.sft.batch_size, "threads": threads, "weights_dtype": dtype_for(cfg.sft.precision),
+            "model": base}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=("lora", "full"), required=True)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--model", default=None, help="model folder (default: the demo's embedded model)")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args()
+    result = run(args.mode, args.steps, args.rows, args.model)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
