@@ -38,7 +38,7 @@ def check(config: ConfigOpt = Path("pipelines.yaml")) -> None:
     try:
         results = load_all(config, env=os.environ)
     except AlignpipeError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")  # `[str]` in a message is not markup
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # `[str]` in a message is not markup
         raise typer.Exit(1) from None
     table = Table("pipeline", "status", "details")
     failed = False
@@ -71,7 +71,7 @@ def run(
         summary = _run_with_progress(pipeline, lambda: alignpipe_pipeline(
             pipeline=pipeline, overrides=overrides, config_file=str(config)))
     except AlignpipeError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}")  # `[str]` in a message is not markup
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # `[str]` in a message is not markup
         raise typer.Exit(1) from None
     print_summary(summary)
 

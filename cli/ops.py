@@ -20,7 +20,7 @@ DEFAULT_WORKDIR = Path(".alignpipe")
 
 
 def _fail(exc: AlignpipeError) -> None:
-    err.print(f"[red]error:[/red] {exc}")
+    err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
     raise typer.Exit(1) from None
 
 

@@ -46,7 +46,7 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AlignpipeError as exc:
-            err.print(f"[red]error:[/red] {exc}")
+            err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
             raise typer.Exit(1) from None
     return wrapper
 
