@@ -294,8 +294,9 @@ def evidence_notes(r: dict) -> list[str]:
         mm = r["matmul_flops_per_s"]
         md += ["", f"LoRA vs full fine-tuning: the pipeline's SFT trainer in-process, {lora['steps']} steps on "
                f"{lora['rows']} demo rows at batch {lora['batch_size']}, {lora['weights_dtype']} weights for both, "
-               f"{lora['threads']} torch threads; peak RSS read at the last optimizer step (before the end "
-               f"checkpoint; imports alone: {lora['import_rss_mb']:.0f} MB). Training FLOP/s = non-padding "
+               f"{lora['threads']} torch threads; peak RSS = the largest RSS sampled every 10 ms while training (LoRA "
+               f"{lora.get('loaded_rss_mb', float('nan')):.0f} MB with the model loaded, before step 1; lifetime peak "
+               f"incl. loading {lora.get('lifetime_peak_rss_mb', float('nan')):.0f} MB). Training FLOP/s = non-padding "
                f"tokens/s × FLOPs per token, N = {r['flops_n'] / 1e6:.1f} M = every parameter but the embedding "
                "lookup, with the tied LM head's matmul counted (attention scores left out); LoRA 4N (frozen "
                "weights get no weight gradients) + 6 per adapter parameter, full 6N. Measured 2048×2048 matmul "
