@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -211,4 +212,17 @@ def resume_from_checkpoint(prefix: str, final_marker: str) -> tuple[Path | None,
         return folder, False
     rank0 = ray.train.get_context().get_world_rank() == 0
     ray.train.report(json.loads((folder / final_marker).read_text()), checkpoint=checkpoint if rank0 else None)
-    return folder, True
+    shutil.rmtree(folder, ignore_errors=True)  # a local copy: the checkpoint itself stays in storage
+    return None, True
+
+
+def report_final(summary: dict, final_dir: Path, rank0: bool, resume_dir: Path | None) -> None:
+    """In a Ray Train worker: report the finished work's folder as the last checkpoint, then remove the local
+    folders (the final one once Ray has copied it to storage, and the restored checkpoint's copy)."""
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(final_dir)) if rank0 else None
+    ray.train.report(summary, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
+    shutil.rmtree(final_dir, ignore_errors=True)  # rank > 0 made an empty one; rank 0's is gone already
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)

@@ -1,8 +1,8 @@
 """The `demo` pipeline's work done with TRL directly: LoRA SFT, DPO, torchao int8, four-model greedy evaluation.
 
 No Prefect, Ray, MLflow or Great Expectations: one process, read top to bottom. The hyperparameters are the
-`demo` pipeline's (pipelines.yaml); everything else is TRL's default (its chat-template handling, its loss
-on the whole conversation, fp32 weights + bf16 autocast, gradient checkpointing on). Writes the fine-tuned
+`demo` pipeline's, read from pipelines.yaml at start; everything else is TRL's default (its chat-template
+handling, its loss on the whole conversation, fp32 weights + bf16 autocast, gradient checkpointing on). Writes the fine-tuned
 folders under --out and prints one JSON object (wall time, per-stage seconds, metrics) that bench/run.py reads.
 
     python bench/plain_trl.py --out bench/out/plain_trl            # the demo's full settings
@@ -26,16 +26,44 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "demo"
-SYSTEM_PROMPT = "Extract the contact card."  # pipelines.yaml defaults.model.system_prompt
 
-# pipelines.yaml `demo` (and the defaults it inherits); the pipeline's schema defaults where the YAML is silent.
-SFT = dict(max_steps=60, learning_rate=5e-4, per_device_train_batch_size=8, max_length=256,
-           lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=5, seed=42)
-SFT_EVAL = dict(fraction=0.05, steps=40)          # sft.eval_fraction, sft.eval_steps
-DPO = dict(max_steps=16, learning_rate=3e-4, per_device_train_batch_size=8, max_length=256, beta=0.1,
-           lr_scheduler_type="cosine", warmup_steps=0.1, logging_steps=5, seed=42)
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-EVAL = dict(rows=200, batch_size=16, max_new_tokens=40, perplexity_rows=128, beta=0.1)
+
+def demo_settings(pipelines: Path = ROOT / "pipelines.yaml") -> dict:
+    """The `demo` pipeline's hyperparameters, read from pipelines.yaml, so this script cannot drift from it.
+
+    alignpipe's config loader only parses and validates the YAML (it imports no Prefect, Ray, MLflow or GX);
+    it fills in the schema defaults where the file is silent, exactly as the pipeline sees them.
+    """
+    from alignpipe.config import load_pipeline
+
+    cfg = load_pipeline(pipelines, "demo", {}, env={})
+    s, a, e = cfg.sft, cfg.align, cfg.evaluate
+    dpo = dict(max_steps=a.max_steps, learning_rate=a.learning_rate, per_device_train_batch_size=a.batch_size,
+               max_length=a.max_length, beta=a.beta, lr_scheduler_type=a.lr_scheduler, warmup_steps=a.warmup_ratio,
+               logging_steps=a.logging_steps, seed=a.seed)
+    if a.sft_loss_weight:  # the pipeline's RPO: DPO's sigmoid loss + this weight x the chosen answers' NLL
+        dpo.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, a.sft_loss_weight])
+    return {
+        "system_prompt": cfg.model.system_prompt,
+        "sft": dict(max_steps=s.max_steps, learning_rate=s.learning_rate, per_device_train_batch_size=s.batch_size,
+                    gradient_accumulation_steps=s.grad_accum, max_length=s.max_length,
+                    lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_ratio, logging_steps=s.logging_steps,
+                    seed=s.seed),
+        "sft_eval": dict(fraction=s.eval_fraction, steps=s.eval_steps),
+        "dpo": dpo,
+        "lora": dict(r=s.peft.r, lora_alpha=s.peft.alpha, lora_dropout=s.peft.dropout,
+                     target_modules=s.peft.target_modules, task_type="CAUSAL_LM"),
+        "align_lora": dict(r=a.peft.r, lora_alpha=a.peft.alpha, lora_dropout=a.peft.dropout,
+                           target_modules=a.peft.target_modules, task_type="CAUSAL_LM"),
+        "eval": dict(rows=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                     perplexity_rows=e.perplexity_rows, beta=a.beta),
+    }
+
+
+SETTINGS = demo_settings()
+SYSTEM_PROMPT = SETTINGS["system_prompt"]
+SFT, SFT_EVAL, DPO = SETTINGS["sft"], SETTINGS["sft_eval"], SETTINGS["dpo"]
+LORA, ALIGN_LORA, EVAL = SETTINGS["lora"], SETTINGS["align_lora"], SETTINGS["eval"]
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
@@ -80,7 +108,7 @@ def train_dpo(sft_path: Path, out: Path, steps: int, train_rows: int | None) -> 
              for r in read_jsonl(DATA / "pref_train.jsonl", train_rows)]
     args = DPOConfig(output_dir=str(out / "dpo_run"), **{**DPO, "max_steps": steps}, report_to="none", use_cpu=True)
     trainer = DPOTrainer(model=str(sft_path), ref_model=None, args=args, train_dataset=Dataset.from_list(pairs),
-                         peft_config=LoraConfig(**LORA))
+                         peft_config=LoraConfig(**ALIGN_LORA))
     trainer.train()
     merged = out / "aligned_merged"
     trainer.model.merge_and_unload().save_pretrained(merged)
@@ -199,7 +227,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "plain_trl"))
     args = ap.parse_args()
     t_start = time.perf_counter()
-    if args.tiny:  # the only alignpipe import: it builds the test model; the work below is plain TRL
+    if args.tiny:  # alignpipe builds the test model (and read the settings); the work below is plain TRL
         from alignpipe.config.model import TINY_MODEL
         from alignpipe.models import resolve_model
 
@@ -232,7 +260,8 @@ def main() -> None:
     result = {"wall_s": time.perf_counter() - t_start, "stage_s": seconds, "metrics": metrics,
               "model": args.model, "eval_dtype": str(dtype).removeprefix("torch."),
               "settings": {"sft_steps": args.sft_steps, "dpo_steps": args.dpo_steps, "eval_rows": args.eval_rows,
-                           "train_rows": args.train_rows, "sft": SFT, "dpo": DPO, "lora": LORA, "eval": EVAL}}
+                           "train_rows": args.train_rows, "sft": SFT, "dpo": DPO, "lora": LORA,
+                           "align_lora": ALIGN_LORA, "eval": EVAL}}
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 

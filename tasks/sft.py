@@ -192,7 +192,7 @@ def train_loop(config: dict[str, Any]) -> None:
         trainer.save_model(str(final_dir / "adapter"))
         tokenizer.save_pretrained(str(final_dir / "adapter"))
         (final_dir / FINAL_MARKER).write_text(json.dumps(summary))
-    ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(str(final_dir)) if rank0 else None)
+    ray_runner.report_final(summary, final_dir, rank0, resume_dir)
     shutil.rmtree(scratch, ignore_errors=True)
 
 

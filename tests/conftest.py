@@ -12,6 +12,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry heartbeat from the test harness
+# `make test` runs two xdist workers on two cores: idle OpenMP threads sleep instead of spinning on a core
+# the other worker needs (set before torch loads; Ray workers inherit it)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
 

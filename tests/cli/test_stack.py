@@ -7,7 +7,8 @@ import pytest
 
 from cli import stack
 
-pytestmark = pytest.mark.slow
+# one stack per test process: with `make test`'s two xdist workers, these modules share one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local_stack")]
 
 LOOPBACK = ("127.0.0.1", "::1")
 

@@ -19,7 +19,8 @@ from cli import stack
 from flows.deploy import apply_deployments, build_deployments
 from testlib import REPO, stack_pipelines
 
-pytestmark = pytest.mark.slow
+# one stack per test process: with `make test`'s two xdist workers, these modules share one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local_stack")]
 SCHEDULES = {"smoke": {"cron": "0 3 * * 1", "timezone": "Europe/Lisbon"}, "demo": {"interval_seconds": 86400}}
 ARTIFACTS = REPO / "tests" / "output"  # gitignored: screenshots for humans to look at
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")
@@ -95,7 +96,8 @@ def test_run_launched_through_the_api_trains_ddp_on_two_nodes(local_stack, deplo
     """As the UI's "Run" button: a flow run from the deployment, picked up by the serve process."""
     with _client(local_stack) as client:
         run = client.create_flow_run_from_deployment(
-            deployed[1]["smoke"], parameters={"overrides": {"compute.num_workers": 2}})
+            deployed[1]["smoke"], parameters={"overrides": {"compute.num_workers": 2, "align.method": "none",
+                                                            "quantize.method": "none"}})  # SFT is under test
         final = _wait_state(client, run.id, lambda s: s.is_final())
     assert final.state.is_completed(), final.state.message
 
