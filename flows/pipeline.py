@@ -96,7 +96,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         last, last_key = specs[-1], tuned.content_key  # the last trained artifact: quantized and registered
         if aligned:
             last = ModelSpec(label="aligned", base_path=aligned.base_path, adapter_dir=aligned.adapter_dir,
-                             reference_path=aligned.base_path)
+                             reference_path=aligned.base_path, reference_label="sft")  # DPO's reference: the SFT model
             last_key = aligned.content_key
             specs.append(last)
         quantized = None

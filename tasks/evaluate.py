@@ -35,6 +35,8 @@ class ModelSpec(BaseModel):
     base_path: str
     adapter_dir: str | None = None
     reference_path: str | None = None   # reference policy for the DPO reward margin (aligned: the merged SFT model)
+    reference_label: str | None = None  # an earlier artifact of this suite that IS that reference (aligned: "sft"):
+                                        # its pair log-probs are reused instead of loading reference_path again
     quantized_dir: str | None = None    # a quantized model folder: loaded instead of base_path (+ adapter)
     quantized_from: str | None = None   # label of the full-precision artifact it was made from (for the cascade)
 
@@ -97,9 +99,11 @@ def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict
     metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metrics["size_mb"] = size_on_disk(spec) / 1e6
     metrics["rows"] = len(rows)
+    pair_logps = None
     if settings.get("preference_eval_path"):
-        metrics.update(_preference_metrics(model, tokenizer, spec, settings))
-    return {"label": spec["label"], "metrics": metrics,
+        preference, pair_logps = _preference_metrics(model, tokenizer, spec, settings)
+        metrics.update(preference)
+    return {"label": spec["label"], "metrics": metrics, "pair_logps": pair_logps,
             "predictions": [{"prompt": p, "reference": r, "prediction": y, "mean_logprob": lp,
                              "correct": y.strip() == r.strip()}
                             for (p, _), r, y, lp in zip(convs, references, predictions, logprobs)]}
@@ -122,14 +126,23 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def _preference_metrics(model, tokenizer, spec: dict, settings: dict[str, Any]) -> dict[str, float]:
-    """Held-out preference accuracy; with a reference model, also the mean DPO reward margin against it."""
-    from alignpipe.preference import preference_metrics
+def _preference_metrics(model, tokenizer, spec: dict, settings: dict[str, Any]):
+    """Held-out preference accuracy; with a reference, also the mean DPO reward margin against it.
 
-    reference = models.load_model(spec["reference_path"], dtype=settings["dtype"]) if spec.get("reference_path") else None
+    The reference's log-probs come from `settings["reference_logps"]` when the suite already scored that model
+    (the sft artifact, for aligned), else from `spec["reference_path"]` loaded here. Returns (metrics, the
+    policy's own pair log-probs, for a later artifact that uses this one as its reference).
+    """
+    from alignpipe.preference import metrics_from_logps, pair_logps
+
     pairs = load_canonical(settings["preference_eval_path"])[: settings["limit"]]
-    return preference_metrics(model, tokenizer, pairs, settings["system_prompt"], settings["beta"], reference,
-                              settings["batch_size"])
+    policy = pair_logps(model, tokenizer, pairs, settings["system_prompt"], settings["batch_size"])
+    reference = settings.get("reference_logps")
+    if reference is None and spec.get("reference_path"):
+        ref_model = models.load_model(spec["reference_path"], dtype=settings["dtype"]).eval()
+        reference = pair_logps(ref_model, tokenizer, pairs, settings["system_prompt"], settings["batch_size"])
+        del ref_model
+    return metrics_from_logps(policy, settings["beta"], reference), policy
 
 
 def _generate(model, tokenizer, prompts: list[str], settings: dict[str, Any]):
@@ -321,7 +334,7 @@ def cache_key(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest:
                "int8_cpu_kernel": cfg.quantize.cpu_kernel, "beta": cfg.align.beta}
     return content_key("evaluate", section,
                        {"eval": eval_digest, **{s.label: f"{s.base_path}|{s.adapter_dir}|{s.quantized_dir}|"
-                                                         f"{s.reference_path}" for s in specs},
+                                                         f"{s.reference_path}|{s.reference_label}" for s in specs},
                         "preference_eval": str(preference_eval_path)})
 
 
@@ -344,14 +357,16 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
         tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.eval_dtype", settings["dtype"])
         # max_calls=1: each model gets a fresh worker process, so one model's peak RSS cannot hide another's.
         remote = ray.remote(num_cpus=cpus, max_calls=1)(evaluate_model)
-        results, rows = {}, {}
+        results, rows, logps = {}, {}, {}
         note = lm_eval_notes(cfg.evaluate.lm_eval_tasks)
         if note:
             print(f"evaluate: {note}")
             tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.lm_eval", note[:5000])
         for spec in specs:  # one at a time: concurrent runs would share the same cores and skew tokens/s
             print(f"evaluate: {spec.label} on {eval_path}")
-            res = ray_runner.get(remote.remote(spec.model_dump(), eval_path, settings))
+            reuse = {"reference_logps": logps[spec.reference_label]} if spec.reference_label in logps else {}
+            res = ray_runner.get(remote.remote(spec.model_dump(), eval_path, {**settings, **reuse}))
+            logps[spec.label] = res.pop("pair_logps")
             if cfg.evaluate.lm_eval_tasks and not note:
                 res["metrics"].update(_run_lm_eval(spec, cfg.evaluate.lm_eval_tasks))
             results[spec.label], rows[spec.label] = res["metrics"], res["predictions"]

@@ -35,3 +35,24 @@ def test_batching_and_padding_do_not_change_log_probs(tiny_model):
     assert [n for _, n in one_by_one] == [n for _, n in batched]
     assert [s for s, _ in batched] == pytest.approx([s for s, _ in one_by_one], abs=1e-3)
     assert "reward_margin" not in preference_metrics(model, tok, pairs, "Extract.", beta=0.1)
+
+
+def test_answer_logps_match_a_full_logits_forward_and_keep_the_callers_order(tiny_model):
+    """Only the answer positions get vocabulary logits, and rows are batched by prompt length: neither may change
+    a value or its order. The check is an unbatched forward over every position, summed by hand."""
+    import torch
+
+    from alignpipe import chat
+
+    model, tok = load_model(tiny_model).eval(), load_tokenizer(tiny_model)
+    pairs = load_preference(str(DEMO_DATA / "pref_heldout.jsonl"), limit=7)
+    prompts = [chat.with_system(p["prompt"], "Extract.") for p in pairs]
+    got = answer_logps(model, tok, prompts, [p["chosen"] for p in pairs], batch_size=3)
+    for (total, n), prompt, pair in zip(got, prompts, pairs):
+        head = chat.render(tok, prompt, add_generation_prompt=True)
+        tail = chat.render(tok, prompt + pair["chosen"])[len(head):].rstrip("\n")
+        p_ids, a_ids = tok(head, add_special_tokens=False)["input_ids"], tok(tail, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logps = model(input_ids=torch.tensor([p_ids + a_ids])).logits[0].float().log_softmax(-1)
+        expected = sum(logps[len(p_ids) - 1 + k, t].item() for k, t in enumerate(a_ids))
+        assert n == len(a_ids) and total == pytest.approx(expected, abs=1e-3)

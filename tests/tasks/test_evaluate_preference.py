@@ -20,3 +20,27 @@ def test_preference_accuracy_and_reward_margin(smoke_cfg, tiny_model, tmp_path):
 
     plain = evaluate_model({**spec, "reference_path": None}, eval_path, {**settings, "preference_eval_path": None})
     assert "preference_accuracy" not in plain["metrics"] and "reward_margin" not in plain["metrics"]
+
+
+def test_reference_log_probs_from_an_earlier_artifact_give_the_same_margin(smoke_cfg, tiny_model, tmp_path):
+    """The suite scores the sft artifact before aligned; aligned reuses those log-probs as its reference's."""
+    from peft import LoraConfig, get_peft_model
+
+    from alignpipe.models import load_model, load_tokenizer
+
+    adapter = tmp_path / "adapter"  # non-zero LoRA: the policy differs from its reference
+    get_peft_model(load_model(tiny_model), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)) \
+        .save_pretrained(adapter)
+    load_tokenizer(tiny_model).save_pretrained(adapter)
+    eval_path, _ = canonical_split(smoke_cfg, "eval", tmp_path)
+    pairs = write_jsonl(load_preference(str(DEMO_DATA / "pref_heldout.jsonl"), limit=6), tmp_path / "pairs.jsonl")
+    settings = {**smoke_cfg.evaluate.model_dump(), "limit": 2, "threads": 1, "json_targets": True, "dtype": "float32",
+                "system_prompt": smoke_cfg.model.system_prompt, "preference_eval_path": str(pairs), "beta": 0.1}
+    reference = evaluate_model({"label": "sft", "base_path": tiny_model, "adapter_dir": None}, eval_path, settings)
+    policy = {"label": "aligned", "base_path": tiny_model, "adapter_dir": str(adapter), "reference_path": tiny_model}
+    loaded = evaluate_model(policy, eval_path, settings)["metrics"]
+    reused = evaluate_model({**policy, "reference_path": "/nonexistent"}, eval_path,
+                            {**settings, "reference_logps": reference["pair_logps"]})["metrics"]
+    assert loaded["reward_margin"] != 0.0   # the adapter moved the policy away from its reference
+    assert reused["reward_margin"] == pytest.approx(loaded["reward_margin"], abs=1e-6)
+    assert reused["reward_accuracy"] == loaded["reward_accuracy"]
