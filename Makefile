@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/alignpipe run demo
 
 # Two xdist workers: the suite waits on servers and process start-ups much of the time, so two share 2 cores
-# well (25 min serial, 17 min in two). Tests needing the local stack share one worker (xdist_group).
+# well (2026-12-01, 2 cores: 25 min serial, 19 min in two on a clean clone). Tests needing the local stack share one worker (xdist_group).
 TEST_WORKERS ?= 2
 test: setup browser
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from alignpipe import chat
@@ -56,9 +57,9 @@ def _batch_logps(model, batch: list[tuple[list[int], list[int]]], pad: int) -> l
     target = labels[:, 1:]                       # logits at position t predict the token at t + 1
     keep = (target != -100).any(0).nonzero().squeeze(-1)
     with torch.inference_mode():
-        try:
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
             logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
-        except TypeError:                        # a model without logits_to_keep: every position, then select
+        else:                                    # an older or custom model: every position, then select
             logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1][:, keep]
     target = target[:, keep]
     mask = target != -100

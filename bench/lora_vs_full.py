@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import threading
 import os
+import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
