@@ -36,6 +36,10 @@ WORKER_ENV = {
 LOCAL_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # an actor polling node drain state every 5 s: a local node never drains
     "RAY_enable_metrics_collection": "0",         # every Ray process exports metrics nobody scrapes here
+    # The controller polls its workers every 2 s by default, and a worker's last report and the end of the run
+    # each wait for a poll: ~4 s of every training stage spent idle (SFT on the tiny model: fit 24.7 s -> 19.9 s).
+    # A poll is one small actor call per worker.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 
 

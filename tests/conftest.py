@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,21 @@ def tiny_model(models_dir) -> str:
     return resolve_model(TINY_MODEL, models_dir)
 
 
+@pytest.fixture(scope="session")
+def mlflow_schema(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with every table and migration in place, built once per session by MLflow
+    itself: building one costs 1-2 s of migrations, and dozens of tests each start from an empty store."""
+    from alignpipe import tracking
+
+    path = tmp_path_factory.mktemp("mlflow-schema") / "mlflow.db"
+    tracking.client_for(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
-def mlflow_uri(tmp_path) -> str:
+def mlflow_uri(tmp_path, mlflow_schema) -> str:
+    """A fresh, empty SQLite store for one test (a copy of the session's empty one)."""
+    shutil.copyfile(mlflow_schema, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 

@@ -1,33 +1,150 @@
-"""The whole `smoke` pipeline as a real Prefect flow (test harness), real MLflow, local Ray, tiny model."""
+"""The whole `smoke` pipeline as a real Prefect flow (test harness), real MLflow, local Ray, tiny model.
 
+The end-to-end run doubles as the credential-leak check: it runs against a real `mlflow server` whose URI carries
+a password, with secrets planted in the environment variables people really set (HF_TOKEN,
+MLFLOW_TRACKING_PASSWORD, AWS_SECRET_ACCESS_KEY, ...) and in a free-text config value. The flow must succeed with
+them, and none may appear in MLflow (runs, models, artifacts, the raw database), the workdir (Prefect result
+cache, Ray storage, summaries), stdout/stderr or the Prefect flow-run logs. (One flow run for both: each costs
+minutes of the suite on 2 cores.)
+"""
+
+import base64
 import json
 import os
+import secrets as pysecrets
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from alignpipe import tracking
+from alignpipe import ray_runner, tracking
 from alignpipe.errors import DataValidationError
+from cli import stack
 from flows.pipeline import alignpipe_pipeline
 from testlib import PIPELINES
 
 pytestmark = pytest.mark.slow
+
+SECRET_ENV = ("HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY",
+              "AWS_SESSION_TOKEN", "PREFECT_API_KEY", "WANDB_API_KEY", "OPENAI_API_KEY", "DATABRICKS_TOKEN",
+              "ACME_SERVICE_SECRET")
 
 
 def _overrides(tmp_path, tiny_model, mlflow_uri, **extra):
     return {"workdir": str(tmp_path / "work"), "model.name": tiny_model, "tracking.mlflow_uri": mlflow_uri, **extra}
 
 
-def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_uri, tmp_path):
-    summary = alignpipe_pipeline(pipeline="smoke", overrides=_overrides(tmp_path, tiny_model, mlflow_uri),
-                                 config_file=str(PIPELINES))
+@pytest.fixture
+def artifact_server(tmp_path):
+    """`mlflow server` on 127.0.0.1 over a temporary SQLite store that proxies artifacts: (URL, db file, artifact root)."""
+    root = tmp_path / "server"
+    (root / "mlartifacts").mkdir(parents=True)
+    port = stack.free_port()
+    svc = stack._start("mlflow", [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                                  f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+                                  str(root / "mlartifacts"), "--host", stack.HOST, "--port", str(port),
+                                  "--workers", "1"],
+                       port, f"http://{stack.HOST}:{port}", root / "logs", {})
+    try:
+        stack._wait(svc, stack._http_ok(f"{svc.url}/health"), timeout=240)
+        yield svc.url, root / "mlflow.db", root / "mlartifacts"
+    finally:
+        stack._signal(stack._session_pids(svc.pid), signal.SIGKILL)
+        stack._reap(svc.pid)
+
+
+def _mlflow_texts(client) -> list[str]:
+    """Every param, tag, metric name, dataset source and description in the store, as strings."""
+    from mlflow.entities import ViewType
+
+    out = []
+    experiments = client.search_experiments(view_type=ViewType.ALL)
+    for exp in experiments:
+        out += [exp.name, exp.artifact_location, *map(str, exp.tags.items())]
+    ids = [e.experiment_id for e in experiments]
+    for run in client.search_runs(ids, run_view_type=ViewType.ALL):
+        out += [*map(str, run.data.params.items()), *map(str, run.data.tags.items()), *run.data.metrics]
+        out += [str(d.dataset) for d in (run.inputs.dataset_inputs if run.inputs else [])]
+    for model in client.search_logged_models(ids):
+        out += [*map(str, model.params.items()), *map(str, model.tags.items()), model.name]
+    for rm in client.search_registered_models():
+        out += [rm.description or "", *map(str, rm.tags.items()), *map(str, rm.aliases.items())]
+        for mv in client.search_model_versions(f"name = '{rm.name}'"):
+            out += [mv.description or "", mv.source or "", *map(str, mv.tags.items())]
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _flow_run_logs(flow_run_ids: list[str]) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs are shipped in the background; send what is queued before reading
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids)))
+    return [log.message for log in logs]
+
+
+def test_smoke_flow_end_to_end(prefect_harness, tiny_model, artifact_server, tmp_path, monkeypatch, capfd):
+    url, db_file, artifact_root = artifact_server
+    planted = {name: f"plant{name.lower()[:6]}{pysecrets.token_hex(12)}" for name in SECRET_ENV}
+    for name, value in planted.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")  # MLflow sends basic auth with the env password
+    uri_password = f"uripw{pysecrets.token_hex(12)}"
+    secret_uri = url.replace("http://", f"http://alice:{uri_password}@")
+    overrides = _overrides(tmp_path, tiny_model, secret_uri,
+                           description=f"smoke run; support key {planted['ACME_SERVICE_SECRET']}")
+    # Ray workers inherit the environment of the Ray instance: start a fresh one that sees the secrets.
+    ray_runner.shutdown()
+    try:
+        summary = alignpipe_pipeline(pipeline="smoke", overrides=overrides, config_file=str(PIPELINES))
+        client = tracking.client_for(url)
+        _check_stages_runs_and_model(summary, client, url, tmp_path)
+        again, changed = _check_reruns_use_the_cache(summary, client, overrides)
+        logs = _flow_run_logs([summary["flow_run_id"], again["flow_run_id"], changed["flow_run_id"]])
+    finally:
+        ray_runner.shutdown()  # later tests get a Ray without the planted environment
+    out, err = capfd.readouterr()
+
+    needles = {**planted, "tracking URI password": uri_password,
+               "basic-auth header": base64.b64encode(f"alice:{planted['MLFLOW_TRACKING_PASSWORD']}".encode()).decode()}
+    texts = {"mlflow store": "\n".join(_mlflow_texts(client)), "stdout": out, "stderr": err,
+             "prefect flow-run logs": "\n".join(logs)}
+    blobs = {"mlflow sqlite file": db_file.read_bytes(), **_files(artifact_root), **_files(tmp_path / "work")}
+    # The search covered what it claims to: a registered model, artifacts, Ray storage, cache, logs, output.
+    # (log_prints sends the stages' prints to the Prefect logs; stdout carries the Ray workers' output)
+    assert any("registered smoke-model version" in m for m in logs)
+    assert "RayTrainWorker" in out
+    assert any("/ray_results/" in p for p in blobs) and any("/cache/" in p for p in blobs)
+    assert any(p.endswith("model_card.md") for p in blobs) and any("stage sft: running" in m for m in logs)
+
+    found = [(what, where) for what, value in needles.items() for where, text in texts.items() if value in text]
+    found += [(what, where) for what, value in needles.items() for where, blob in blobs.items()
+              if value.encode() in blob]
+    assert not found, f"planted secrets found (secret, where): {found}"
+
+    # Still recorded, with the password masked: where the store is, and the free-text field.
+    params = client.get_run(summary["mlflow_run_id"]).data.params
+    assert params["tracking.mlflow_uri"] == url.replace("http://", "http://alice:***@")
+    assert params["description"] == "smoke run; support key ***"
+    assert summary["mlflow_ui"].startswith(f"mlflow ui --backend-store-uri {url.replace('http://', 'http://alice:***@')}")
+
+
+def _check_stages_runs_and_model(summary, client, mlflow_uri, tmp_path):
+    """Every stage ran; one parent run with a nested run per stage, their metrics, artifacts and plots; a
+    registered version with lineage that loads and generates in a fresh process."""
     assert [s["stage"] for s in summary["stages"]] == ["prepare", "validate", "sft", "align", "quantize", "evaluate",
                                                        "register"]
     assert all(s["status"] == "done" for s in summary["stages"])
     assert (tmp_path / "work" / "runs" / f"{summary['flow_run_id']}.json").is_file()
 
-    client = tracking.client_for(mlflow_uri)
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[tracking.TAG_FLOW_RUN] == summary["flow_run_id"] != ""
@@ -99,9 +216,13 @@ def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_ur
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(result["out"]) == 1 and isinstance(result["out"][0], str) and not result["alignpipe"]
 
+
+def _check_reruns_use_the_cache(summary, client, overrides):
+    """Unchanged: every stage comes from the content-keyed cache. Only evaluate's settings changed: evaluate alone
+    runs again."""
+    reg = summary["registered"]
     # Re-run unchanged: every stage is served from the content-keyed cache; register finds the same weights.
-    again = alignpipe_pipeline(pipeline="smoke", overrides=_overrides(tmp_path, tiny_model, mlflow_uri),
-                               config_file=str(PIPELINES))
+    again = alignpipe_pipeline(pipeline="smoke", overrides=overrides, config_file=str(PIPELINES))
     status = {s["stage"]: s["status"] for s in again["stages"]}
     assert status == {"prepare": "done", "validate": "cached", "sft": "cached", "align": "cached",
                       "quantize": "cached", "evaluate": "cached", "register": "done"}
@@ -111,12 +232,12 @@ def test_smoke_flow_end_to_end(prefect_harness, ray_local, tiny_model, mlflow_ur
         "validate,sft,align,quantize,evaluate"
 
     # Only the evaluation settings change: evaluate runs again, the training stages stay cached.
-    changed = alignpipe_pipeline(
-        pipeline="smoke", overrides=_overrides(tmp_path, tiny_model, mlflow_uri, **{"evaluate.max_new_tokens": 12}),
-        config_file=str(PIPELINES))
+    changed = alignpipe_pipeline(pipeline="smoke", overrides={**overrides, "evaluate.max_new_tokens": 12},
+                                 config_file=str(PIPELINES))
     status = {s["stage"]: s["status"] for s in changed["stages"]}
     assert status == {"prepare": "done", "validate": "cached", "sft": "cached", "align": "cached",
                       "quantize": "cached", "evaluate": "done", "register": "done"}
+    return again, changed
 
 
 def test_bad_data_stops_the_flow_before_training(prefect_harness, ray_local, tiny_model, mlflow_uri, tmp_path):

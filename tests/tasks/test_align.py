@@ -146,7 +146,7 @@ def align_cfg(smoke_cfg, tmp_path, **align):
 
 @pytest.mark.slow
 def test_dpo_raises_heldout_preference_accuracy(smoke_cfg, ray_local, tiny_model, sft_adapter, tmp_path):
-    cfg = align_cfg(smoke_cfg, tmp_path, method="dpo", max_steps=12, learning_rate=2e-2, save_steps=6)
+    cfg = align_cfg(smoke_cfg, tmp_path, method="dpo", max_steps=8, batch_size=4, learning_rate=2e-2, save_steps=4)
     ctx = run_context(cfg, tiny_model)
     out = run_align(cfg, ctx, sft_adapter, cfg.data.preference.path, file_digest(cfg.data.preference.path))
 
@@ -167,7 +167,7 @@ def test_dpo_raises_heldout_preference_accuracy(smoke_cfg, ray_local, tiny_model
     assert len(margins) >= 3 and margins[-1] > margins[0]
     assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(out.mlflow_run_id, "adapter")}
     assert "plots/align_curves.png" in {a.path for a in client.list_artifacts(out.mlflow_run_id, "plots")}
-    assert out.metrics["global_step"] == 12
+    assert out.metrics["global_step"] == 8
 
     again = run_align(cfg, ctx, sft_adapter, cfg.data.preference.path, file_digest(cfg.data.preference.path))
     assert again.content_key == out.content_key and again.metrics == out.metrics  # reused, not retrained
