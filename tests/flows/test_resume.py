@@ -31,10 +31,12 @@ def test_killed_run_resumes_sft_from_its_last_checkpoint(prefect_harness, ray_lo
     cmd = [sys.executable, "-m", "cli.main", "run", "smoke", "--config", str(PIPELINES)]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={value}"]
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the harness's API: no temporary server
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    try:  # kill the whole process group (flow, its Prefect server, its Ray) once SFT has saved a checkpoint
+    try:  # kill the whole process group (the flow and its Ray) once SFT has saved a checkpoint
         deadline = time.monotonic() + 600  # (two folders: the first is then complete and registered by Ray)
         while len(_checkpoints(workdir)) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
