@@ -1,7 +1,7 @@
 """One SFT run of the demo model, LoRA or full fine-tuning, in this process; prints its costs as JSON.
 
 bench/run.py starts it once per mode, each in a fresh process, so one run's peak RSS cannot hide the other's.
-Both modes use the pipeline's own trainer (`tasks.sft.build_trainer`: demo SFT settings, its tokenization with
+Both modes use the pipeline's own trainer (`alignpipe.workers.sft.build_trainer`: demo SFT settings, its tokenization with
 assistant-only loss, bf16 weights + autocast where native, no gradient checkpointing, length-grouped batches)
 on the same rows, steps and batch size; `full` only switches the adapter off, so every weight trains.
 
@@ -28,10 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import TrainerCallback  # noqa: E402
 
-import tasks.sft  # noqa: E402
+import alignpipe.workers.sft as sft_worker  # noqa: E402
 from alignpipe.config import load_pipeline  # noqa: E402
 from alignpipe.data.formats import load_sft, write_jsonl  # noqa: E402
 from alignpipe.models import dtype_for, resolve_model  # noqa: E402
+from tasks.sft import loop_settings  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -94,11 +95,11 @@ def run(mode: str, steps: int, rows: int, model: str | None) -> dict:
     train = write_jsonl(load_sft(cfg.data.sft.path, limit=rows), work / "train.jsonl")
     threads = int(cfg.compute.cpus_per_worker)  # a Ray Train worker's torch threads
     torch.set_num_threads(threads)
-    conf = tasks.sft.loop_settings(cfg, base, str(train))
+    conf = loop_settings(cfg, base, str(train))
     rate = TokenRate()
     # full: the same trainer with no adapter; build_trainer looks peft_config up in its module at call time
-    with mock.patch.object(tasks.sft, "peft_config", return_value=None) if mode == "full" else nullcontext():
-        trainer, _ = tasks.sft.build_trainer(conf, str(work / "out"), [rate], log_progress=False)
+    with mock.patch.object(sft_worker, "peft_config", return_value=None) if mode == "full" else nullcontext():
+        trainer, _ = sft_worker.build_trainer(conf, str(work / "out"), [rate], log_progress=False)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     loaded_rss = current_rss_mb()  # model and data in memory, before the first step

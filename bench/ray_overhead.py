@@ -156,7 +156,8 @@ def trial(mode: str, steps: int, rows: int, model: str | None) -> dict:
     else:
         import torch
 
-        from tasks.sft import MlflowStream, build_trainer, loop_settings
+        from alignpipe.workers.sft import MlflowStream, build_trainer
+        from tasks.sft import loop_settings
 
         torch.set_num_threads(int(cfg.compute.cpus_per_worker))
         run_id = tracking.start_run(uri, exp, "in-process", {})

@@ -52,7 +52,8 @@ def sft_throughput(steps: int, rows: int) -> dict[str, float]:
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from tasks.sft import MlflowStream, build_trainer, loop_settings, peft_config, run_sft
+    from alignpipe.workers.sft import MlflowStream, build_trainer, peft_config
+    from tasks.sft import loop_settings, run_sft
 
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     overrides = {"workdir": str(work), "sft.max_steps": steps, "sft.eval_fraction": 0.0, "sft.logging_steps": 1,
@@ -147,7 +148,7 @@ def demo_run(rlhf: bool = True) -> dict:
 def int8_speed(workdir: str, rows: int = 32) -> dict:
     """Generation tokens/s of the merged fp32 aligned model vs its int8 copy, at batch 16 and batch 1, in this process."""
     from alignpipe.config import load_pipeline
-    from tasks.evaluate import evaluate_model
+    from alignpipe.workers.evaluate import evaluate_model
 
     cfg = load_pipeline(ROOT / "pipelines.yaml", "demo", {"workdir": workdir}, env={})
     [merged] = Path(workdir).glob("stages/quantize/*/merged")

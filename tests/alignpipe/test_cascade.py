@@ -4,7 +4,7 @@ import math
 
 
 from alignpipe.cascade import best_point, report, sweep
-from tasks.evaluate import score
+from alignpipe.workers.evaluate import score
 
 
 def rows(correct, logprobs=None):

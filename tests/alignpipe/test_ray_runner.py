@@ -37,5 +37,6 @@ def test_training_worker_starts_with_its_cpus_as_threads_and_without_idle_helper
     started = {info["ActorClassName"] for actor_id, info in actors().items() if actor_id not in before}
     assert "RayTrainWorker" in started
     # On the in-process Ray, no PlacementGroupCleaner (it polls a state API that only the dashboard serves) and no
-    # PreemptionWatcher (a local node never drains): both would poll for the whole run.
-    assert not started & {"PlacementGroupCleaner", "PreemptionWatcher"}
+    # PreemptionWatcher (a local node never drains): both would poll for the whole run. Without Ray Datasets, no
+    # DatasetManager (one more process to start, serving nothing).
+    assert not started & {"PlacementGroupCleaner", "PreemptionWatcher", "DatasetManager"}

@@ -11,7 +11,8 @@ from alignpipe.merge import load_with_adapter, merge_adapter
 from alignpipe.models import load_model, load_tokenizer
 from alignpipe.preference import preference_metrics
 from alignpipe.runs import file_digest
-from tasks.align import build_trainer, run_align
+from alignpipe.workers.align import build_trainer
+from tasks.align import run_align
 from testlib import DEMO_DATA, run_context
 
 SYSTEM = "Extract the contact card."
@@ -121,7 +122,7 @@ def test_orpo_and_kto_train_a_new_adapter_on_the_sft_model(method, tiny_model, s
 @pytest.mark.parametrize("optimizer", ["rloo", "grpo"])
 def test_policy_optimisers_step_against_a_reward_model(optimizer, tiny_model, sft_adapter, tmp_path):
     from alignpipe.config.align import AlignConfig
-    from tasks.align import _scorer, build_policy_trainer
+    from alignpipe.workers.align import _scorer, build_policy_trainer
 
     reference = merge_adapter(tiny_model, sft_adapter, str(tmp_path / "sft_merged"))
     align = AlignConfig(method="rlhf", precision="fp32", batch_size=4, logging_steps=1)
