@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from alignpipe.errors import AlignpipeError
+from alignpipe.ray_runner import LOCAL_RAY_ENV
 
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
@@ -181,7 +182,9 @@ def up(workdir: str | Path, on_wait: Callable[[str], None] = print, ray_cpus: in
 
         temp_dir = ray_temp_dir(workdir)
         port = free_port()
-        ray_env = {"RAY_USAGE_STATS_ENABLED": "0", **RAY_CLIENT_ENV}
+        # Both nodes on this machine: the in-process Ray's quiet settings (no drain watcher, no metrics export,
+        # Ray Train polling its workers every 0.5 s)
+        ray_env = {"RAY_USAGE_STATS_ENABLED": "0", **LOCAL_RAY_ENV, **RAY_CLIENT_ENV}
         common = ["--num-cpus", str(ray_cpus), "--object-store-memory", str(OBJECT_STORE_BYTES), "--block",
                   "--disable-usage-stats"]
         # A free port for what Ray would otherwise put on a fixed one (dashboard agent 52365), so the stack
