@@ -10,6 +10,7 @@ CLI and the tests use it.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -138,7 +139,7 @@ def _http_ok(url: str) -> Callable[[], bool]:
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 return r.status == 200
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not listening yet, or not (yet) an HTTP server there
             return False
     return check
 
@@ -179,6 +180,13 @@ def up(workdir: str | Path, on_wait: Callable[[str], None] = print, ray_cpus: in
         mlflow = start_mlflow(root, free_port())
         stack.services.append(mlflow)
         save(stack)
+        # Both must hold their ports before Ray starts: Ray's nodes bind many ports of the same ephemeral range
+        # that `free_port` picked from, and one of them took the Prefect port while Prefect was still starting
+        # (its health check got an HTTP/2 answer from a Ray gRPC server).
+        on_wait(f"Prefect server on {prefect.url}")
+        _wait(prefect, _http_ok(f"{prefect.url}/api/health"), timeout)
+        on_wait(f"MLflow server on {mlflow.url}")
+        wait_mlflow(mlflow, timeout)
 
         temp_dir = ray_temp_dir(workdir)
         port = free_port()
@@ -204,10 +212,6 @@ def up(workdir: str | Path, on_wait: Callable[[str], None] = print, ray_cpus: in
         stack.services.append(worker)
         save(stack)
 
-        on_wait(f"Prefect server on {prefect.url}")
-        _wait(prefect, _http_ok(f"{prefect.url}/api/health"), timeout)
-        on_wait(f"MLflow server on {mlflow.url}")
-        wait_mlflow(mlflow, timeout)
         on_wait("Ray worker node joining the head")
         _wait(worker, lambda: _ray_nodes(head.port) >= 2, timeout)
     except BaseException:
