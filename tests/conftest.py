@@ -17,8 +17,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemet
 # the other worker needs (set before torch loads; Ray workers inherit it)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # ... and with one pytest worker per core, torch in each (and in what it starts: CLI runs, Ray tasks) keeps to one
-# thread unless told otherwise: more busy threads than cores stall every OpenMP barrier (the DPO test took 108 s
-# beside another worker, 44 s alone). Ray training workers still get their configured `cpus_per_worker` threads.
+# thread unless told otherwise, so the workers together run no more busy threads than cores (not measured on its
+# own: with smoke's 1-CPU settings the suite went 18:02 -> 16:38). Ray training workers still get their
+# configured `cpus_per_worker` threads.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)

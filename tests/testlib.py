@@ -60,7 +60,7 @@ def registry_version(client, name: str, metrics: dict, base: dict, source, pipel
 
 
 def stack_pipelines(tmp_path, tiny_model, schedules: dict[str, dict] | None = None):
-    """A copy of pipelines.yaml whose `smoke` runs the tiny model (1 CPU per worker: the nodes have 1 each), in tmp_path."""
+    """A copy of pipelines.yaml whose `smoke` runs the tiny model on a 1-CPU-per-node cluster, in tmp_path."""
     import yaml
 
     raw = yaml.safe_load(PIPELINES.read_text())
@@ -71,6 +71,8 @@ def stack_pipelines(tmp_path, tiny_model, schedules: dict[str, dict] | None = No
     raw["defaults"]["workdir"] = str(tmp_path / "work")
     smoke = raw["pipelines"]["smoke"]
     smoke["model"]["name"] = tiny_model
+    smoke["compute"] = {**smoke.get("compute", {}), "cpus_per_worker": 1}  # the nodes have 1 CPU each: 2 would
+    smoke["evaluate"]["cpus"] = 1                                          # never schedule, whatever smoke says
     for name, schedule in (schedules or {}).items():
         raw["pipelines"][name]["schedule"] = schedule
     path = tmp_path / "pipelines.yaml"

@@ -12,7 +12,6 @@ import base64
 import json
 import os
 import secrets as pysecrets
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,6 @@ import pytest
 
 from alignpipe import ray_runner, tracking
 from alignpipe.errors import DataValidationError
-from cli import stack
 from flows.pipeline import alignpipe_pipeline
 from testlib import PIPELINES
 
@@ -34,25 +32,6 @@ SECRET_ENV = ("HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "
 
 def _overrides(tmp_path, tiny_model, mlflow_uri, **extra):
     return {"workdir": str(tmp_path / "work"), "model.name": tiny_model, "tracking.mlflow_uri": mlflow_uri, **extra}
-
-
-@pytest.fixture
-def artifact_server(tmp_path):
-    """`mlflow server` on 127.0.0.1 over a temporary SQLite store that proxies artifacts: (URL, db file, artifact root)."""
-    root = tmp_path / "server"
-    (root / "mlartifacts").mkdir(parents=True)
-    port = stack.free_port()
-    svc = stack._start("mlflow", [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                                  f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
-                                  str(root / "mlartifacts"), "--host", stack.HOST, "--port", str(port),
-                                  "--workers", "1"],
-                       port, f"http://{stack.HOST}:{port}", root / "logs", {})
-    try:
-        stack._wait(svc, stack._http_ok(f"{svc.url}/health"), timeout=240)
-        yield svc.url, root / "mlflow.db", root / "mlartifacts"
-    finally:
-        stack._signal(stack._session_pids(svc.pid), signal.SIGKILL)
-        stack._reap(svc.pid)
 
 
 def _mlflow_texts(client) -> list[str]:
@@ -91,8 +70,8 @@ def _flow_run_logs(flow_run_ids: list[str]) -> list[str]:
     return [log.message for log in logs]
 
 
-def test_smoke_flow_end_to_end(prefect_harness, tiny_model, artifact_server, tmp_path, monkeypatch, capfd):
-    url, db_file, artifact_root = artifact_server
+def test_smoke_flow_end_to_end(prefect_harness, tiny_model, mlflow_server, tmp_path, monkeypatch, capfd):
+    url, db_file, artifact_root = mlflow_server.url, mlflow_server.root / "mlflow.db", mlflow_server.root / "mlartifacts"
     planted = {name: f"plant{name.lower()[:6]}{pysecrets.token_hex(12)}" for name in SECRET_ENV}
     for name, value in planted.items():
         monkeypatch.setenv(name, value)
