@@ -157,7 +157,7 @@ def cache_key(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest:
     Stage output folders are content-addressed, so an artifact's paths change whenever its weights do.
     """
     section = {"evaluate": cfg.evaluate, "system_prompt": cfg.model.system_prompt, "json": cfg.data.json_targets,
-               "int8_cpu_kernel": cfg.quantize.cpu_kernel, "beta": cfg.align.beta}
+               **cfg.quantize.cpu_runtime(), "beta": cfg.align.beta}
     return content_key("evaluate", section,
                        {"eval": eval_digest, **{s.label: f"{s.base_path}|{s.adapter_dir}|{s.quantized_dir}|"
                                                          f"{s.reference_path}|{s.reference_label}" for s in specs},
@@ -177,7 +177,7 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
         cpus = ray_runner.task_cpus(cfg.evaluate.cpus)
         settings = {**cfg.evaluate.model_dump(), "threads": max(1, int(cpus)), "json_targets": cfg.data.json_targets,
                     "system_prompt": cfg.model.system_prompt, "dtype": models.dtype_for(cfg.evaluate.precision),
-                    "int8_cpu_kernel": cfg.quantize.cpu_kernel,
+                    **cfg.quantize.cpu_runtime(),
                     "preference_eval_path": preference_eval_path, "beta": cfg.align.beta}
         # ^ resolved here, once, so every model of the run is scored in the same dtype
         tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.eval_dtype", settings["dtype"])

@@ -14,13 +14,14 @@ import time
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 import alignpipe
-from alignpipe import ray_runner, registry, secrets, tracking
+from alignpipe import int8_cpu, ray_runner, registry, secrets, tracking
 from alignpipe.config import PipelineConfig
 from alignpipe.errors import AlignpipeError
 from alignpipe.merge import merge_adapter
@@ -53,8 +54,9 @@ class Artifact(BaseModel):
     model_dir: str
     digest: str
     description: str
-    model_config_extra: dict[str, str] = {}
+    model_config_extra: dict[str, Any] = {}
     requirements_extra: list[str] = []
+    code_paths: list[str] = []    # files the pyfunc imports beside chat_model.py
 
 
 def pip_requirements(extra: list[str] = ()) -> list[str]:
@@ -156,6 +158,7 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
                     signature=signature(cfg.evaluate.max_new_tokens),
                     input_example=[lineage.get("input_example") or DEFAULT_EXAMPLE],
                     pip_requirements=pip_requirements(art.requirements_extra),
+                    code_paths=art.code_paths or None,
                 )
                 # Under the lock, so two runs with the same weights can't both create a version; still inside
                 # the fluent run: the SQL registry resolves the logged model through the *global* tracking URI.
@@ -195,7 +198,12 @@ def _artifact(cfg: PipelineConfig, ctx: RunContext, key: str, base_path: str, ad
         qcfg = json.loads((Path(quantized_dir) / "config.json").read_text()).get("quantization_config") or {}
         method = str(qcfg.get("quant_method", "")).lower()
         extra = [_pin("torchao")] if method == "torchao" else []
+        runtime, code = {}, []
+        if cfg.quantize.cpu_kernel == "fbgemm" and int8_cpu.is_int8_dynamic(quantized_dir, here=False):
+            # served on CPU the way evaluate scored it: fused int8 linears (int8_cpu.py ships with the model)
+            runtime, code = cfg.quantize.cpu_runtime(), [int8_cpu.__file__]
         return Artifact(model_dir=quantized_dir, digest=dir_digest(quantized_dir), requirements_extra=extra,
+                        model_config_extra=runtime, code_paths=code,
                         description=f"Quantized weights ({method or 'unknown method'}).")
     if adapter_dir and cfg.register_.adapter_only:
         base_digest = dir_digest(base_path) if Path(base_path).is_dir() else base_path

@@ -19,8 +19,16 @@ class QuantizeConfig(Section):
         "then stored twice (int8 each); off = the embedding stays in full precision and its share is reported.")
     group_size: int = Field(128, ge=16, description="int4_weight_only: weights per scale/zero-point group.")
     cpu_kernel: Literal["fbgemm", "torchao"] = Field(
-        "torchao", description="How evaluate runs an int8_dynamic model on CPU: torchao = exactly what from_pretrained "
-        "gives and what is served (per-token activation scales); fbgemm = the same stored int8 weights in PyTorch's "
-        "fused dynamic-quantized linear (about 2x faster here, but per-tensor 7-bit activations cost the demo 0.25 "
-        "exact match: a speed probe, not a quality measure).")
+        "fbgemm", description="How an int8_dynamic model runs on CPU, in evaluate and in the registered model alike: "
+        "fbgemm = the stored int8 weights in PyTorch's fused dynamic-quantized linear (per-tensor activation "
+        "scales), except the layers in per_token_modules; torchao = what a plain from_pretrained gives (per-token "
+        "scales everywhere, a dozen ops per linear: slower than fp32 on CPU).")
+    per_token_modules: list[str] = Field(
+        ["down_proj"], description="cpu_kernel fbgemm: linears (by attribute name) kept on torchao's per-token "
+        "activation scales. down_proj's input carries the MLP's outlier activations: fusing it too cost the demo "
+        "0.26 exact match; [] fuses every linear.")
     cpus: float = Field(2, gt=0, description="CPUs reserved by the quantization Ray task (= torch threads).")
+
+    def cpu_runtime(self) -> dict:
+        """How evaluate and the registered model run an int8_dynamic artifact on CPU (settings / model_config)."""
+        return {"int8_cpu_kernel": self.cpu_kernel, "int8_per_token_modules": list(self.per_token_modules)}

@@ -2,8 +2,9 @@
 
 Logged as a file by the `register` stage and executed by `mlflow.pyfunc.load_model` wherever the model is
 served, so it imports only mlflow, torch, transformers, pandas and the standard library (never alignpipe).
-Config (`context.model_config`): `system_prompt`, `max_new_tokens`, optional `batch_size`, and `base_model` when
-the artifact is an adapter (adapter-only registration; then peft is needed too).
+Config (`context.model_config`): `system_prompt`, `max_new_tokens`, optional `batch_size`, `base_model` when
+the artifact is an adapter (adapter-only registration; then peft is needed too), and `int8_cpu_kernel` /
+`int8_per_token_modules` for an int8-dynamic artifact served on CPU (then `int8_cpu.py` comes as code).
 """
 
 import mlflow
@@ -32,6 +33,12 @@ class ChatModel(mlflow.pyfunc.PythonModel):
 
             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="auto"), path)
             self.model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        elif config.get("int8_cpu_kernel") == "fbgemm" and self.device == "cpu":
+            import int8_cpu  # alignpipe/int8_cpu.py, logged beside this file (code_paths): torch + torchao only
+
+            # int8 weights in PyTorch's fused dynamic-quantized linears, as the pipeline's evaluate ran them
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            int8_cpu.use_fbgemm_linears(self.model, tuple(config.get("int8_per_token_modules", ())))
         else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
         self.model = self.model.to(self.device).eval()

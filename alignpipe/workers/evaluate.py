@@ -43,7 +43,7 @@ def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict
         model = models.load_model(spec["quantized_dir"], dtype="float32" if fused else settings["dtype"])
         tokenizer = models.load_tokenizer(spec["quantized_dir"])
         if fused:
-            int8_cpu.use_fbgemm_linears(model)
+            int8_cpu.use_fbgemm_linears(model, settings.get("int8_per_token_modules", int8_cpu.PER_TOKEN_MODULES))
     elif spec["adapter_dir"]:  # merged in memory where possible: same outputs, faster decoding
         model, tokenizer = load_with_adapter(spec["base_path"], spec["adapter_dir"], settings["dtype"])
     else:

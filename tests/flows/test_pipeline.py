@@ -181,12 +181,14 @@ def _check_stages_runs_and_model(summary, client, mlflow_uri, tmp_path):
     assert version.tags["promotion.decision"] in ("promoted", "rejected")  # gates ran; the summary says which
     assert summary["promotion"] == reg["decision"] and f"version {reg['version']}" in reg["decision"]
 
-    # The registered model loads and generates in a fresh process that knows nothing of alignpipe.
+    # The registered (int8) model loads and generates in a fresh process that knows nothing of alignpipe, with
+    # the fused int8 linears evaluate scored it with (int8_cpu.py ships with the model).
     code = (
         "import json, sys, mlflow\n"
         f"m = mlflow.pyfunc.load_model('models:/{reg['model_name']}@challenger')\n"
         "out = m.predict(['Ana Lima is 34 and lives in Porto.'])\n"
-        "print(json.dumps({'out': list(out), 'alignpipe': 'alignpipe' in sys.modules}))\n"
+        "fused = sum('quantized.dynamic' in type(x).__module__ for x in m.unwrap_python_model().model.modules())\n"
+        "print(json.dumps({'out': list(out), 'alignpipe': 'alignpipe' in sys.modules, 'fused': fused}))\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
@@ -194,6 +196,7 @@ def _check_stages_runs_and_model(summary, client, mlflow_uri, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(result["out"]) == 1 and isinstance(result["out"][0], str) and not result["alignpipe"]
+    assert result["fused"] == 12, result  # the tiny model's 2 layers x 7 linears, less down_proj
 
 
 def _check_reruns_use_the_cache(summary, client, overrides):

@@ -80,12 +80,16 @@ def test_int8_shrinks_linear_layers_and_loads_in_a_fresh_process(smoke_cfg, tiny
     with torch.inference_mode():
         full = AutoModelForCausalLM.from_pretrained(out.merged_dir)(ids).logits
         torchao = AutoModelForCausalLM.from_pretrained(out.model_dir)(ids).logits
-        fused_model = AutoModelForCausalLM.from_pretrained(out.model_dir)
-        assert is_int8_dynamic(out.model_dir) and use_fbgemm_linears(fused_model) == 14  # 2 layers x 7 linears
-        fused = fused_model(ids).logits
-    err_torchao, err_fused = (torchao - full).abs().mean(), (fused - full).abs().mean()
-    assert 0 < err_fused < 3 * err_torchao, (err_fused, err_torchao)
-    assert err_fused < 0.1 * full.abs().mean(), (err_fused, full.abs().mean())
+        assert is_int8_dynamic(out.model_dir)
+        mixed_model, fused_model = (AutoModelForCausalLM.from_pretrained(out.model_dir) for _ in range(2))
+        assert use_fbgemm_linears(mixed_model) == 12  # 2 layers x 7 linears, but down_proj keeps per-token scales
+        assert type(mixed_model.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
+        assert use_fbgemm_linears(fused_model, per_token_modules=()) == 14
+        mixed, fused = mixed_model(ids).logits, fused_model(ids).logits
+    err_torchao = (torchao - full).abs().mean()
+    for err in ((mixed - full).abs().mean(), (fused - full).abs().mean()):
+        assert 0 < err < 3 * err_torchao, (err, err_torchao)
+        assert err < 0.1 * full.abs().mean(), (err, full.abs().mean())
 
     run = tracking.client_for(ctx.tracking_uri).get_run(out.mlflow_run_id)
     assert run.data.tags["mlflow.parentRunId"] == ctx.parent_run_id

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,6 +253,16 @@ def test_quantized_folder_pins_torchao_only_when_its_config_needs_it(smoke_cfg, 
         assert "pip install torchao" in str(exc)
     else:
         assert art.requirements_extra[0].startswith("torchao==")
+        assert art.model_config_extra == {} and art.code_paths == []  # weight-only int8: nothing to fuse
+
+    # int8 weights + dynamic int8 activations: served on CPU through the fused kernel evaluate scored it with
+    config["quantization_config"]["quant_type"] = {"default": {"_type": "Int8DynamicActivationInt8WeightConfig"}}
+    open(f"{quant}/config.json", "w").write(json.dumps(config))
+    art = _artifact(smoke_cfg, ctx, "k", "unused", None, quant)
+    assert art.model_config_extra == {"int8_cpu_kernel": "fbgemm", "int8_per_token_modules": ["down_proj"]}
+    assert [Path(p).name for p in art.code_paths] == ["int8_cpu.py"]
+    smoke_cfg.quantize.cpu_kernel = "torchao"
+    assert _artifact(smoke_cfg, ctx, "k", "unused", None, quant).code_paths == []
 
 
 def test_unmergeable_adapter_fails_the_stage_run_and_registers_nothing(smoke_cfg, ctx, tiny_model, tmp_path, ray_local):
