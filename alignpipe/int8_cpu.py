@@ -5,11 +5,12 @@ linear call, which on CPU decodes slower than fp32. PyTorch's `quantized::linear
 in one fused kernel. The swap keeps the stored int8 weights and per-channel scales bit for bit; only the
 activations are quantized differently: per tensor (asymmetric, 7 bits) instead of per token (symmetric).
 
-Per-tensor scales fail where a few tokens carry activations orders of magnitude above the rest: in a Llama
-MLP that is the input of `down_proj` (the "massive activations" of attention-sink tokens). So the layers named
-in `per_token_modules` keep torchao's per-token path. Measured on the demo (200 held-out rows, batch 16):
-every linear fused, exact match 0.565 at 1.83x fp32's tokens/s; all but `down_proj`, 0.820 at 1.42x; torchao
-alone, 0.800 at 0.92x; fp32 0.825.
+Per-tensor scales fail where a few tokens carry activations far above the rest, and every row of a batch
+(padding, finished sequences) shares the scale: in a Llama block that is worst at the input of `down_proj` (the
+MLP's "massive activations" of attention-sink tokens), then of `o_proj`. So the layers named in
+`per_token_modules` keep torchao's per-token path. Measured on demo models, batch 16, 2026-12-01 (see the
+README's int8 section): every linear fused, exact match 0.565 where fp32 scored 0.825; `down_proj` kept, 0.820
+on 200 rows but 0.688 on a 64-row subset where fp32 scored 0.797; `down_proj` and `o_proj` kept, 0.845 and 0.812.
 
 Imports only torch and torchao: the registered pyfunc ships this file (`code_paths`) to serve the same runtime.
 """
@@ -29,7 +30,7 @@ def is_int8_dynamic(folder: str, here: bool = True) -> bool:
     return saved and not (here and torch.cuda.is_available())
 
 
-PER_TOKEN_MODULES = ("down_proj",)
+PER_TOKEN_MODULES = ("down_proj", "o_proj")
 
 
 def use_fbgemm_linears(model, per_token_modules=PER_TOKEN_MODULES) -> int:

@@ -5,7 +5,7 @@ Measures (all on the embedded SmolLM2-135M-Instruct and the demo data):
     with its default settings on the same conversations;
   * the whole `demo` pipeline (validate, SFT, DPO, int8, four-artifact evaluation with cascade, register): wall
     time and every metric; then the same run again (cached) and `align: rlhf` on the same SFT model;
-  * int8 vs fp32 generation speed at batch 16 and 1 on the demo's own merged and quantized folders;
+  * int8 vs fp32 generation speed at batch 16 and 1 on the demo's own merged and quantized folders (best of 3, taking turns);
   * orchestration overhead of `smoke` against the local stack (bench/orchestration.py);
   * the same work as the demo done by a plain TRL script (bench/plain_trl.py): wall time and exact match;
   * LoRA vs full fine-tuning of the same model, each in its own process (bench/lora_vs_full.py): trainable
@@ -39,6 +39,7 @@ from bench import flops  # noqa: E402
 RESULTS = ROOT / "bench" / "results.json"
 TABLE = ROOT / "bench" / "results.md"
 MARK_BEGIN, MARK_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+EPS = 1e-9  # exact match is a whole number of rows over 200: 0.83 - 0.84 must count as -0.01, not below it
 VERSIONED = ("torch", "transformers", "trl", "peft", "torchao", "datasets", "ray", "prefect", "mlflow")
 
 
@@ -145,8 +146,13 @@ def demo_run(rlhf: bool = True) -> dict:
     return out
 
 
-def int8_speed(workdir: str, rows: int = 64) -> dict:
-    """Generation tokens/s of the merged fp32 aligned model vs its int8 copy, at batch 16 and batch 1, in this process."""
+def int8_speed(workdir: str, rows: int = 64, repeats: int = 3) -> dict:
+    """Generation tokens/s of the merged fp32 aligned model vs its int8 copy, at batch 16 and batch 1, in this process.
+
+    fp32 and int8 take turns, `repeats` times each, and each keeps its best run: this host's speed drifts by 20%
+    over minutes (a 2048^2 matmul measured 118-186 GFLOP/s on 2026-12-01), which one back-to-back pair can't tell
+    from a kernel's speed.
+    """
     from alignpipe.config import load_pipeline
     from alignpipe.workers.evaluate import evaluate_model
 
@@ -160,12 +166,15 @@ def int8_speed(workdir: str, rows: int = 64) -> dict:
         settings = {**cfg.evaluate.model_dump(), "limit": n, "batch_size": bs, "perplexity_rows": 1, "threads": 2,
                     "json_targets": True, "system_prompt": cfg.model.system_prompt, "dtype": "float32",
                     **cfg.quantize.cpu_runtime(), "preference_eval_path": None, "beta": 0.1}
-        for label, spec in (("fp32", {"label": "fp32", "base_path": str(merged), "adapter_dir": None}),
-                            ("int8", {"label": "int8", "base_path": str(merged), "adapter_dir": None,
-                                      "quantized_dir": str(quant)})):
-            res = evaluate_model(spec, str(eval_path), settings)
-            out[f"{label}_tokens_per_s_bs{bs}"] = res["metrics"]["tokens_per_s"]
-            out[f"{label}_exact_match_bs{bs}"] = res["metrics"]["exact_match"]
+        for _ in range(repeats):
+            for label, spec in (("fp32", {"label": "fp32", "base_path": str(merged), "adapter_dir": None}),
+                                ("int8", {"label": "int8", "base_path": str(merged), "adapter_dir": None,
+                                          "quantized_dir": str(quant)})):
+                m = evaluate_model(spec, str(eval_path), settings)["metrics"]
+                key = f"{label}_tokens_per_s_bs{bs}"
+                out.setdefault(f"{key}_runs", []).append(m["tokens_per_s"])
+                out[key] = max(out[f"{key}_runs"])
+                out[f"{label}_exact_match_bs{bs}"] = m["exact_match"]
     out["int8_runtime"] = cfg.quantize.cpu_runtime()
     return out
 
@@ -345,7 +354,7 @@ def write(results: dict) -> None:
         _row("Aligned mean reward margin vs SFT reference (held-out)", f"{al['reward_margin']:+.3f}", "> 0",
              al["reward_margin"] > 0),
         _row("Aligned − SFT exact match", f"{al['exact_match'] - sft['exact_match']:+.3f}", "≥ −0.01",
-             al["exact_match"] - sft["exact_match"] >= -0.01),
+             al["exact_match"] - sft["exact_match"] >= -0.01 - EPS),
         _row("RLHF reward model held-out accuracy", f"{r['rlhf_train'].get('reward_model/accuracy', float('nan')):.3f}",
              "≥ 0.90", r["rlhf_train"].get("reward_model/accuracy", 0) >= 0.90),
         _row("RLHF policy mean reward, end vs start", f"{r['rlhf_train'].get('policy/reward_end', float('nan')):.3f} vs "
@@ -362,10 +371,10 @@ def write(results: dict) -> None:
              f"(batch 1: {r['int8_tokens_per_s_bs1'] / r['fp32_tokens_per_s_bs1']:.2f}; {_int8_kernel(r)})", "≥ 1.30",
              r["int8_tokens_per_s_bs16"] / r["fp32_tokens_per_s_bs16"] >= 1.3),
         _row("int8 − aligned exact match (suite)", f"{qz['exact_match'] - al['exact_match']:+.3f}", "within 0.02",
-             abs(qz["exact_match"] - al["exact_match"]) <= 0.02),
+             abs(qz["exact_match"] - al["exact_match"]) <= 0.02 + EPS),
         _row("Cascade: share served by int8 at EM within 0.01 of full", f"{c['best_share_quantized']:.2f} at EM "
              f"{c['best_accuracy']:.3f} (full {c['full_accuracy']:.3f})", "≥ 0.50",
-             c["best_share_quantized"] >= 0.5 and c["best_accuracy"] >= c["full_accuracy"] - 0.01),
+             c["best_share_quantized"] >= 0.5 and c["best_accuracy"] >= c["full_accuracy"] - 0.01 - EPS),
         _row("Whole demo (validate, SFT, DPO, quantize, 4-artifact eval, register)", f"{r['demo_wall_s'] / 60:.1f} min",
              "≤ 15 min", r["demo_wall_s"] <= 900),
         "**Issue 6: operations**",
@@ -413,6 +422,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="SFT steps per throughput measurement")
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--skip-demo", action="store_true", help="reuse the demo numbers from the last results.json")
+    ap.add_argument("--int8-speed", action="store_true",
+                    help="with --skip-demo: measure int8 vs fp32 speed again on the last demo's artifacts")
     ap.add_argument("--skip-sft", action="store_true", help="reuse the SFT throughput numbers from results.json")
     ap.add_argument("--skip-rlhf", action="store_true", help="reuse the RLHF numbers from results.json")
     ap.add_argument("--skip-orchestration", action="store_true", help="skip the local-stack overhead run")
@@ -431,6 +442,9 @@ def main() -> None:
         results.update(sft_throughput(args.steps, args.rows))
     if not args.skip_demo:
         results.update(demo_run(rlhf=not args.skip_rlhf))
+    if not args.skip_demo or args.int8_speed:
+        if not Path(results.get("demo_workdir", "")).is_dir():
+            sys.exit("--int8-speed needs the last demo's workdir (bench/results.json demo_workdir): run the demo bench")
         results.update(int8_speed(results["demo_workdir"]))
     if not args.skip_plain_trl:  # in the same sitting as the demo: their two walls are compared
         results.update(plain_trl())

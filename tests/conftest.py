@@ -28,6 +28,12 @@ os.environ.pop("RAY_ADDRESS", None)
 from testlib import PIPELINES
 
 
+def pytest_collection_modifyitems(config, items):
+    """End-to-end (`slow`) tests first: xdist hands tests out in this order as workers free up, so the minutes-long
+    ones start early and the many short ones fill in at the end, instead of one long test running alone last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

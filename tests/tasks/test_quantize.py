@@ -82,8 +82,9 @@ def test_int8_shrinks_linear_layers_and_loads_in_a_fresh_process(smoke_cfg, tiny
         torchao = AutoModelForCausalLM.from_pretrained(out.model_dir)(ids).logits
         assert is_int8_dynamic(out.model_dir)
         mixed_model, fused_model = (AutoModelForCausalLM.from_pretrained(out.model_dir) for _ in range(2))
-        assert use_fbgemm_linears(mixed_model) == 12  # 2 layers x 7 linears, but down_proj keeps per-token scales
-        assert type(mixed_model.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
+        assert use_fbgemm_linears(mixed_model) == 10  # 2 layers x 7 linears, but down_proj and o_proj keep
+        layer = mixed_model.model.layers[0]        # their per-token scales
+        assert {type(m.weight).__name__ for m in (layer.mlp.down_proj, layer.self_attn.o_proj)} == {"Int8Tensor"}
         assert use_fbgemm_linears(fused_model, per_token_modules=()) == 14
         mixed, fused = mixed_model(ids).logits, fused_model(ids).logits
     err_torchao = (torchao - full).abs().mean()

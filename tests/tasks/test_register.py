@@ -259,7 +259,7 @@ def test_quantized_folder_pins_torchao_only_when_its_config_needs_it(smoke_cfg, 
     config["quantization_config"]["quant_type"] = {"default": {"_type": "Int8DynamicActivationInt8WeightConfig"}}
     open(f"{quant}/config.json", "w").write(json.dumps(config))
     art = _artifact(smoke_cfg, ctx, "k", "unused", None, quant)
-    assert art.model_config_extra == {"int8_cpu_kernel": "fbgemm", "int8_per_token_modules": ["down_proj"]}
+    assert art.model_config_extra == {"int8_cpu_kernel": "fbgemm", "int8_per_token_modules": ["down_proj", "o_proj"]}
     assert [Path(p).name for p in art.code_paths] == ["int8_cpu.py"]
     smoke_cfg.quantize.cpu_kernel = "torchao"
     assert _artifact(smoke_cfg, ctx, "k", "unused", None, quant).code_paths == []
