@@ -37,7 +37,9 @@ def test_defaults_merge_and_pipeline_wins():
     smoke = load_pipeline(PIPELINES, "smoke", env={})
     assert demo.model.name == "smollm2-135m-instruct"
     assert smoke.model.name == "tiny-random-llama"
-    assert smoke.sft.peft.r == demo.sft.peft.r == 16  # from defaults
+    assert smoke.sft.peft.r == 16 and (demo.sft.peft.r, demo.sft.peft.alpha) == (32, 64)  # the pipeline wins...
+    assert demo.sft.peft.method == "lora" and demo.sft.peft.target_modules == smoke.sft.peft.target_modules  # ...key
+    # by key: the rest of the section still comes from the defaults
     assert smoke.sft.max_steps == 6 and demo.sft.max_steps > smoke.sft.max_steps
     assert demo.data.sft.path.endswith("data/demo/sft_train.jsonl")  # resolved against the file's folder
 
