@@ -23,11 +23,14 @@ def is_int8_dynamic(folder: str, here: bool = True) -> bool:
     import json
     from pathlib import Path
 
+    config = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    if "Int8DynamicActivationInt8WeightConfig" not in json.dumps(config):
+        return False
+    if not here:
+        return True
     import torch
 
-    config = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
-    saved = "Int8DynamicActivationInt8WeightConfig" in json.dumps(config)
-    return saved and not (here and torch.cuda.is_available())
+    return not torch.cuda.is_available()
 
 
 PER_TOKEN_MODULES = ("down_proj", "o_proj")

@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from alignpipe import int8_cpu
 from alignpipe.config.base import Section
 
 GPU_ONLY = ("bnb_int8", "bnb_nf4")  # bitsandbytes kernels need CUDA
@@ -24,7 +25,7 @@ class QuantizeConfig(Section):
         "scales), except the layers in per_token_modules; torchao = what a plain from_pretrained gives (per-token "
         "scales everywhere, a dozen ops per linear: slower than fp32 on CPU).")
     per_token_modules: list[str] = Field(
-        ["down_proj", "o_proj"], description="cpu_kernel fbgemm: linears (by attribute name) kept on torchao's "
+        list(int8_cpu.PER_TOKEN_MODULES), description="cpu_kernel fbgemm: linears (by attribute name) kept on torchao's "
         "per-token activation scales. Their inputs carry the outlier activations: fusing every linear ([]) cost the "
         "demo 0.26 exact match, fusing o_proj too up to 0.11 on a 64-row subset.")
     cpus: float = Field(2, gt=0, description="CPUs reserved by the quantization Ray task (= torch threads).")

@@ -38,7 +38,8 @@ class ChatModel(mlflow.pyfunc.PythonModel):
 
             # int8 weights in PyTorch's fused dynamic-quantized linears, as the pipeline's evaluate ran them
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            int8_cpu.use_fbgemm_linears(self.model, tuple(config.get("int8_per_token_modules", ())))
+            int8_cpu.use_fbgemm_linears(self.model, tuple(config.get("int8_per_token_modules",
+                                                                     int8_cpu.PER_TOKEN_MODULES)))
         else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
         self.model = self.model.to(self.device).eval()
