@@ -70,8 +70,15 @@ def _wait_state(client, run_id, done, timeout=900):
 def _train_workers(local_stack) -> list[int]:
     """Ray Train worker processes of the stack's cluster (other Ray instances on the machine do not count)."""
     sessions = {s.pid for s in local_stack.services if s.name.startswith("ray")}
-    return [pid for sid in sessions for pid in stack._session_pids(sid)
-            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return [pid for sid in sessions for pid in stack._session_pids(sid) if b"RayTrainWorker" in _cmdline(pid)]
+
+
+def _cmdline(pid: int) -> bytes:
+    """A process's command line; empty once it has exited (workers exit while we list them after a cancel)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 def test_deployments_have_schedules_and_a_typed_form(local_stack, deployed):
