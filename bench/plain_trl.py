@@ -56,7 +56,8 @@ def demo_settings(pipelines: Path = ROOT / "pipelines.yaml") -> dict:
         "align_lora": dict(r=a.peft.r, lora_alpha=a.peft.alpha, lora_dropout=a.peft.dropout,
                            target_modules=a.peft.target_modules, task_type="CAUSAL_LM"),
         "eval": dict(rows=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                     perplexity_rows=e.perplexity_rows, beta=a.beta),
+                     perplexity_rows=e.perplexity_rows,
+                     preference_rows=e.preference_rows, beta=a.beta),
     }
 
 
@@ -249,7 +250,8 @@ def main() -> None:
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if bf16_native() else torch.float32  # the pipeline's evaluate.precision: auto
     rows = read_jsonl(DATA / "sft_heldout.jsonl", args.eval_rows)
-    pairs = read_jsonl(DATA / "pref_heldout.jsonl", args.eval_rows)
+    caps = [n for n in (args.eval_rows, EVAL["preference_rows"]) if n]  # as `evaluate`: both cap the pairs
+    pairs = read_jsonl(DATA / "pref_heldout.jsonl", min(caps) if caps else None)
     metrics = {}
     metrics["base"], _ = evaluate(args.model, rows, pairs, dtype)
     metrics["sft"], sft_logps = evaluate(sft_path, rows, pairs, dtype)

@@ -12,6 +12,9 @@ class EvaluateConfig(Section):
     max_new_tokens: int = Field(64, ge=1, description="Generation budget per answer.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N held-out rows.")
     perplexity_rows: int | None = Field(128, ge=1, description="Held-out rows scored for perplexity (None = all).")
+    preference_rows: int | None = Field(
+        128, ge=1, description="Held-out preference pairs scored for preference accuracy and reward margin "
+        "(None = all; `limit` caps them too). Each pair costs two forward passes per artifact.")
     compare_base: bool = Field(True, description="Also evaluate the untuned base model, side by side.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Weights dtype while evaluating; auto = bf16 where computed natively (~3x faster "

@@ -102,14 +102,15 @@ def _preference_metrics(model, tokenizer, spec: dict, settings: dict[str, Any]):
     """
     from alignpipe.preference import metrics_from_logps, pair_logps
 
-    pairs = load_canonical(settings["preference_eval_path"])[: settings["limit"]]
+    caps = [n for n in (settings["limit"], settings.get("preference_rows")) if n]
+    pairs = load_canonical(settings["preference_eval_path"])[: min(caps) if caps else None]
     policy = pair_logps(model, tokenizer, pairs, settings["system_prompt"], settings["batch_size"])
     reference = settings.get("reference_logps")
     if reference is None and spec.get("reference_path"):
         ref_model = models.load_model(spec["reference_path"], dtype=settings["dtype"]).eval()
         reference = pair_logps(ref_model, tokenizer, pairs, settings["system_prompt"], settings["batch_size"])
         del ref_model
-    return metrics_from_logps(policy, settings["beta"], reference), policy
+    return {**metrics_from_logps(policy, settings["beta"], reference), "preference_pairs": len(pairs)}, policy
 
 
 def _generate(model, tokenizer, prompts: list[str], settings: dict[str, Any]):

@@ -17,6 +17,11 @@ def test_preference_accuracy_and_reward_margin(smoke_cfg, tiny_model, tmp_path):
     metrics = evaluate_model(spec, eval_path, settings)["metrics"]
     assert 0.0 <= metrics["preference_accuracy"] <= 1.0
     assert metrics["reward_margin"] == pytest.approx(0.0, abs=1e-6)  # the model is its own reference
+    assert metrics["preference_pairs"] == 4                            # `limit` caps the pairs as well as the rows
+
+    capped = evaluate_model(spec, eval_path, {**settings, "limit": None, "preference_rows": 3})
+    assert capped["metrics"]["preference_pairs"] == 3 and len(capped["pair_logps"]["chosen"]) == 3
+    assert capped["metrics"]["rows"] == 16                            # the generations are not capped by it
 
     plain = evaluate_model({**spec, "reference_path": None}, eval_path, {**settings, "preference_eval_path": None})
     assert "preference_accuracy" not in plain["metrics"] and "reward_margin" not in plain["metrics"]

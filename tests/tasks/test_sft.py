@@ -56,3 +56,29 @@ def test_zero_steps_gives_an_untrained_adapter(smoke_cfg, tiny_model, ray_local,
     out = run_sft(cfg, ctx, *canonical_split(cfg, "sft", tmp_path))
     assert "global_step" not in out.metrics
     assert (Path(out.adapter_dir) / "adapter_model.safetensors").is_file()
+
+
+def test_final_eval_loss_reuses_the_last_step_eval_and_matches_a_fresh_one(smoke_cfg, tiny_model, tmp_path):
+    """The Trainer already evaluated the final weights at the last step: no second pass, the same number."""
+    from transformers import TrainerCallback
+
+    from alignpipe.workers.sft import build_trainer, final_eval_loss
+    from tasks.sft import loop_settings
+
+    cfg = _cfg(smoke_cfg)
+    cfg.sft.eval_fraction, cfg.sft.eval_steps, cfg.sft.max_steps = 0.25, 4, 6   # evals at steps 4 and 6 (the end)
+    train_path, _ = canonical_split(cfg, "sft", tmp_path)
+
+    class CountEvals(TrainerCallback):
+        calls = 0
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            CountEvals.calls += 1
+
+    trainer, _ = build_trainer(loop_settings(cfg, tiny_model, train_path), str(tmp_path / "out"), [CountEvals()],
+                               log_progress=False)
+    trainer.train()
+    assert CountEvals.calls == 2
+    loss = final_eval_loss(trainer)
+    assert CountEvals.calls == 2                                   # reused, not recomputed
+    assert loss == trainer.evaluate()["eval_loss"]                 # and it is what a fresh pass gives
