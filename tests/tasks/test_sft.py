@@ -70,15 +70,17 @@ def test_final_eval_loss_reuses_the_last_step_eval_and_matches_a_fresh_one(smoke
     train_path, _ = canonical_split(cfg, "sft", tmp_path)
 
     class CountEvals(TrainerCallback):
-        calls = 0
+        def __init__(self):
+            self.calls = 0
 
         def on_evaluate(self, args, state, control, **kwargs):
-            CountEvals.calls += 1
+            self.calls += 1
 
-    trainer, _ = build_trainer(loop_settings(cfg, tiny_model, train_path), str(tmp_path / "out"), [CountEvals()],
+    evals = CountEvals()
+    trainer, _ = build_trainer(loop_settings(cfg, tiny_model, train_path), str(tmp_path / "out"), [evals],
                                log_progress=False)
     trainer.train()
-    assert CountEvals.calls == 2
+    assert evals.calls == 2
     loss = final_eval_loss(trainer)
-    assert CountEvals.calls == 2                                   # reused, not recomputed
+    assert evals.calls == 2                                        # reused, not recomputed
     assert loss == trainer.evaluate()["eval_loss"]                 # and it is what a fresh pass gives
