@@ -43,6 +43,35 @@ LOCAL_RAY_ENV = {
 }
 
 
+def ensure_auth_token() -> Path | None:
+    """Make the token a local Ray cluster authenticates with, once per machine, if there is none yet.
+
+    Ray turns token auth on for a new local cluster; `ray.init` writes the token (~/.ray/auth_token, or
+    `RAY_AUTH_TOKEN_PATH`) when it is missing, but `ray start` (the local stack's nodes) refuses to start without
+    one, and two first starts at once (two pipelines, two test workers) each write their own, non-atomically.
+    Here the file appears whole, once: written aside and linked into place, and whoever links second keeps the
+    first one's token. Returns the token file, or None when `RAY_AUTH_TOKEN` carries the token itself.
+    """
+    import secrets
+
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    if path.is_file() and path.stat().st_size:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".auth_token-", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes: 256 random bits
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process made it first: keep theirs
+    finally:
+        os.unlink(tmp)
+    return path
+
+
 def ensure_ray(compute: ComputeConfig) -> None:
     """Start Ray in-process, or connect to `compute.ray_address`, once per process."""
     import ray
@@ -56,6 +85,7 @@ def ensure_ray(compute: ComputeConfig) -> None:
     if not compute.ray_address:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
+        ensure_auth_token()  # a cluster's token is its operator's to hand out
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
                               "runtime_env": {"env_vars": dict(WORKER_ENV)}}
     # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (Prefect's, which turns a

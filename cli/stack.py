@@ -25,12 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from alignpipe.errors import AlignpipeError
-from alignpipe.ray_runner import LOCAL_RAY_ENV
+from alignpipe.ray_runner import LOCAL_RAY_ENV, ensure_auth_token
 
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
 # Ray's GCS listens on every interface whatever --node-ip-address says: keep token auth on (the token is
-# ~/.ray/auth_token, made on first use) and tell every client to send it.
+# ~/.ray/auth_token, made before the head starts if missing: `ray start` will not make it) and tell every client
+# to send it.
 RAY_CLIENT_ENV = {"RAY_AUTH_MODE": "token"}
 OBJECT_STORE_BYTES = 256 * 1024**2
 
@@ -189,6 +190,7 @@ def up(workdir: str | Path, on_wait: Callable[[str], None] = print, ray_cpus: in
         wait_mlflow(mlflow, timeout)
 
         temp_dir = ray_temp_dir(workdir)
+        ensure_auth_token()
         port = free_port()
         # Both nodes on this machine: the in-process Ray's quiet settings (no drain watcher, no metrics export,
         # Ray Train polling its workers every 0.5 s)

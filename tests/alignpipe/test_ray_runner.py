@@ -1,8 +1,9 @@
 """Ray helpers on a real local Ray instance."""
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
-from alignpipe.ray_runner import task_cpus
+from alignpipe.ray_runner import ensure_auth_token, task_cpus
 
 
 def test_task_cpus_is_capped_at_the_largest_node(ray_local):
@@ -40,3 +41,18 @@ def test_training_worker_starts_with_its_cpus_as_threads_and_without_idle_helper
     # PreemptionWatcher (a local node never drains): both would poll for the whole run. Without Ray Datasets, no
     # DatasetManager (one more process to start, serving nothing).
     assert not started & {"PlacementGroupCleaner", "PreemptionWatcher", "DatasetManager"}
+
+
+def test_auth_token_is_made_once_whole_and_private(tmp_path, monkeypatch):
+    token = tmp_path / "home" / ".ray" / "auth_token"
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    with ThreadPoolExecutor(8) as pool:  # eight first starts at once: one token, which all of them then use
+        paths = list(pool.map(lambda _: ensure_auth_token(), range(8)))
+    assert paths == [token] * 8
+    first = token.read_text()
+    assert len(first) == 64 and int(first, 16) and token.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in token.parent.iterdir()] == ["auth_token"]  # no temporary file left beside it
+    assert ensure_auth_token() == token and token.read_text() == first  # an existing token is kept
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-the-environment")
+    assert ensure_auth_token() is None

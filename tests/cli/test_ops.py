@@ -23,11 +23,15 @@ def _get(url):
         return r.status, r.read().decode()
 
 
-def test_up_status_env_down(tmp_path):
+def test_up_status_env_down(tmp_path, monkeypatch):
     workdir = tmp_path / "work"
+    # as on a fresh machine: no Ray token yet (`ray start` alone refuses to start without one)
+    token = tmp_path / "home" / ".ray" / "auth_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     try:
         up = _cli("up", "--workdir", str(workdir))
         assert up.returncode == 0, up.stdout + up.stderr
+        assert len(token.read_text()) == 64 and token.stat().st_mode & 0o077 == 0  # made for it, private
         state = stack.load(workdir)
         names = [s.name for s in state.services]
         assert names == ["prefect", "mlflow", "ray-head", "ray-worker"]
