@@ -27,6 +27,11 @@ WORKER_ENV = {
     "GX_ANALYTICS_ENABLED": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
     "PYTHONUNBUFFERED": "1",
+    # Ray Train copies every print() of a training worker to the root logger, even one a library sends into a
+    # captured stdout: `datasets` fingerprints each map function with dill, whose `dis.dis` into a StringIO then
+    # reached the console as ~1000 lines of bytecode per stage. Prints still go to the worker's stdout, which
+    # Ray forwards to the driver.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     **HTTP_ENV,
 }
 
