@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,34 @@ def test_deployments_have_schedules_and_a_typed_form(local_stack, deployed):
     assert "section.key" in props["overrides"]["description"]  # the form explains itself
     assert props["config_file"]["type"] == "string"
     assert smoke.enforce_parameter_schema
+
+
+def test_the_servers_scheduler_creates_the_scheduled_runs(local_stack, deployed):
+    """The schedules fire: the server's scheduler service puts each deployment's upcoming runs on the calendar
+    (it schedules a freshly changed deployment within seconds). Then the schedules are paused and their runs
+    removed, so that none comes due while later tests serve the deployments.
+
+    (With SQLAlchemy 2.1 the scheduler service of Prefect 3.8.8 failed on every pass, "Can't evaluate bulk DML
+    statement", and no schedule ever fired; the lock pins 2.0.)"""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with _client(local_stack) as client:
+        ids = list(deployed[1].values())
+        deadline, runs = time.monotonic() + 120, []
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids)))
+            if {str(r.deployment_id) for r in runs} == set(ids):
+                break
+            time.sleep(2)
+        for deployment_id in ids:  # pausing a schedule also removes the runs it had put on the calendar
+            for schedule in client.read_deployment(deployment_id).schedules:
+                client.update_deployment_schedule(deployment_id, schedule.id, active=False)
+        for run in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids))):
+            if run.state.is_scheduled():
+                client.delete_flow_run(run.id)
+    assert {str(r.deployment_id) for r in runs} == set(ids), "the scheduler created no runs for " + ", ".join(
+        name for name, i in deployed[1].items() if i not in {str(r.deployment_id) for r in runs})
+    assert all(r.state.is_scheduled() and r.expected_start_time > datetime.now(timezone.utc) for r in runs)
 
 
 def test_run_launched_through_the_api_trains_ddp_on_two_nodes(local_stack, deployed, server):
