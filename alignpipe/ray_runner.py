@@ -62,7 +62,7 @@ def ensure_auth_token() -> Path | None:
     if os.environ.get("RAY_AUTH_TOKEN"):
         return None
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
-    if path.is_file() and path.stat().st_size:
+    if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".auth_token-", dir=path.parent)  # mode 0600
