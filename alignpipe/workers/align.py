@@ -46,7 +46,7 @@ def trainer_args(a: dict[str, Any], output_dir: str, use_gpu: bool, dtype: str) 
         save_strategy="steps",
         save_steps=a["save_steps"],
         save_total_limit=1,
-        gradient_checkpointing=a["gradient_checkpointing"],
+        activation_checkpointing=a["gradient_checkpointing"],  # transformers 5 name; overrides TRL's default True
         use_cpu=not use_gpu,
         bf16=dtype == "bfloat16",
         seed=a["seed"],

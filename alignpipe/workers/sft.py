@@ -134,7 +134,9 @@ def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list, log_
         save_total_limit=1,  # scratch only: Ray storage keeps `checkpoints_to_keep`
         load_best_model_at_end=bool(s["early_stopping_patience"] and eval_ds is not None),
         metric_for_best_model="eval_loss",
-        gradient_checkpointing=s["gradient_checkpointing"],  # TRL defaults to True: ~50% slower on CPU
+        # TRL defaults to True (~50% slower on CPU); transformers 5 names it activation_checkpointing (the old
+        # name still works but warns in every worker)
+        activation_checkpointing=s["gradient_checkpointing"],
         use_cpu=not use_gpu,
         bf16=dtype == "bfloat16",  # autocast; the PEFT weights themselves stay fp32
         max_length=s["max_length"],

@@ -84,3 +84,24 @@ def test_final_eval_loss_reuses_the_last_step_eval_and_matches_a_fresh_one(smoke
     loss = final_eval_loss(trainer)
     assert evals.calls == 2                                        # reused, not recomputed
     assert loss == trainer.evaluate()["eval_loss"]                 # and it is what a fresh pass gives
+
+
+def test_gradient_checkpointing_setting_reaches_the_trainer_without_a_deprecation_warning(smoke_cfg, tiny_model,
+                                                                                           tmp_path):
+    """`sft.gradient_checkpointing` is what the Trainer uses (TRL's own default is on) and is passed under
+    transformers 5's name, so no worker prints the old name's FutureWarning."""
+    import warnings
+
+    from alignpipe.workers.sft import build_trainer
+    from tasks.sft import loop_settings
+
+    cfg = _cfg(smoke_cfg)
+    train_path, _ = canonical_split(cfg, "sft", tmp_path)
+    for wanted in (False, True):
+        cfg.sft.gradient_checkpointing = wanted
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer, _ = build_trainer(loop_settings(cfg, tiny_model, train_path), str(tmp_path / f"out{wanted}"), [],
+                                       log_progress=False)
+        assert trainer.args.activation_checkpointing is wanted and trainer.args.gradient_checkpointing is wanted
+        assert not [w for w in caught if "`gradient_checkpointing` is deprecated" in str(w.message)]
