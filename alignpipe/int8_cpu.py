@@ -57,10 +57,12 @@ def use_fbgemm_linears(model, per_token_modules=PER_TOKEN_MODULES) -> int:
             if name in per_token_modules:
                 continue
             rows = w.qdata.shape[0]
-            qweight = torch._make_per_channel_quantized_tensor(
-                w.qdata.contiguous(), w.scale.reshape(rows).double(), torch.zeros(rows, dtype=torch.long), 0)
-            with warnings.catch_warnings():  # torch.ao.nn.quantized is deprecated in favour of torchao
+            # torch.ao.nn.quantized and its qint8 tensors are deprecated in favour of torchao (pytorch#184982), which
+            # has no fused per-channel int8 CPU kernel yet: use them without the warning they print for every layer
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                qweight = torch._make_per_channel_quantized_tensor(
+                    w.qdata.contiguous(), w.scale.reshape(rows).double(), torch.zeros(rows, dtype=torch.long), 0)
                 fused = DynamicLinear(child.in_features, child.out_features, bias_=child.bias is not None,
                                       dtype=torch.qint8)
             bias = child.bias.detach().float() if child.bias is not None else None

@@ -25,11 +25,18 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipelines file.
 
 
 def _quiet_env() -> None:
-    """Resolved once, here at the edge: no telemetry from the libraries we drive."""
+    """Resolved once, here at the edge: no telemetry from the libraries we drive. (Prefect's client honours
+    DO_NOT_TRACK, but the temporary server `run` starts sends its own heartbeat unless its analytics setting is
+    off; that heartbeat also raced the flow for the server's SQLite file and logged "database is locked".)"""
     for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "GX_ANALYTICS_ENABLED": "false",
                        "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
-                       "DO_NOT_TRACK": "1"}.items():
+                       "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
         os.environ.setdefault(key, value)
+
+
+@app.callback()
+def _every_command() -> None:
+    _quiet_env()  # before any command imports Prefect, Ray or GX: they read these once
 
 
 @app.command()
@@ -59,7 +66,6 @@ def run(
     config: ConfigOpt = Path("pipelines.yaml"),
 ) -> None:
     """Run one pipeline end to end and print its summary."""
-    _quiet_env()
     try:  # fail fast on config mistakes, before Prefect, Ray or MLflow start
         overrides = parse_overrides(set_)
         problems = preflight(load_pipeline(config, pipeline, overrides, env=os.environ))

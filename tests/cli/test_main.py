@@ -43,3 +43,13 @@ def test_run_with_bad_config_exits_nonzero_without_traceback(tmp_path):
     assert proc.returncode == 1
     assert "sft.batch_size" in proc.stderr and "many" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_every_command_turns_library_telemetry_off_first(monkeypatch):
+    """Prefect's temporary server sends its own heartbeat unless told not to (DO_NOT_TRACK is not enough)."""
+    for key in ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", "RAY_USAGE_STATS_ENABLED"):
+        monkeypatch.delenv(key, raising=False)
+    result = runner.invoke(app, ["check", "--config", str(PIPELINES)])
+    assert result.exit_code == 0, result.output
+    assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert os.environ["DO_NOT_TRACK"] == "1" and os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
