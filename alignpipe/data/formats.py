@@ -100,7 +100,7 @@ def detect_format(row: dict[str, Any], source: str = "") -> str:
         return "prompt_completion"
     raise AlignpipeError(
         f"{source + ': ' if source else ''}cannot tell the data format from the columns "
-        f"{', '.join(_columns(row)) or '(none)'}; expected one of: "
+        f"{', '.join(row_columns(row)) or '(none)'}; expected one of: "
         "messages | prompt+completion | instruction+output (Alpaca) | conversations (ShareGPT), "
         "or set data.<source>.format"
     )
@@ -144,7 +144,7 @@ def check_columns(row: dict[str, Any], required: tuple[str, ...], fmt: str, dete
         how = "detected from the first row" if detected else "set by data.<split>.format"
         raise AlignpipeError(f"{where}: no {' or '.join(map(repr, missing))} column; the format is {fmt!r} ({how}), "
                              f"so every row needs {', '.join(required)}; columns here: "
-                             f"{', '.join(_columns(row)) or '(none)'}")
+                             f"{', '.join(row_columns(row)) or '(none)'}")
 
 
 def load_sft(path: str, fmt: str = "auto", limit: int | None = None, max_bytes: int | None = None,
@@ -167,25 +167,25 @@ def load_canonical(path: str | Path) -> list[dict[str, Any]]:
     return [row for _, row in _iter_jsonl(Path(path), None, None)]
 
 
-def _text(value: Any, where: str) -> str:
+def text_field(value: Any, where: str) -> str:
     """A text field: None becomes "" (validate reports it as blank); any other non-string is refused."""
     if value is not None and not isinstance(value, str):
         raise RowError(f"{where} must be a string, got {_kind(value)} {_short(value)}")
     return value or ""
 
 
-def _msg(role: Any, content: Any, where: str = "message") -> dict[str, str]:
-    return {"role": _text(role, f"{where}.role"), "content": _text(content, f"{where}.content")}
+def make_message(role: Any, content: Any, where: str = "message") -> dict[str, str]:
+    return {"role": text_field(role, f"{where}.role"), "content": text_field(content, f"{where}.content")}
 
 
-def _as_messages(value: Any, default_role: str, where: str = "value") -> list[dict[str, str]]:
+def as_messages(value: Any, default_role: str, where: str = "value") -> list[dict[str, str]]:
     """A string (one message of `default_role`) or a list of {role, content} objects."""
     if isinstance(value, list):
         out = []
         for i, m in enumerate(value):
             if not isinstance(m, dict):
                 raise RowError(f"{where}[{i}] must be an object with role and content, got {_kind(m)} {_short(m)}")
-            out.append(_msg(m.get("role"), m.get("content"), f"{where}[{i}]"))
+            out.append(make_message(m.get("role"), m.get("content"), f"{where}[{i}]"))
         return out
     if value is not None and not isinstance(value, str):
         raise RowError(f"{where} must be a string or a list of messages, got {_kind(value)} {_short(value)}")
@@ -196,19 +196,19 @@ def _from_messages(row):
     value = row.get("messages")
     if value is not None and not isinstance(value, list):
         raise RowError(f"messages must be a list of {{role, content}} objects, got {_kind(value)} {_short(value)}")
-    return _as_messages(value or [], "user", "messages")
+    return as_messages(value or [], "user", "messages")
 
 
 def _from_prompt_completion(row):
-    return _as_messages(row.get("prompt"), "user", "prompt") + _as_messages(row.get("completion"), "assistant",
+    return as_messages(row.get("prompt"), "user", "prompt") + as_messages(row.get("completion"), "assistant",
                                                                             "completion")
 
 
 def _from_alpaca(row):
-    instruction, extra = _text(row.get("instruction"), "instruction"), _text(row.get("input"), "input")
+    instruction, extra = text_field(row.get("instruction"), "instruction"), text_field(row.get("input"), "input")
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    msgs = [_msg("system", row["system"], "system")] if row.get("system") else []
-    return msgs + [_msg("user", user), _msg("assistant", row.get("output"), "output")]
+    msgs = [make_message("system", row["system"], "system")] if row.get("system") else []
+    return msgs + [make_message("user", user), make_message("assistant", row.get("output"), "output")]
 
 
 def _from_sharegpt(row):
@@ -221,11 +221,11 @@ def _from_sharegpt(row):
             raise RowError(f"conversations[{i}] must be an object with from and value, got {_kind(t)} {_short(t)}")
         role = t.get("from")
         role = SHAREGPT_ROLES.get(role.lower(), role) if isinstance(role, str) else role
-        out.append(_msg(role, t.get("value"), f"conversations[{i}]"))
+        out.append(make_message(role, t.get("value"), f"conversations[{i}]"))
     return out
 
 
-def _columns(row: dict[str, Any]) -> list[str]:
+def row_columns(row: dict[str, Any]) -> list[str]:
     return sorted(str(k) for k in row if k != "__line__")
 
 

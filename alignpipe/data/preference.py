@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from alignpipe.data.formats import RowError, _as_messages, _columns, _msg, _text, check_columns, read_rows
+from alignpipe.data.formats import (RowError, as_messages, check_columns, make_message, read_rows, row_columns,
+                                    text_field)
 from alignpipe.errors import AlignpipeError
 
 PREFERENCE_FORMATS = ("prompt_chosen_rejected", "hh_rlhf", "ultrafeedback")
@@ -30,7 +31,7 @@ def detect_preference_format(row: dict[str, Any], source: str = "") -> str:
     where = f"{source}: " if source else ""
     if "chosen" not in row or "rejected" not in row:
         raise AlignpipeError(
-            f"{where}cannot tell the preference format from the columns {', '.join(_columns(row)) or '(none)'}; "
+            f"{where}cannot tell the preference format from the columns {', '.join(row_columns(row)) or '(none)'}; "
             "expected prompt+chosen+rejected, HH-RLHF chosen+rejected transcripts, or UltraFeedback chosen+rejected "
             "message lists, or set data.preference.format"
         )
@@ -104,25 +105,25 @@ def _split_last_answer(msgs: list[dict[str, str]]) -> tuple[list[dict[str, str]]
 
 
 def _from_prompt_chosen_rejected(row):
-    prompt = _as_messages(row.get("prompt"), "user", "prompt")
-    chosen = _as_messages(row.get("chosen"), "assistant", "chosen")
-    rejected = _as_messages(row.get("rejected"), "assistant", "rejected")
+    prompt = as_messages(row.get("prompt"), "user", "prompt")
+    chosen = as_messages(row.get("chosen"), "assistant", "chosen")
+    rejected = as_messages(row.get("rejected"), "assistant", "rejected")
     return prompt, chosen, prompt, rejected
 
 
 def _from_ultrafeedback(row):
-    chosen_prompt, chosen = _split_last_answer(_as_messages(row.get("chosen"), "assistant", "chosen"))
-    rejected_prompt, rejected = _split_last_answer(_as_messages(row.get("rejected"), "assistant", "rejected"))
+    chosen_prompt, chosen = _split_last_answer(as_messages(row.get("chosen"), "assistant", "chosen"))
+    rejected_prompt, rejected = _split_last_answer(as_messages(row.get("rejected"), "assistant", "rejected"))
     return chosen_prompt, chosen, rejected_prompt, rejected
 
 
 def _from_hh(row):
-    chosen_prompt, chosen = _split_last_answer(_hh_turns(_text(row.get("chosen"), "chosen")))
-    rejected_prompt, rejected = _split_last_answer(_hh_turns(_text(row.get("rejected"), "rejected")))
+    chosen_prompt, chosen = _split_last_answer(_hh_turns(text_field(row.get("chosen"), "chosen")))
+    rejected_prompt, rejected = _split_last_answer(_hh_turns(text_field(row.get("rejected"), "rejected")))
     return chosen_prompt, chosen, rejected_prompt, rejected
 
 
 def _hh_turns(text: str) -> list[dict[str, str]]:
     """`\\n\\nHuman: a\\n\\nAssistant: b` -> chat messages (text before the first marker is dropped)."""
     parts = HH_TURN.split(text)
-    return [_msg(HH_ROLES[role], content.strip()) for role, content in zip(parts[1::2], parts[2::2])]
+    return [make_message(HH_ROLES[role], content.strip()) for role, content in zip(parts[1::2], parts[2::2])]
