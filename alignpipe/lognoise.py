@@ -13,34 +13,31 @@ import logging
 import sys
 import warnings
 
-_KNOWN: dict[str, tuple[str, ...]] = {
-    "torchao": ("Failed to load ",),
-    "torchao.kernel.intmm": ("Detected no triton",),
-    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+# logger -> (message fragment, kept where CUDA is available)
+_KNOWN: dict[str, tuple[str, bool]] = {
+    "torchao": ("Failed to load ", True),
+    "torchao.kernel.intmm": ("Detected no triton", True),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported", False),
 }
-_CUDA_ONLY = ("torchao", "torchao.kernel.intmm")
 
 
 class _DropKnown(logging.Filter):
-    def __init__(self, logger_name: str, fragments: tuple[str, ...]):
+    def __init__(self, fragment: str, keep_with_cuda: bool):
         super().__init__()
-        self.logger_name, self.fragments = logger_name, fragments
+        self.fragment, self.keep_with_cuda = fragment, keep_with_cuda
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not any(f in message for f in self.fragments):
+        if self.fragment not in record.getMessage():
             return True
-        if self.logger_name in _CUDA_ONLY:
-            torch = sys.modules.get("torch")  # torchao imports torch first: no import here
-            return bool(torch is not None and torch.cuda.is_available())
-        return False
+        torch = sys.modules.get("torch")  # torchao imports torch first: no import here
+        return self.keep_with_cuda and torch is not None and torch.cuda.is_available()
 
 
 def install() -> None:
     """Idempotent: add the filters once per process (before torchao is imported, or they come too late)."""
     # PEFT 0.21 still asks transformers 5 for the old property name whenever it wraps or loads a model
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    for name, fragments in _KNOWN.items():
+    for name, (fragment, keep_with_cuda) in _KNOWN.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnown) for f in logger.filters):
-            logger.addFilter(_DropKnown(name, fragments))
+            logger.addFilter(_DropKnown(fragment, keep_with_cuda))

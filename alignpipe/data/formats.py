@@ -201,7 +201,7 @@ def _from_messages(row):
 
 def _from_prompt_completion(row):
     return as_messages(row.get("prompt"), "user", "prompt") + as_messages(row.get("completion"), "assistant",
-                                                                            "completion")
+                                                                           "completion")
 
 
 def _from_alpaca(row):
