@@ -15,6 +15,7 @@ from alignpipe import models, ray_runner
 from alignpipe.config.sft import PeftConfig
 from alignpipe.data.formats import load_canonical
 from alignpipe.data.preference import as_conversations, to_unpaired
+from alignpipe.lm_head import use_compact_lm_head
 from alignpipe.metric_buffer import spool_path
 from alignpipe.workers.sft import FINAL_MARKER, MlflowStream, peft_config
 
@@ -95,6 +96,7 @@ def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list):
                              processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
     else:
         raise ValueError(f"build_trainer does not build {a['method']!r}")
+    use_compact_lm_head(trainer)  # CPU: only the answer tokens go through the LM head (see alignpipe.lm_head)
     return trainer, tokenizer
 
 
@@ -162,6 +164,7 @@ def build_policy_trainer(config: dict[str, Any], reward_model, output_dir: str, 
     trainer = trainer_cls(model=model, reward_funcs=reward_model, args=args, train_dataset=prompts,
                           processing_class=tokenizer, reward_processing_classes=tokenizer,
                           peft_config=peft_config(PeftConfig(**a["peft"])), callbacks=callbacks)
+    use_compact_lm_head(trainer)
     return trainer, tokenizer
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from alignpipe import chat, models, ray_runner
+from alignpipe.lm_head import use_compact_lm_head
 from alignpipe.config.sft import PeftConfig
 from alignpipe.data.formats import load_canonical
 from alignpipe.metric_buffer import MetricBuffer, spool_path
@@ -152,6 +153,7 @@ def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list, log_
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config(PeftConfig(**s["peft"])),
                          callbacks=callbacks)
+    use_compact_lm_head(trainer)  # CPU: TRL's fused head scores every position in fp32 (~55% of a step)
     return trainer, tokenizer
 
 

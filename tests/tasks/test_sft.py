@@ -104,4 +104,5 @@ def test_gradient_checkpointing_setting_reaches_the_trainer_without_a_deprecatio
             trainer, _ = build_trainer(loop_settings(cfg, tiny_model, train_path), str(tmp_path / f"out{wanted}"), [],
                                        log_progress=False)
         assert trainer.args.activation_checkpointing is wanted and trainer.args.gradient_checkpointing is wanted
+        assert trainer.model.get_base_model().forward._alignpipe_compact  # alignpipe.lm_head on CPU
         assert not [w for w in caught if "`gradient_checkpointing` is deprecated" in str(w.message)]

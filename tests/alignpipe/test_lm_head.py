@@ -1,0 +1,79 @@
+"""The compact LM head gives what TRL's fused head gives (values and gradients), projecting only labelled rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from trl.trainer.utils import add_fused_lm_head
+
+from alignpipe.lm_head import compact_lm_head
+from alignpipe.models import load_model
+
+FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+def _batch(vocab: int):
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (3, 12), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0                      # right padding, as the SFT collator makes
+    labels = input_ids.clone()
+    labels[:, :5] = -100                           # the prompt: no loss
+    labels[attention_mask == 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _run(model, batch):
+    """Fused outputs, and the gradients of loss + entropy (GRPO's bonus backpropagates through entropy)."""
+    model.zero_grad()
+    out = model(**batch, fused_lm_head=True)
+    (out.loss + 0.1 * out.entropy.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.fixture
+def fused_model(tiny_model):
+    model = load_model(tiny_model)  # fp32: both heads must agree to float rounding
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+    return model
+
+
+def test_compact_head_matches_trls_fused_head(fused_model):
+    batch = _batch(fused_model.config.vocab_size)
+    theirs, their_grads = _run(fused_model, batch)
+    assert compact_lm_head(fused_model)
+    ours, our_grads = _run(fused_model, batch)
+
+    torch.testing.assert_close(ours.loss, theirs.loss)
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=1e-5, rtol=1e-4, msg=name)
+    assert not ours.log_probs[~ours.label_mask].any()  # zero where the label is ignored, as TRL's
+    assert their_grads.keys() == our_grads.keys() and their_grads
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_only_labelled_rows_reach_the_head_and_other_calls_are_untouched(fused_model):
+    batch = _batch(fused_model.config.vocab_size)
+    with torch.no_grad():
+        plain_logits = fused_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert compact_lm_head(fused_model)
+    assert not compact_lm_head(fused_model)  # wrapped once only
+    rows = []
+    hook = fused_model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    with torch.no_grad():
+        fused_model(**batch, fused_lm_head=True)
+        # generation and plain forwards: the model's own head, full logits, unchanged
+        again = fused_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    hook.remove()
+    assert rows[0] == int((batch["labels"][:, 1:] != -100).sum())  # the shifted labels that count, nothing else
+    torch.testing.assert_close(again, plain_logits)
+
+
+def test_models_whose_logits_it_cannot_reproduce_keep_trls_head(tiny_model):
+    model = load_model(tiny_model)
+    assert not compact_lm_head(model)  # no fused head to wrap
+    add_fused_lm_head(model)
+    model.config.final_logit_softcapping = 30.0
+    assert not compact_lm_head(model)
