@@ -239,10 +239,18 @@ def wait_mlflow(svc: Service, timeout: float = 240) -> None:
     _wait(svc, _http_ok(f"{svc.url}/health"), timeout)
 
 
-def kill(svc: Service) -> None:
-    """SIGKILL every process of the service's session at once (no grace) and reap its leader."""
-    _signal(_session_pids(svc.pid), signal.SIGKILL)
-    _reap(svc.pid)
+def kill(svc: Service, wait: float = 10) -> None:
+    """SIGKILL every process of the service's session at once (no grace), reap its leader, and wait (up to
+    `wait` seconds) until they are gone. A killed process with much memory to free stays listed for a moment, and
+    a server's master can fork a new worker between our listing and the kill: the remaining ones are killed again
+    (the clean-clone CI once found four MLflow processes alive right after `alignpipe down` on a loaded machine)."""
+    deadline = time.monotonic() + wait
+    while True:
+        _signal(_session_pids(svc.pid), signal.SIGKILL)
+        _reap(svc.pid)
+        time.sleep(0.05)
+        if not _session_pids(svc.pid) or time.monotonic() > deadline:
+            return
 
 
 def down(workdir: str | Path, grace: float = 15) -> list[str]:
