@@ -21,14 +21,23 @@ def matmul_params(model) -> int:
     return n
 
 
-def matmul_params_of(model_path: str) -> int:
-    """N for the model in a folder, built on the meta device from its config (no weights loaded)."""
+def matmul_params_of(model_path: str) -> tuple[int, int]:
+    """(N, the LM head's share of N) for the model in a folder, built on the meta device (no weights loaded)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    return matmul_params(model)
+    head = model.get_output_embeddings()
+    return matmul_params(model), head.weight.numel() if head is not None else 0
+
+
+def executed_flops_per_token(n: int, head: int, method: str, adapter_params: int = 0,
+                             label_share: float = 1.0) -> float:
+    """What the pipeline's trainer computes per token, as opposed to the 4N/6N convention: its LM head
+    (`alignpipe.lm_head`) projects only the labelled tokens, a `label_share` of them (`head` = the head's N)."""
+    per_head = 6 if method == "full" else 4  # LoRA: the frozen head needs its input gradient only
+    return training_flops_per_token(n - head, method, adapter_params) + per_head * head * label_share
 
 
 def training_flops_per_token(n: int, method: str, adapter_params: int = 0) -> int:

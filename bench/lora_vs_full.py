@@ -101,6 +101,8 @@ def run(mode: str, steps: int, rows: int, model: str | None) -> dict:
     with mock.patch.object(sft_worker, "peft_config", return_value=None) if mode == "full" else nullcontext():
         trainer, _ = sft_worker.build_trainer(conf, str(work / "out"), [rate], log_progress=False)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    ds = trainer.train_dataset  # tokens whose next token is a label: the only rows the LM head projects
+    label_share = sum(sum(x != -100 for x in row) for row in ds["labels"]) / sum(len(i) for i in ds["input_ids"])
     total = sum(p.numel() for p in trainer.model.parameters())
     loaded_rss = current_rss_mb()  # model and data in memory, before the first step
     with RssSampler() as sampler:
@@ -108,7 +110,7 @@ def run(mode: str, steps: int, rows: int, model: str | None) -> dict:
     steady = rate.rates[1:] if len(rate.rates) > 2 else rate.rates  # the first interval pays for warm-up
     return {"mode": mode, "trainable_params": trainable, "total_params": total,
             "peak_rss_mb": sampler.peak_mb, "loaded_rss_mb": loaded_rss, "lifetime_peak_rss_mb": rss_mb(),
-            "import_rss_mb": baseline,
+            "import_rss_mb": baseline, "label_share": label_share,
             "tokens_per_s": statistics.median(steady) if steady else float("nan"),
             "train_runtime_s": out.metrics.get("train_runtime", float("nan")), "steps": steps, "rows": rows,
             "batch_size": cfg.sft.batch_size, "threads": threads, "weights_dtype": dtype_for(cfg.sft.precision),

@@ -45,7 +45,8 @@ def demo_settings(pipelines: Path = ROOT / "pipelines.yaml") -> dict:
         dpo.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, a.sft_loss_weight])
     return {
         "system_prompt": cfg.model.system_prompt,
-        "sft": dict(max_steps=s.max_steps, learning_rate=s.learning_rate, per_device_train_batch_size=s.batch_size,
+        "sft": dict(max_steps=s.max_steps, num_train_epochs=s.epochs, learning_rate=s.learning_rate,
+                    per_device_train_batch_size=s.batch_size,
                     gradient_accumulation_steps=s.grad_accum, max_length=s.max_length,
                     lr_scheduler_type=s.lr_scheduler, warmup_steps=s.warmup_ratio, logging_steps=s.logging_steps,
                     seed=s.seed),

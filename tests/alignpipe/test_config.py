@@ -40,7 +40,7 @@ def test_defaults_merge_and_pipeline_wins():
     assert smoke.sft.peft.r == 16 and (demo.sft.peft.r, demo.sft.peft.alpha) == (32, 64)  # the pipeline wins...
     assert demo.sft.peft.method == "lora" and demo.sft.peft.target_modules == smoke.sft.peft.target_modules  # ...key
     # by key: the rest of the section still comes from the defaults
-    assert smoke.sft.max_steps == 6 and demo.sft.max_steps > smoke.sft.max_steps
+    assert smoke.sft.max_steps == 6 and (demo.sft.max_steps, demo.sft.epochs) == (-1, 1.0)  # demo: one epoch
     assert demo.data.sft.path.endswith("data/demo/sft_train.jsonl")  # resolved against the file's folder
 
 

@@ -36,7 +36,8 @@ def test_n_excludes_embedding_and_counts_the_head(tied):
 
 def test_n_from_a_saved_folder(tmp_path):
     LlamaForCausalLM(LlamaConfig(**CONFIG, tie_word_embeddings=True)).save_pretrained(tmp_path)
-    assert flops.matmul_params_of(str(tmp_path)) == expected_n(CONFIG)
+    head = CONFIG["vocab_size"] * CONFIG["hidden_size"]
+    assert flops.matmul_params_of(str(tmp_path)) == (expected_n(CONFIG), head)
 
 
 def test_lora_is_4n_plus_6_per_adapter_parameter_and_full_is_6n():
@@ -54,6 +55,10 @@ def test_lora_is_4n_plus_6_per_adapter_parameter_and_full_is_6n():
     assert flops.training_flops_per_token(n, "full") == 6 * n
     with pytest.raises(ValueError, match="full"):
         flops.training_flops_per_token(n, "qlora")
+    # what the compact LM head runs: the head's matmul for the labelled share of tokens only
+    head = c["vocab_size"] * d
+    assert flops.executed_flops_per_token(n, head, "lora", adapter, 0.25) == 4 * (n - head) + 6 * adapter + head
+    assert flops.executed_flops_per_token(n, head, "full", 0, 1.0) == 6 * n
 
 
 def test_matmul_probe_restores_threads():
