@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import types
-from contextlib import nullcontext
 
 import torch
 
@@ -76,9 +75,12 @@ def compact_lm_head(model, temperature: float = 1.0, fp32_head: bool = False) ->
 
 def _score(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, fp32_head: bool) -> dict:
     """Per-row log-probability of `targets` and the distribution's statistics, for labelled rows only."""
-    autocast = torch.autocast(hidden.device.type, enabled=False) if fp32_head else nullcontext()
-    with autocast:
-        logits = head(hidden.float() if fp32_head else hidden)
+    if fp32_head:  # TRL's `cast_lm_head_to_fp32`: the projection itself in fp32, outside autocast
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+    else:
+        logits = head(hidden)  # the autocast dtype, like the model's own head
     z = logits.float() if temperature == 1.0 else logits.float() / temperature
     log_p = torch.log_softmax(z, dim=-1)
     log_probs = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

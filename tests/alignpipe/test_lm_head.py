@@ -77,3 +77,17 @@ def test_models_whose_logits_it_cannot_reproduce_keep_trls_head(tiny_model):
     add_fused_lm_head(model)
     model.config.final_logit_softcapping = 30.0
     assert not compact_lm_head(model)
+
+
+def test_fp32_head_matches_trls_cast_lm_head_to_fp32(tiny_model):
+    """GRPO's `cast_lm_head_to_fp32` on bf16 weights: the projection in fp32, as TRL's head does it."""
+    model = load_model(tiny_model, dtype="bfloat16")
+    add_fused_lm_head(model, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy"))
+    batch = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        theirs = model(**batch, fused_lm_head=True)
+        assert compact_lm_head(model, fp32_head=True)
+        ours = model(**batch, fused_lm_head=True)
+    assert ours.log_probs.dtype == torch.float32
+    for name in ("log_probs", "entropy"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=1e-5, rtol=1e-4, msg=name)
