@@ -24,19 +24,17 @@ _UNSUPPORTED_CONFIG = ("final_logit_softcapping", "logit_scale", "output_multipl
                        "logits_scaling", "output_router_logits")
 
 
-def use_compact_lm_head(trainer) -> int:
-    """Wrap the fused LM head TRL put on `trainer.model` (and its `ref_model`); returns how many models it wrapped."""
+def use_compact_lm_head(trainer) -> None:
+    """Wrap the fused LM head TRL put on `trainer.model` (and on its `ref_model`, where it has one)."""
     from peft import PeftModel
 
     temperature = float(getattr(trainer, "temperature", 1.0) or 1.0)
     fp32_head = bool(getattr(trainer.args, "cast_lm_head_to_fp32", False))
-    wrapped = 0
     for model in (trainer.model, getattr(trainer, "ref_model", None)):
         if isinstance(model, PeftModel):
             model = model.get_base_model()
-        if model is not None and compact_lm_head(model, temperature, fp32_head):
-            wrapped += 1
-    return wrapped
+        if model is not None:
+            compact_lm_head(model, temperature, fp32_head)
 
 
 def compact_lm_head(model, temperature: float = 1.0, fp32_head: bool = False) -> bool:

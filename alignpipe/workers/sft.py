@@ -16,9 +16,9 @@ from typing import Any
 from transformers import TrainerCallback
 
 from alignpipe import chat, models, ray_runner
-from alignpipe.lm_head import use_compact_lm_head
 from alignpipe.config.sft import PeftConfig
 from alignpipe.data.formats import load_canonical
+from alignpipe.lm_head import use_compact_lm_head
 from alignpipe.metric_buffer import MetricBuffer, spool_path
 
 FINAL_MARKER = "final.json"
