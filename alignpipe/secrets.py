@@ -37,9 +37,21 @@ def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
     Read at the moment of redaction, not once at start-up: the secrets live only in the environment, and
     whatever we redact must be checked against the same values the libraries are using now.
     """
-    env = os.environ if env is None else env
-    values = {v for k, v in env.items() if is_secret_name(k) and len(v) >= MIN_LENGTH}
+    items = _environ_items() if env is None else env.items()
+    values = {v for k, v in items if is_secret_name(k) and len(v) >= MIN_LENGTH}
     return sorted(values, key=len, reverse=True)
+
+
+def _environ_items() -> list[tuple[str, str]]:
+    """os.environ's items, read while other threads may set or delete variables: MLflow's telemetry thread pops
+    `_MLFLOW_TELEMETRY_SESSION_ID`, and `os.environ.items()` then raised KeyError mid-iteration (a bench run)."""
+    for _ in range(10):
+        try:
+            keys = list(os.environ)
+        except RuntimeError:  # the dict changed size while its keys were read: read them again
+            continue
+        return [(k, v) for k in keys if (v := os.environ.get(k)) is not None]
+    return list(os.environ.copy().items())
 
 
 def redact_uri(uri: str) -> str:

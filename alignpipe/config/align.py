@@ -47,4 +47,6 @@ class AlignConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 = frozen weights in bfloat16 + autocast; auto = bf16 where native (as sft).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (~50% slower on CPU).")
+    attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel while training, as sft.attention (auto judges by max_length).")
     rlhf: RlhfConfig = Field(default_factory=RlhfConfig, description="Settings of method: rlhf.")

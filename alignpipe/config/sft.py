@@ -38,6 +38,10 @@ class SftConfig(Section):
         "auto", description="bf16 = frozen weights in bfloat16 + autocast (LoRA weights stay fp32); auto = bf16 "
         "where the hardware computes it natively (CUDA, or CPUs with AVX512-BF16/AMX), else fp32.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (~50% slower on CPU).")
+    attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel while training: auto = eager on CPU when no row is longer than "
+        "256 tokens (~18% faster per step at ~80-token rows), sdpa otherwise (GPU, or longer rows: eager keeps "
+        "every [batch, heads, len, len] score matrix for the backward).")
     quantized_base: Literal["nf4"] | None = Field(None, description="QLoRA: load the base in 4-bit (GPU only).")
 
     @model_validator(mode="after")

@@ -64,6 +64,7 @@ def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list):
     dtype = models.dtype_for(a["precision"])
     tokenizer = models.load_tokenizer(config["reference_path"])
     model = models.load_model(config["reference_path"], dtype=dtype)
+    model.set_attn_implementation(models.training_attention(a["attention"], config["use_gpu"], a["max_length"]))
     rows = load_canonical(config["preference_path"])
     train = pairs_dataset(rows, config["system_prompt"], a["seed"])
     common = trainer_args(a, output_dir, config["use_gpu"], dtype)
@@ -143,6 +144,7 @@ def build_policy_trainer(config: dict[str, Any], reward_model, output_dir: str, 
     tokenizer = models.load_tokenizer(config["reference_path"])
     tokenizer.padding_side = "left"  # generation pads on the left
     model = models.load_model(config["reference_path"], dtype=dtype)
+    model.set_attn_implementation(models.training_attention(a["attention"], config["use_gpu"], a["max_length"]))
     from datasets import Dataset
 
     prompts = Dataset.from_list([{"prompt": as_conversations(row, config["system_prompt"])["prompt"]}

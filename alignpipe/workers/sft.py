@@ -117,6 +117,8 @@ def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list, log_
     train_ds, eval_ds = build_datasets(tokenizer, load_canonical(config["train_path"]), config["system_prompt"],
                                        s["max_length"], s["eval_fraction"], s["seed"])
     use_gpu = config["use_gpu"]
+    longest = max((len(ids) for ids in train_ds["input_ids"]), default=0)
+    model.set_attn_implementation(models.training_attention(s["attention"], use_gpu, longest))
     args = SFTConfig(
         output_dir=output_dir,
         max_steps=s["max_steps"] if s["max_steps"] > 0 else -1,

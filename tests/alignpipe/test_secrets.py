@@ -42,3 +42,29 @@ def test_redact_uri_keeps_everything_but_the_password():
 def test_ray_workers_get_no_credentials_through_the_runtime_env():
     # runtime_env env_vars are stored by the cluster and shown in its dashboard and job records.
     assert not [k for k in ray_runner.WORKER_ENV if is_secret_name(k)]
+
+
+def test_secret_values_reads_the_environment_while_another_thread_changes_it(monkeypatch):
+    """MLflow's telemetry thread deletes a variable of its own at any time; redaction (on every log line) must not
+    raise while it does: `os.environ.items()` raised KeyError in a bench run."""
+    import os
+    import threading
+
+    monkeypatch.setenv("HF_TOKEN", "hf_planted_secret_value")
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            for i in range(50):
+                os.environ[f"_ALIGNPIPE_CHURN_{i}"] = "x"
+            for i in range(50):
+                os.environ.pop(f"_ALIGNPIPE_CHURN_{i}", None)
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(3000):
+            assert "hf_planted_secret_value" in secret_values()
+    finally:
+        stop.set()
+        thread.join()

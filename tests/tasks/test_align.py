@@ -46,6 +46,7 @@ def test_step0_reference_is_the_sft_model_from_its_saved_artifact(tiny_model, sf
     trainer, _ = build_trainer(config, str(tmp_path / "out"), [])
     assert trainer.args.activation_checkpointing is False  # the config's default, not TRL's (True: ~50% slower on CPU)
     assert trainer.model.get_base_model().forward._alignpipe_compact  # the references below go through it
+    assert trainer.model.config._attn_implementation == "eager"  # auto on CPU, max_length 256; fresh_sft: sdpa
     batch = next(iter(trainer.get_train_dataloader()))
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
 

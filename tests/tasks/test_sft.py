@@ -86,10 +86,10 @@ def test_final_eval_loss_reuses_the_last_step_eval_and_matches_a_fresh_one(smoke
     assert loss == trainer.evaluate()["eval_loss"]                 # and it is what a fresh pass gives
 
 
-def test_gradient_checkpointing_setting_reaches_the_trainer_without_a_deprecation_warning(smoke_cfg, tiny_model,
+def test_checkpointing_and_attention_settings_reach_the_trainer_without_a_deprecation_warning(smoke_cfg, tiny_model,
                                                                                            tmp_path):
     """`sft.gradient_checkpointing` is what the Trainer uses (TRL's own default is on) and is passed under
-    transformers 5's name, so no worker prints the old name's FutureWarning."""
+    transformers 5's name, so no worker prints the old name's FutureWarning; `sft.attention` picks the kernel."""
     import warnings
 
     from alignpipe.workers.sft import build_trainer
@@ -97,12 +97,14 @@ def test_gradient_checkpointing_setting_reaches_the_trainer_without_a_deprecatio
 
     cfg = _cfg(smoke_cfg)
     train_path, _ = canonical_split(cfg, "sft", tmp_path)
-    for wanted in (False, True):
-        cfg.sft.gradient_checkpointing = wanted
+    for wanted, attention in ((False, "auto"), (True, "sdpa")):
+        cfg.sft.gradient_checkpointing, cfg.sft.attention = wanted, attention
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer, _ = build_trainer(loop_settings(cfg, tiny_model, train_path), str(tmp_path / f"out{wanted}"), [],
                                        log_progress=False)
         assert trainer.args.activation_checkpointing is wanted and trainer.args.gradient_checkpointing is wanted
         assert trainer.model.get_base_model().forward._alignpipe_compact  # alignpipe.lm_head on CPU
+        # auto: eager attention on CPU for the smoke rows (all far below 256 tokens); an explicit choice wins
+        assert trainer.model.config._attn_implementation == ("eager" if attention == "auto" else attention)
         assert not [w for w in caught if "`gradient_checkpointing` is deprecated" in str(w.message)]
