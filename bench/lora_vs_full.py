@@ -1,9 +1,12 @@
 """One SFT run of the demo model, LoRA or full fine-tuning, in this process; prints its costs as JSON.
 
 bench/run.py starts it once per mode, each in a fresh process, so one run's peak RSS cannot hide the other's.
-Both modes use the pipeline's own trainer (`alignpipe.workers.sft.build_trainer`: demo SFT settings, its tokenization with
+All modes use the pipeline's own trainer (`alignpipe.workers.sft.build_trainer`: demo SFT settings, its tokenization with
 assistant-only loss, bf16 weights + autocast where native, no gradient checkpointing, length-grouped batches)
-on the same rows, steps and batch size; `full` only switches the adapter off, so every weight trains.
+on the same rows, steps and batch size; `full` only switches the adapter off, so every weight trains, in bf16
+(weights, gradients and AdamW states all bf16, as torchtune's full fine-tuning in bf16 does); `full-amp` also
+loads the weights in fp32, so the trainer keeps fp32 master weights, gradients and AdamW states and computes under
+bf16 autocast: mixed precision as transformers' Trainer (and TRL) run `bf16=True` on a model loaded in fp32.
 
     python bench/lora_vs_full.py --mode lora --steps 10 --rows 200
 """
@@ -19,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
 
@@ -33,6 +36,9 @@ from alignpipe.config import load_pipeline  # noqa: E402
 from alignpipe.data.formats import load_sft, write_jsonl  # noqa: E402
 from alignpipe.models import dtype_for, resolve_model  # noqa: E402
 from tasks.sft import loop_settings  # noqa: E402
+
+
+FULL_MODES = ("full", "full-amp")
 
 
 def rss_mb() -> float:
@@ -97,9 +103,15 @@ def run(mode: str, steps: int, rows: int, model: str | None) -> dict:
     torch.set_num_threads(threads)
     conf = loop_settings(cfg, base, str(train))
     rate = TokenRate()
-    # full: the same trainer with no adapter; build_trainer looks peft_config up in its module at call time
-    with mock.patch.object(sft_worker, "peft_config", return_value=None) if mode == "full" else nullcontext():
+    load_model = sft_worker.models.load_model
+    with ExitStack() as stack:
+        if mode in FULL_MODES:  # the same trainer with no adapter; build_trainer looks peft_config up at call time
+            stack.enter_context(mock.patch.object(sft_worker, "peft_config", return_value=None))
+        if mode == "full-amp":  # fp32 weights; build_trainer still sets bf16 autocast from sft.precision
+            stack.enter_context(mock.patch.object(sft_worker.models, "load_model",
+                                                  lambda path, dtype, **kw: load_model(path, "float32", **kw)))
         trainer, _ = sft_worker.build_trainer(conf, str(work / "out"), [rate], log_progress=False)
+    weights_dtype = str(next(trainer.model.parameters()).dtype).removeprefix("torch.")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     ds = trainer.train_dataset  # tokens whose next token is a label: the only rows the LM head projects
     label_share = sum(sum(x != -100 for x in row) for row in ds["labels"]) / sum(len(i) for i in ds["input_ids"])
@@ -113,13 +125,14 @@ def run(mode: str, steps: int, rows: int, model: str | None) -> dict:
             "import_rss_mb": baseline, "label_share": label_share,
             "tokens_per_s": statistics.median(steady) if steady else float("nan"),
             "train_runtime_s": out.metrics.get("train_runtime", float("nan")), "steps": steps, "rows": rows,
-            "batch_size": cfg.sft.batch_size, "threads": threads, "weights_dtype": dtype_for(cfg.sft.precision),
+            "batch_size": cfg.sft.batch_size, "threads": threads, "weights_dtype": weights_dtype,
+            "autocast": dtype_for(cfg.sft.precision),
             "model": base}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("lora", "full"), required=True)
+    ap.add_argument("--mode", choices=("lora", *FULL_MODES), required=True)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--model", default=None, help="model folder (default: the demo's embedded model)")
