@@ -19,6 +19,9 @@ class RlhfConfig(Section):
     max_new_tokens: int = Field(32, ge=1, description="Longest sampled answer.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the policy's answers.")
     kl_beta: float = Field(0.05, ge=0, description="KL penalty towards the reference (the SFT model).")
+    eval_prompts: int = Field(
+        32, ge=0, description="Fixed prompts (held-out pairs' prompts where data.preference_eval is set) the policy "
+        "answers before and after training, same seed both times: policy/reward_start and _end. 0 = skip.")
 
 
 class AlignConfig(Section):

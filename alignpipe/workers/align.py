@@ -147,8 +147,14 @@ def build_policy_trainer(config: dict[str, Any], reward_model, output_dir: str, 
     model.set_attn_implementation(models.training_attention(a["attention"], config["use_gpu"], a["max_length"]))
     from datasets import Dataset
 
-    prompts = Dataset.from_list([{"prompt": as_conversations(row, config["system_prompt"])["prompt"]}
-                                 for row in load_canonical(config["preference_path"])]).shuffle(seed=a["seed"])
+    def prompts_of(rows):
+        return Dataset.from_list([{"prompt": as_conversations(row, config["system_prompt"])["prompt"]} for row in rows])
+
+    prompts = prompts_of(load_canonical(config["preference_path"])).shuffle(seed=a["seed"])
+    # policy/reward_start and _end: the same prompts (held-out pairs' where configured) answered before and after
+    held = config.get("preference_eval_path")
+    fixed = prompts_of(load_canonical(held)) if held else prompts
+    eval_prompts = fixed.select(range(min(r["eval_prompts"], len(fixed)))) if r["eval_prompts"] else None
     k = r["num_generations"]
     common = trainer_args({**a, "max_steps": r["policy_steps"], "learning_rate": r["policy_learning_rate"],
                            "batch_size": k * max(1, a["batch_size"] // k)},  # whole groups of k answers per batch
@@ -164,6 +170,7 @@ def build_policy_trainer(config: dict[str, Any], reward_model, output_dir: str, 
 
         trainer_cls, args = GRPOTrainer, GRPOConfig(**common, **policy)
     trainer = trainer_cls(model=model, reward_funcs=reward_model, args=args, train_dataset=prompts,
+                          eval_dataset=eval_prompts,
                           processing_class=tokenizer, reward_processing_classes=tokenizer,
                           peft_config=peft_config(PeftConfig(**a["peft"])), callbacks=callbacks)
     use_compact_lm_head(trainer)
@@ -201,12 +208,14 @@ def train_loop(config: dict[str, Any]) -> None:
         stream.buffer.log(summary, step=0)
     if a["max_steps"] != 0:
         resume = resume_dir / RayTrainReportCallback.CHECKPOINT_NAME if resume_dir else None
+        policy_eval = a["method"] == "rlhf" and trainer.eval_dataset is not None
+        if policy_eval and resume is None:  # a resumed run has trained already: its start is not the SFT model's
+            summary["policy/reward_start"] = policy_reward(trainer, a["seed"])
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         summary.update({"train_loss": out.training_loss, "global_step": trainer.state.global_step,
                         "train_runtime_s": out.metrics.get("train_runtime", 0.0)})
-        rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-        if rewards:  # rlhf: the policy's mean reward per logged step, first and last
-            summary.update({"policy/reward_start": rewards[0], "policy/reward_end": rewards[-1]})
+        if policy_eval:
+            summary["policy/reward_end"] = policy_reward(trainer, a["seed"])
     stream.buffer.drain()  # before the final report: the driver ends the MLflow run right after it
     final_dir = Path(tempfile.mkdtemp(prefix="align-final-"))
     if rank0:
@@ -218,6 +227,16 @@ def train_loop(config: dict[str, Any]) -> None:
         (final_dir / FINAL_MARKER).write_text(json.dumps(summary))
     ray_runner.report_final(summary, final_dir, rank0, resume_dir)
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def policy_reward(trainer, seed: int) -> float:
+    """The policy's mean reward on the trainer's fixed eval prompts (num_generations sampled answers each), with
+    the same seed every time. The training curve's `reward` is one batch of different prompts per step: its
+    first and last points differed by more than the policy changed (std ~2.8 within a batch on the demo)."""
+    from transformers import set_seed
+
+    set_seed(seed)
+    return trainer.evaluate()["eval_reward"]
 
 
 def _reward_model(config: dict[str, Any], scratch: str, rank0: bool, summary: dict[str, float],

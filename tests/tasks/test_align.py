@@ -125,7 +125,7 @@ def test_orpo_and_kto_train_a_new_adapter_on_the_sft_model(method, tiny_model, s
 @pytest.mark.parametrize("optimizer", ["rloo", "grpo"])
 def test_policy_optimisers_step_against_a_reward_model(optimizer, tiny_model, sft_adapter, tmp_path):
     from alignpipe.config.align import AlignConfig
-    from alignpipe.workers.align import _scorer, build_policy_trainer
+    from alignpipe.workers.align import _scorer, build_policy_trainer, policy_reward
 
     reference = merge_adapter(tiny_model, sft_adapter, str(tmp_path / "sft_merged"))
     align = AlignConfig(method="rlhf", precision="fp32", batch_size=4, logging_steps=1)
@@ -135,9 +135,13 @@ def test_policy_optimisers_step_against_a_reward_model(optimizer, tiny_model, sf
     reward_model = _scorer(reference, "float32", load_tokenizer(reference)).eval()
     trainer, _ = build_policy_trainer(config, reward_model, str(tmp_path / "out"), [])
     assert type(trainer).__name__ == {"rloo": "RLOOTrainer", "grpo": "GRPOTrainer"}[optimizer]
+    assert len(trainer.eval_dataset) == 4  # the fixed prompts of policy/reward_start and _end (all 4 here)
+    start = policy_reward(trainer, seed=0)
+    assert start == policy_reward(trainer, seed=0)  # same prompts, same seed, same policy: the same answers
     trainer.train()
     assert trainer.state.global_step == 1
     assert any("reward" in h for h in trainer.state.log_history)  # the policy's mean reward, per step
+    assert isinstance(policy_reward(trainer, seed=0), float)
 
 
 def align_cfg(smoke_cfg, tmp_path, **align):
