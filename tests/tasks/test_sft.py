@@ -87,7 +87,7 @@ def test_final_eval_loss_reuses_the_last_step_eval_and_matches_a_fresh_one(smoke
 
 
 def test_checkpointing_and_attention_settings_reach_the_trainer_without_a_deprecation_warning(smoke_cfg, tiny_model,
-                                                                                           tmp_path):
+                                                                                             tmp_path):
     """`sft.gradient_checkpointing` is what the Trainer uses (TRL's own default is on) and is passed under
     transformers 5's name, so no worker prints the old name's FutureWarning; `sft.attention` picks the kernel."""
     import warnings
