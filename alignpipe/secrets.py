@@ -45,13 +45,14 @@ def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
 def _environ_items() -> list[tuple[str, str]]:
     """os.environ's items, read while other threads may set or delete variables: MLflow's telemetry thread pops
     `_MLFLOW_TELEMETRY_SESSION_ID`, and `os.environ.items()` then raised KeyError mid-iteration (a bench run)."""
-    for _ in range(10):
+    for attempt in range(10):
         try:
             keys = list(os.environ)
+            break
         except RuntimeError:  # the dict changed size while its keys were read: read them again
-            continue
-        return [(k, v) for k in keys if (v := os.environ.get(k)) is not None]
-    return list(os.environ.copy().items())
+            if attempt == 9:
+                raise
+    return [(k, v) for k in keys if (v := os.environ.get(k)) is not None]  # .get: a key deleted since reads None
 
 
 def redact_uri(uri: str) -> str:

@@ -235,7 +235,7 @@ def utilisation(runs: dict[str, dict]) -> dict:
     threads = lora["threads"]  # the training runs' torch threads
     peak = {dtype: flops.matmul_flops_per_s(dtype, threads) for dtype in ("float32", "bfloat16")}
     # every mode trains under the same autocast dtype (bf16 where native), so its matmuls run in that dtype
-    used = lora.get("autocast", lora["weights_dtype"])
+    used = lora["autocast"]
     for mode, r in runs.items():
         method = "lora" if mode == "lora" else "full"
         per_token = flops.training_flops_per_token(n, method, r["trainable_params"] if mode == "lora" else 0)
@@ -281,28 +281,22 @@ def evidence_rows(r: dict) -> list[str]:
                                      for k in ("base", "sft", "aligned", "quantized") if k in d and k in p)))
     if "lora_vs_full" in r:
         lora, full = r["lora_vs_full"]["lora"], r["lora_vs_full"]["full"]
-        amp = r["lora_vs_full"].get("full-amp")
+        amp = r["lora_vs_full"]["full-amp"]
         used = r["matmul_dtype_used"]
-        rss = lora["peak_rss_mb"] / full["peak_rss_mb"]
-        if amp:  # the target row: full fine-tuning as transformers' Trainer runs it in mixed precision
-            rss_amp = lora["peak_rss_mb"] / amp["peak_rss_mb"]
-            rows.append(_row("LoRA ÷ full fine-tuning peak RSS (own process each; full FT in mixed precision: "
-                             "fp32 master weights, gradients and AdamW states, bf16 autocast)",
-                             f"{lora['peak_rss_mb']:.0f} MB / {amp['peak_rss_mb']:.0f} MB = {rss_amp:.2f}", "≤ 0.60",
-                             rss_amp <= 0.60))
-            rows.append(_info("The same against full fine-tuning in pure bf16 (weights, gradients, AdamW states; "
-                              "torchtune style)", f"{lora['peak_rss_mb']:.0f} MB / {full['peak_rss_mb']:.0f} MB "
-                              f"= {rss:.2f}"))
-        else:
-            rows.append(_row("LoRA ÷ full fine-tuning peak RSS (own process each)",
-                             f"{lora['peak_rss_mb']:.0f} MB / {full['peak_rss_mb']:.0f} MB = {rss:.2f}", "≤ 0.60",
-                             rss <= 0.60))
+        rss, rss_amp = lora["peak_rss_mb"] / full["peak_rss_mb"], lora["peak_rss_mb"] / amp["peak_rss_mb"]
+        # the target row: full fine-tuning as transformers' Trainer runs it in mixed precision
+        rows.append(_row("LoRA ÷ full fine-tuning peak RSS (own process each; full FT in mixed precision: "
+                         "fp32 master weights, gradients and AdamW states, bf16 autocast)",
+                         f"{lora['peak_rss_mb']:.0f} MB / {amp['peak_rss_mb']:.0f} MB = {rss_amp:.2f}", "≤ 0.60",
+                         rss_amp <= 0.60))
+        rows.append(_info("The same against full fine-tuning in pure bf16 (weights, gradients, AdamW states; "
+                          "torchtune style)", f"{lora['peak_rss_mb']:.0f} MB / {full['peak_rss_mb']:.0f} MB = {rss:.2f}"))
         share = lora["trainable_params"] / full["trainable_params"]
         rows.append(_info("Trainable parameters, LoRA vs full", f"{lora['trainable_params'] / 1e6:.2f} M vs "
                           f"{full['trainable_params'] / 1e6:.1f} M ({share:.3f})"))
         rows.append(_info("SFT tokens/s, LoRA vs full (in-process, same rows, steps, batch)",
-                          f"{lora['tokens_per_s']:.0f} vs {full['tokens_per_s']:.0f}"
-                          + (f" (mixed precision {amp['tokens_per_s']:.0f})" if amp else "")))
+                          f"{lora['tokens_per_s']:.0f} vs {full['tokens_per_s']:.0f} (mixed precision "
+                          f"{amp['tokens_per_s']:.0f})"))
         for mode, rule in (("lora", "4N + 6·adapter"), ("full", "6N")):
             x = r["lora_vs_full"][mode]
             rows.append(_row(f"Training FLOP/s ÷ measured {used} matmul FLOP/s, {mode} ({rule})",
@@ -332,7 +326,7 @@ def evidence_notes(r: dict) -> list[str]:
             md.append(f"| {key} | " + " | ".join(f"{d[k].get(key, float('nan')):.3f} | "
                                                  f"{p[k].get(key, float('nan')):.3f}" for k in labels) + " |")
     if "lora_vs_full" in r:
-        lora, full = r["lora_vs_full"]["lora"], r["lora_vs_full"]["full"]
+        lora, full, amp = (r["lora_vs_full"][m] for m in ("lora", "full", "full-amp"))
         mm = r["matmul_flops_per_s"]
         md += ["", f"LoRA vs full fine-tuning: the pipeline's SFT trainer in-process, {lora['steps']} steps on "
                f"{lora['rows']} demo rows at batch {lora['batch_size']}, {lora['weights_dtype']} base weights for LoRA "
@@ -345,10 +339,8 @@ def evidence_notes(r: dict) -> list[str]:
                "weights get no weight gradients) + 6 per adapter parameter, full 6N. Measured 2048×2048 matmul "
                f"with {r['matmul_threads']} threads: fp32 {mm['float32'] / 1e9:.1f} GFLOP/s, bf16 "
                f"{mm['bfloat16'] / 1e9:.1f} GFLOP/s; the ratio uses {r['matmul_dtype_used']} (training's autocast "
-               f"dtype). Full FT: {full['peak_rss_mb']:.0f} MB, {full['tokens_per_s']:.0f} tokens/s"
-               + (f"; mixed precision: {r['lora_vs_full']['full-amp']['peak_rss_mb']:.0f} MB, "
-                  f"{r['lora_vs_full']['full-amp']['tokens_per_s']:.0f} tokens/s." if "full-amp" in r["lora_vs_full"]
-                  else ".")]
+               f"dtype). Full FT: {full['peak_rss_mb']:.0f} MB, {full['tokens_per_s']:.0f} tokens/s; mixed precision: "
+               f"{amp['peak_rss_mb']:.0f} MB, {amp['tokens_per_s']:.0f} tokens/s."]
     return md
 
 
