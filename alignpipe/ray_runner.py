@@ -45,6 +45,12 @@ LOCAL_RAY_ENV = {
     # each wait for a poll: ~4 s of every training stage spent idle (SFT on the tiny model: fit 24.7 s -> 19.9 s).
     # A poll is one small actor call per worker.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray starts every worker process at nice 15, so that on a shared node its own daemons stay responsive. Here
+    # the workers are the job, and anything else awake at nice 0 (the flow process, Prefect's API, a browser)
+    # took the core from one of a training worker's two OpenMP threads, and the other spun at the next barrier.
+    # Demo SFT beside busy nice-0 processes (~1.8 cores; bench/ray_overhead.py, 2026-12-03): 8 tokens/s at
+    # nice 15, 77 at nice 0, 173 in-process. Ray's job supervisor sets the same for the drivers it starts.
+    "RAY_worker_niceness": "0",
 }
 
 

@@ -6,6 +6,12 @@ tokens/s does not, hence the interleaving and medians.
 
     .venv/bin/python bench/ray_overhead.py --rounds 3 --steps 12 [--model /path/to/smollm2-135m-instruct]
     .venv/bin/python bench/ray_overhead.py --one ray --steps 12 --out trial.json     # a single trial
+    .venv/bin/python bench/ray_overhead.py --rounds 1 --steps 20 --load 0.4   # beside a 40%-of-a-core load
+
+`--load` runs, beside every trial, a process at nice 0 that keeps one core busy that share of each 50 ms (the
+kind of load a flow process, Prefect's API or a browser puts on a laptop). Ray starts its workers at nice 15
+unless told otherwise; `RAY_worker_niceness=15` in the environment brings that default back for a comparison
+(ray_runner.LOCAL_RAY_ENV says what it cost).
 """
 
 from __future__ import annotations
@@ -216,6 +222,17 @@ def _table(trials: list[dict]) -> str:
     return "\n".join(lines)
 
 
+BURNER = """
+import sys, time
+busy = 0.05 * float(sys.argv[1])
+while True:
+    t = time.perf_counter()
+    while time.perf_counter() - t < busy:
+        pass
+    time.sleep(0.05 - busy)
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--one", choices=["ray", "inproc"], help="run a single trial in this process")
@@ -225,6 +242,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--model", help="a local model folder (default: the embedded model under .alignpipe/models)")
     ap.add_argument("--json", help="write all trials here")
+    ap.add_argument("--load", type=float, default=0.0,
+                    help="share of one core (0-1) a nice-0 process keeps busy beside every trial")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.one:
@@ -239,7 +258,14 @@ def main() -> None:
             out = Path(tempfile.mkdtemp(prefix="rayoh-")) / "trial.json"
             cmd = [sys.executable, __file__, "--one", mode, "--out", str(out), "--steps", str(args.steps),
                    "--rows", str(args.rows)] + (["--model", args.model] if args.model else [])
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            burner = (subprocess.Popen([sys.executable, "-c", BURNER, str(min(args.load, 0.95))])
+                      if args.load > 0 else None)
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            finally:
+                if burner:
+                    burner.kill()
+                    burner.wait()
             if proc.returncode:
                 sys.exit(f"{mode} trial failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             trials.append(json.loads(out.read_text()))

@@ -21,7 +21,7 @@ def _worker_probe(config):
 
     omp_at_start = os.environ.get("OMP_NUM_THREADS")
     set_worker_threads(config["threads"])
-    return {"omp_at_start": int(omp_at_start or 0), "torch_threads": torch.get_num_threads()}
+    return {"omp_at_start": int(omp_at_start or 0), "torch_threads": torch.get_num_threads(), "nice": os.nice(0)}
 
 
 def test_training_worker_starts_with_its_cpus_as_threads_and_without_idle_helpers(ray_local, tmp_path):
@@ -34,7 +34,8 @@ def test_training_worker_starts_with_its_cpus_as_threads_and_without_idle_helper
     result = fit(_worker_probe, {}, ComputeConfig(cpus_per_worker=2, max_failures=0), name="probe",
                  storage=str(tmp_path))
     # OpenMP is sized by the process environment, before torch creates its pool; torch then uses the same count.
-    assert result.return_value == {"omp_at_start": 2, "torch_threads": 2}
+    # ... and at the driver's priority, not Ray's default nice 15, which yields the cores to anything else awake.
+    assert result.return_value == {"omp_at_start": 2, "torch_threads": 2, "nice": os.nice(0)}
     started = {info["ActorClassName"] for actor_id, info in actors().items() if actor_id not in before}
     assert "RayTrainWorker" in started
     # On the in-process Ray, no PlacementGroupCleaner (it polls a state API that only the dashboard serves) and no
