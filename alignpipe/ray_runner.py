@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from alignpipe.config.compute import ComputeConfig
+from alignpipe.errors import ConfigError
 from alignpipe.metric_buffer import HTTP_ENV
 
 # Environment passed to every Ray worker: quiet, offline-friendly, no telemetry. Ray workers talk to MLflow
@@ -83,6 +84,40 @@ def ensure_auth_token() -> Path | None:
     return path
 
 
+# Sonames of the malloc libraries `compute.allocator` names (Debian/Ubuntu: libtcmalloc-minimal4, libjemalloc2).
+MALLOC_LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "libtcmalloc_minimal.so.4"),
+                    "jemalloc": ("jemalloc", "libjemalloc.so.2")}
+
+
+def malloc_library(compute: ComputeConfig) -> str | None:
+    """The malloc library to preload into Ray workers (`compute.allocator`), or None for the system's.
+
+    glibc's malloc hands every tensor above its mmap threshold back to the kernel when freed, so each training step
+    faults its activations in again, page by page: SFT of the demo model in-process took 1.7 M page faults and 4-5 s
+    of system time in 16 steps. tcmalloc keeps freed memory for the next step: 0.56 M faults, 1.8 s, and 755-771
+    tokens/s against glibc's 640 (2 cores, 2026-12-03). `auto` uses it only where Ray runs on this machine (a
+    cluster's workers get what its image preloads) and the library is installed (`make setup` installs it).
+    """
+    import ctypes.util
+
+    choice = compute.allocator
+    if choice == "system" or (choice == "auto" and compute.ray_address):
+        return None
+    if "/" in choice:
+        if not compute.ray_address and not Path(choice).is_file():
+            raise ConfigError(f"compute.allocator: {choice} does not exist; fix the path, or set `auto` or `system`")
+        return choice
+    name, soname = MALLOC_LIBRARIES["tcmalloc" if choice == "auto" else choice]
+    found = ctypes.util.find_library(name)
+    if found or compute.ray_address:
+        return found or soname  # a cluster's nodes resolve the soname themselves
+    if choice == "auto":
+        return None
+    raise ConfigError(f"compute.allocator: {choice} is not installed on this machine (lib{name}); install it "
+                      f"(Debian/Ubuntu: apt-get install {'libtcmalloc-minimal4' if choice == 'tcmalloc' else 'libjemalloc2'}) "
+                      "or set compute.allocator to `auto` or `system`")
+
+
 def ensure_ray(compute: ComputeConfig) -> None:
     """Start Ray in-process, or connect to `compute.ray_address`, once per process."""
     import ray
@@ -97,8 +132,10 @@ def ensure_ray(compute: ComputeConfig) -> None:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
         ensure_auth_token()  # a cluster's token is its operator's to hand out
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True,
-                              "runtime_env": {"env_vars": dict(WORKER_ENV)}}
+    env = dict(WORKER_ENV)
+    if library := malloc_library(compute):
+        env["LD_PRELOAD"] = library
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "runtime_env": {"env_vars": env}}
     # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (Prefect's, which turns a
     # runner's SIGTERM into a Cancelled flow run instead of a Crashed one). Ray's atexit shutdown still runs.
     sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None

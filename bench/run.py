@@ -413,6 +413,7 @@ def write(results: dict) -> None:
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["demo_stage_s"].items())
     v = r.get("versions") or {}
     md = [f"Measured {r['date']} on {r['machine']} (`make bench`; raw numbers in `bench/results.json`)."
+          + (f" Every process ran on {r['allocator']}, as the pipeline's Ray workers do." if r.get("allocator") else "")
           + (" Versions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + "." if v else ""), "",
           "| measure | result | target | met |", "|---|---|---|---|"]
     md += [f"| {x} | | | |" if x.startswith("**") else x for x in rows]
@@ -438,6 +439,20 @@ def write(results: dict) -> None:
     print(text)
 
 
+def under_pipeline_malloc() -> str:
+    """Run this bench with the malloc library the demo's Ray workers get (`compute.allocator`), re-executing itself
+    once if needed, so every row compares like with like: the in-process and TRL-defaults trainers, the plain TRL
+    script and the LoRA / full runs allocate as the Ray workers do. Returns what the rows ran on."""
+    from alignpipe.ray_runner import malloc_library
+
+    library = malloc_library(load_pipeline(ROOT / "pipelines.yaml", "demo", {}, env={}).compute)
+    preload = os.environ.get("LD_PRELOAD", "")
+    if library and library not in preload.split(":"):
+        env = {**os.environ, "LD_PRELOAD": ":".join(filter(None, [library, preload]))}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    return library or "the system's malloc"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=30, help="SFT steps per throughput measurement (and per LoRA / "
@@ -455,11 +470,12 @@ def main() -> None:
                     help="reuse the LoRA vs full fine-tuning and FLOP/s numbers from results.json")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    allocator = under_pipeline_malloc()
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results.update({"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
                     "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU",
-                    "python": platform.python_version(), "versions": versions()})
+                    "python": platform.python_version(), "versions": versions(), "allocator": allocator})
     if not args.skip_sft:
         results.update(sft_throughput(args.steps, args.rows))
     if not args.skip_demo:

@@ -1,8 +1,10 @@
 """Where the heavy work runs (Ray) and how it survives failures."""
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignpipe.config.base import Section
+
+ALLOCATORS = ("auto", "system", "tcmalloc", "jemalloc")
 
 
 class ComputeConfig(Section):
@@ -17,6 +19,19 @@ class ComputeConfig(Section):
     storage_path: str | None = Field(
         None, description="Ray Train storage (shared by all nodes on a cluster); default <workdir>/ray_results."
     )
+    allocator: str = Field(
+        "auto", description="malloc of every Ray worker: `auto` (tcmalloc where Ray runs on this machine and "
+        "libtcmalloc_minimal is installed, else the system's), `system`, `tcmalloc`, `jemalloc`, or the path of a "
+        "malloc library; preloaded (LD_PRELOAD) into each worker process."
+    )
+
+    @field_validator("allocator")
+    @classmethod
+    def _allocator(cls, value: str) -> str:
+        if value not in ALLOCATORS and "/" not in value:
+            raise ValueError(f"allocator={value!r}: use one of {', '.join(ALLOCATORS)}, or the path of a malloc "
+                             "library such as /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+        return value
 
     @model_validator(mode="after")
     def _threads(self):

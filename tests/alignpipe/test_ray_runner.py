@@ -2,8 +2,13 @@
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from alignpipe.ray_runner import ensure_auth_token, task_cpus
+import pytest
+
+from alignpipe.config.compute import ComputeConfig
+from alignpipe.errors import ConfigError
+from alignpipe.ray_runner import ensure_auth_token, malloc_library, task_cpus
 
 
 def test_task_cpus_is_capped_at_the_largest_node(ray_local):
@@ -21,21 +26,25 @@ def _worker_probe(config):
 
     omp_at_start = os.environ.get("OMP_NUM_THREADS")
     set_worker_threads(config["threads"])
-    return {"omp_at_start": int(omp_at_start or 0), "torch_threads": torch.get_num_threads(), "nice": os.nice(0)}
+    maps = Path("/proc/self/maps").read_text()
+    return {"omp_at_start": int(omp_at_start or 0), "torch_threads": torch.get_num_threads(), "nice": os.nice(0),
+            "malloc": "tcmalloc" if "libtcmalloc" in maps else "jemalloc" if "libjemalloc" in maps else "system"}
 
 
 def test_training_worker_starts_with_its_cpus_as_threads_and_without_idle_helpers(ray_local, tmp_path):
     from ray._private.state import actors
 
     from alignpipe.config.compute import ComputeConfig
-    from alignpipe.ray_runner import fit
+    from alignpipe.ray_runner import fit, malloc_library
 
     before = set(actors())
     result = fit(_worker_probe, {}, ComputeConfig(cpus_per_worker=2, max_failures=0), name="probe",
                  storage=str(tmp_path))
     # OpenMP is sized by the process environment, before torch creates its pool; torch then uses the same count.
-    # ... and at the driver's priority, not Ray's default nice 15, which yields the cores to anything else awake.
-    assert result.return_value == {"omp_at_start": 2, "torch_threads": 2, "nice": os.nice(0)}
+    # ... at the driver's priority, not Ray's default nice 15, which yields the cores to anything else awake, and
+    # with tcmalloc where this machine has it (`make setup` installs it; `auto` falls back to the system's malloc).
+    malloc = "tcmalloc" if malloc_library(ComputeConfig()) else "system"
+    assert result.return_value == {"omp_at_start": 2, "torch_threads": 2, "nice": os.nice(0), "malloc": malloc}
     started = {info["ActorClassName"] for actor_id, info in actors().items() if actor_id not in before}
     assert "RayTrainWorker" in started
     # On the in-process Ray, no PlacementGroupCleaner (it polls a state API that only the dashboard serves) and no
@@ -57,3 +66,23 @@ def test_auth_token_is_made_once_whole_and_private(tmp_path, monkeypatch):
     assert ensure_auth_token() == token and token.read_text() == first  # an existing token is kept
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-the-environment")
     assert ensure_auth_token() is None
+
+
+def test_malloc_library_follows_the_config_and_where_ray_runs(tmp_path, monkeypatch):
+    import ctypes.util
+
+    installed = {"tcmalloc_minimal": "libtcmalloc_minimal.so.4"}
+    monkeypatch.setattr(ctypes.util, "find_library", installed.get)  # this machine: tcmalloc, no jemalloc
+    assert malloc_library(ComputeConfig()) == "libtcmalloc_minimal.so.4"
+    assert malloc_library(ComputeConfig(allocator="system")) is None
+    # a cluster's workers keep what its image preloads, unless the config names a library, which its nodes resolve
+    assert malloc_library(ComputeConfig(ray_address="ray://head:10001")) is None
+    assert malloc_library(ComputeConfig(ray_address="ray://head:10001", allocator="jemalloc")) == "libjemalloc.so.2"
+    with pytest.raises(ConfigError, match="jemalloc is not installed.*apt-get install libjemalloc2"):
+        malloc_library(ComputeConfig(allocator="jemalloc"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        malloc_library(ComputeConfig(allocator=str(tmp_path / "libnone.so")))
+    installed.clear()  # nothing installed: `auto` is the system's malloc
+    assert malloc_library(ComputeConfig()) is None
+    with pytest.raises(ValueError, match="allocator='tcmaloc': use one of auto, system, tcmalloc, jemalloc"):
+        ComputeConfig(allocator="tcmaloc")

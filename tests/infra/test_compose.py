@@ -191,3 +191,4 @@ def test_dockerfile_installs_pinned_torch_then_the_lock_then_the_project():
     lock = text.index("pip install -r requirements.lock")
     project = text.index("pip install --no-deps .")
     assert torch < lock < project
+    assert "apt-get install -y --no-install-recommends libtcmalloc-minimal4" in text  # compute.allocator: tcmalloc
