@@ -84,9 +84,9 @@ def ensure_auth_token() -> Path | None:
     return path
 
 
-# Sonames of the malloc libraries `compute.allocator` names (Debian/Ubuntu: libtcmalloc-minimal4, libjemalloc2).
-MALLOC_LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "libtcmalloc_minimal.so.4"),
-                    "jemalloc": ("jemalloc", "libjemalloc.so.2")}
+# The malloc libraries `compute.allocator` names: library name, soname, Debian/Ubuntu package.
+MALLOC_LIBRARIES = {"tcmalloc": ("tcmalloc_minimal", "libtcmalloc_minimal.so.4", "libtcmalloc-minimal4"),
+                    "jemalloc": ("jemalloc", "libjemalloc.so.2", "libjemalloc2")}
 
 
 def malloc_library(compute: ComputeConfig) -> str | None:
@@ -96,7 +96,7 @@ def malloc_library(compute: ComputeConfig) -> str | None:
     faults its activations in again, page by page: SFT of the demo model in-process took 1.7 M page faults and 4-5 s
     of system time in 16 steps. tcmalloc keeps freed memory for the next step: 0.56 M faults, 1.8 s, and 755-771
     tokens/s against glibc's 640 (2 cores, 2026-12-03). `auto` uses it only where Ray runs on this machine (a
-    cluster's workers get what its image preloads) and the library is installed (`make setup` installs it).
+    cluster's workers get what its image preloads) and the library is installed (`make demo`/`test` install it).
     """
     import ctypes.util
 
@@ -107,15 +107,14 @@ def malloc_library(compute: ComputeConfig) -> str | None:
         if not compute.ray_address and not Path(choice).is_file():
             raise ConfigError(f"compute.allocator: {choice} does not exist; fix the path, or set `auto` or `system`")
         return choice
-    name, soname = MALLOC_LIBRARIES["tcmalloc" if choice == "auto" else choice]
+    name, soname, package = MALLOC_LIBRARIES["tcmalloc" if choice == "auto" else choice]
     found = ctypes.util.find_library(name)
     if found or compute.ray_address:
         return found or soname  # a cluster's nodes resolve the soname themselves
     if choice == "auto":
         return None
     raise ConfigError(f"compute.allocator: {choice} is not installed on this machine (lib{name}); install it "
-                      f"(Debian/Ubuntu: apt-get install {'libtcmalloc-minimal4' if choice == 'tcmalloc' else 'libjemalloc2'}) "
-                      "or set compute.allocator to `auto` or `system`")
+                      f"(Debian/Ubuntu: apt-get install {package}) or set compute.allocator to `auto` or `system`")
 
 
 def ensure_ray(compute: ComputeConfig) -> None:
