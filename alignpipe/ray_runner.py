@@ -185,11 +185,40 @@ def _trainer_class(compute: ComputeConfig):
     return LeanTorchTrainer
 
 
+def _torch_config(compute: ComputeConfig):
+    """Ray Train's TorchConfig, except that one CPU worker gets no process group.
+
+    With nothing to synchronise, the gloo group (and its TCP store) only cost wakeups: gloo's device loop polled
+    ~100 times a second in the training worker for the whole run, each one a chance to preempt an OpenMP thread
+    while its partner spins at the next barrier (bench/ray_overhead.py counts them). Several workers, or a GPU,
+    keep Ray's own set-up (gloo / NCCL).
+    """
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    class _SoloCpuBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            if len(worker_group) > 1:
+                super().on_start(worker_group, backend_config)
+
+        def on_shutdown(self, worker_group, backend_config):
+            if len(worker_group) > 1:
+                super().on_shutdown(worker_group, backend_config)
+
+    class _LeanTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return _SoloCpuBackend
+
+    if compute.use_gpu or compute.num_workers > 1:
+        return TorchConfig(backend="nccl" if compute.use_gpu else "gloo")
+    return _LeanTorchConfig(backend="gloo")
+
+
 def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute: ComputeConfig, name: str,
         storage: str):
     """Run `train_loop` on `compute.num_workers` Ray Train workers; returns the Ray `Result`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
 
     resources = {"CPU": compute.cpus_per_worker}
     if compute.use_gpu:
@@ -197,7 +226,7 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
     trainer = _trainer_class(compute)(
         train_loop,
         train_loop_config={**loop_config, "threads": max(1, int(compute.cpus_per_worker))},
-        torch_config=TorchConfig(backend="nccl" if compute.use_gpu else "gloo"),
+        torch_config=_torch_config(compute),
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

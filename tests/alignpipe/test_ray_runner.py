@@ -27,8 +27,11 @@ def _worker_probe(config):
     omp_at_start = os.environ.get("OMP_NUM_THREADS")
     set_worker_threads(config["threads"])
     maps = Path("/proc/self/maps").read_text()
+    threads = {Path(t, "comm").read_text().strip() for t in Path("/proc/self/task").iterdir()}
     return {"omp_at_start": int(omp_at_start or 0), "torch_threads": torch.get_num_threads(), "nice": os.nice(0),
-            "malloc": "tcmalloc" if "libtcmalloc" in maps else "jemalloc" if "libjemalloc" in maps else "system"}
+            "malloc": "tcmalloc" if "libtcmalloc" in maps else "jemalloc" if "libjemalloc" in maps else "system",
+            "process_group": torch.distributed.is_initialized(), "gloo_loop": "gloo_tcp_loop" in threads,
+            "rank_env": "RANK" in os.environ}
 
 
 def test_training_worker_starts_with_its_cpus_as_threads_and_without_idle_helpers(ray_local, tmp_path):
@@ -44,7 +47,10 @@ def test_training_worker_starts_with_its_cpus_as_threads_and_without_idle_helper
     # ... at the driver's priority, not Ray's default nice 15, which yields the cores to anything else awake, and
     # with tcmalloc where this machine has it (`make setup` installs it; `auto` falls back to the system's malloc).
     malloc = "tcmalloc" if malloc_library(ComputeConfig()) else "system"
-    assert result.return_value == {"omp_at_start": 2, "torch_threads": 2, "nice": os.nice(0), "malloc": malloc}
+    # One CPU worker has nothing to synchronise: no gloo group, whose device loop would poll ~100 times a second
+    # beside training, and no RANK/WORLD_SIZE for the HF Trainer to take for a distributed run.
+    assert result.return_value == {"omp_at_start": 2, "torch_threads": 2, "nice": os.nice(0), "malloc": malloc,
+                                   "process_group": False, "gloo_loop": False, "rank_env": False}
     started = {info["ActorClassName"] for actor_id, info in actors().items() if actor_id not in before}
     assert "RayTrainWorker" in started
     # On the in-process Ray, no PlacementGroupCleaner (it polls a state API that only the dashboard serves) and no
