@@ -170,17 +170,35 @@ def _trainer_class(compute: ComputeConfig):
       in-process Ray runs without the dashboard that serves the state API: every query fails, it logs a warning
       each second (through log_monitor to this process) and can never clean anything up; and when this process
       dies the whole local Ray goes with it.
+    - On the in-process Ray, a fixed-size run does not register its resources with Ray's AutoscalingCoordinator, a
+      detached actor (one more process, kept for the session) whose threads woke ~150 times a second beside
+      training; a single node has no autoscaler to tell.
     """
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 
     local = not compute.ray_address
+
+    class NodeLocalScalingPolicy(FixedScalingPolicy):
+        """FixedScalingPolicy without resource requests to the AutoscalingCoordinator."""
+
+        def after_controller_start(self, train_run_context):
+            pass
+
+        def _maybe_send_resource_request(self):
+            pass
 
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
             idle = (() if self.datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if local else ())
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, idle)]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            if local and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = NodeLocalScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     return LeanTorchTrainer
 

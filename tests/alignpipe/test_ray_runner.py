@@ -57,6 +57,9 @@ def test_training_worker_starts_with_its_cpus_as_threads_and_without_idle_helper
     # PreemptionWatcher (a local node never drains): both would poll for the whole run. Without Ray Datasets, no
     # DatasetManager (one more process to start, serving nothing).
     assert not started & {"PlacementGroupCleaner", "PreemptionWatcher", "DatasetManager"}
+    # Nor, ever in this session, the AutoscalingCoordinator (a detached actor once made: a single node has no
+    # autoscaler to ask, and its threads woke ~150 times a second beside training).
+    assert "_AutoscalingCoordinatorActor" not in {info["ActorClassName"] for info in actors().values()}
 
 
 def test_auth_token_is_made_once_whole_and_private(tmp_path, monkeypatch):
