@@ -7,6 +7,7 @@ tokens/s does not, hence the interleaving and medians.
     .venv/bin/python bench/ray_overhead.py --rounds 3 --steps 12 [--model /path/to/smollm2-135m-instruct]
     .venv/bin/python bench/ray_overhead.py --one ray --steps 12 --out trial.json     # a single trial
     .venv/bin/python bench/ray_overhead.py --rounds 1 --steps 20 --load 0.4   # beside a 40%-of-a-core load
+    .venv/bin/python bench/ray_overhead.py --rounds 2 --steps 30 --cpus 1     # one torch thread, a core to spare
 
 `--load` runs, beside every trial, a process at nice 0 that keeps one core busy that share of each 50 ms (the
 kind of load a flow process, Prefect's API or a browser puts on a laptop). Ray starts its workers at nice 15
@@ -130,7 +131,7 @@ class CpuSampler(threading.Thread):
                 "ours": ours, "machine_busy": machine, "others": machine - ours}
 
 
-def _setup(steps: int, rows: int, model: str | None):
+def _setup(steps: int, rows: int, model: str | None, cpus: int | None = None):
     from alignpipe import tracking
     from alignpipe.config import load_pipeline
     from alignpipe.data.formats import load_sft, write_jsonl
@@ -139,18 +140,20 @@ def _setup(steps: int, rows: int, model: str | None):
     work = Path(tempfile.mkdtemp(prefix="bench-rayoh-"))
     overrides = {"workdir": str(work), "sft.max_steps": steps, "sft.eval_fraction": 0.0, "sft.logging_steps": 1,
                  "sft.save_steps": 10_000, "tracking.experiment": "bench"}
+    if cpus:
+        overrides["compute.cpus_per_worker"] = cpus
     cfg = load_pipeline(ROOT / "pipelines.yaml", "demo", overrides, env={})
     base = model or resolve_model(cfg.model.name, ROOT / ".alignpipe" / "models")
     train = write_jsonl(load_sft(cfg.data.sft.path, limit=rows), work / "train.jsonl")
     return cfg, base, train, work, tracking.tracking_uri(cfg), tracking.ensure_experiment(cfg)
 
 
-def trial(mode: str, steps: int, rows: int, model: str | None) -> dict:
+def trial(mode: str, steps: int, rows: int, model: str | None, cpus: int | None = None) -> dict:
     """One SFT run (`ray`: the pipeline's path, run_sft on Ray Train; `inproc`: the same trainer here)."""
     from alignpipe import tracking
     from alignpipe.runs import RunContext, file_digest
 
-    cfg, base, train, work, uri, exp = _setup(steps, rows, model)
+    cfg, base, train, work, uri, exp = _setup(steps, rows, model, cpus)
     sampler = CpuSampler()
     sampler.start()
     if mode == "ray":
@@ -242,12 +245,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--model", help="a local model folder (default: the embedded model under .alignpipe/models)")
     ap.add_argument("--json", help="write all trials here")
+    ap.add_argument("--cpus", type=int, help="compute.cpus_per_worker (torch threads on both sides; default: the "
+                    "demo's). Below the machine's cores, Ray's own processes get a core the trainer does not use")
     ap.add_argument("--load", type=float, default=0.0,
                     help="share of one core (0-1) a nice-0 process keeps busy beside every trial")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.one:
-        res = trial(args.one, args.steps, args.rows, args.model)
+        res = trial(args.one, args.steps, args.rows, args.model, args.cpus)
         if args.out:
             Path(args.out).write_text(json.dumps(res))
         print(json.dumps({k: v for k, v in res.items() if k != "cpu"}))
@@ -257,7 +262,8 @@ def main() -> None:
         for mode in (("ray", "inproc") if r % 2 == 0 else ("inproc", "ray")):  # A B B A: cancels drift
             out = Path(tempfile.mkdtemp(prefix="rayoh-")) / "trial.json"
             cmd = [sys.executable, __file__, "--one", mode, "--out", str(out), "--steps", str(args.steps),
-                   "--rows", str(args.rows)] + (["--model", args.model] if args.model else [])
+                   "--rows", str(args.rows)] + (["--model", args.model] if args.model else []) + (
+                       ["--cpus", str(args.cpus)] if args.cpus else [])
             burner = (subprocess.Popen([sys.executable, "-c", BURNER, str(min(args.load, 0.95))])
                       if args.load > 0 else None)
             try:
