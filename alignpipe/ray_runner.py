@@ -214,19 +214,17 @@ def _torch_config(compute: ComputeConfig):
     from ray.train.torch import TorchConfig
     from ray.train.torch.config import _TorchBackend
 
-    class _SoloCpuBackend(_TorchBackend):
+    class _NoProcessGroup(_TorchBackend):
         def on_start(self, worker_group, backend_config):
-            if len(worker_group) > 1:
-                super().on_start(worker_group, backend_config)
+            pass
 
         def on_shutdown(self, worker_group, backend_config):
-            if len(worker_group) > 1:
-                super().on_shutdown(worker_group, backend_config)
+            pass
 
     class _LeanTorchConfig(TorchConfig):
         @property
         def backend_cls(self):
-            return _SoloCpuBackend
+            return _NoProcessGroup
 
     if compute.use_gpu or compute.num_workers > 1:
         return TorchConfig(backend="nccl" if compute.use_gpu else "gloo")
@@ -274,6 +272,7 @@ def get(ref):
 
 def drop_single_worker_process_group() -> None:
     """With one worker there is nothing to synchronise: leave torch.distributed so HF Trainer skips DDP.
+    (A single CPU worker never gets a group, see `_torch_config`; a single GPU worker gets Ray's NCCL one.)
 
     DDP on a world of one still hooks every parameter and all-reduces the gradients each step.
     """
