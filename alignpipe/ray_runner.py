@@ -204,12 +204,13 @@ def _trainer_class(compute: ComputeConfig):
 
 
 def _torch_config(compute: ComputeConfig):
-    """Ray Train's TorchConfig, except that one CPU worker gets no process group.
+    """Ray Train's TorchConfig (gloo on CPU, NCCL on GPU), except that a single worker gets no process group.
 
-    With nothing to synchronise, the gloo group (and its TCP store) only cost wakeups: gloo's device loop polled
-    ~100 times a second in the training worker for the whole run, each one a chance to preempt an OpenMP thread
-    while its partner spins at the next barrier (bench/ray_overhead.py counts them). Several workers, or a GPU,
-    keep Ray's own set-up (gloo / NCCL).
+    One worker has nothing to synchronise. With a group, the HF Trainer would wrap the model in DDP, which on a world
+    of one still hooks every parameter and all-reduces the gradients each step. On CPU, gloo's device loop also polled
+    ~100 times a second in the training worker for the whole run, each one a chance to preempt an OpenMP thread while
+    its partner spins at the next barrier (bench/ray_overhead.py counts them). Ray Train's per-worker device set-up
+    (CUDA_VISIBLE_DEVICES, the current CUDA device) does not depend on the group and still happens.
     """
     from ray.train.torch import TorchConfig
     from ray.train.torch.config import _TorchBackend
@@ -226,9 +227,8 @@ def _torch_config(compute: ComputeConfig):
         def backend_cls(self):
             return _NoProcessGroup
 
-    if compute.use_gpu or compute.num_workers > 1:
-        return TorchConfig(backend="nccl" if compute.use_gpu else "gloo")
-    return _LeanTorchConfig(backend="gloo")
+    backend = "nccl" if compute.use_gpu else "gloo"
+    return TorchConfig(backend=backend) if compute.num_workers > 1 else _LeanTorchConfig(backend=backend)
 
 
 def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute: ComputeConfig, name: str,
@@ -268,20 +268,6 @@ def get(ref):
         if isinstance(exc.cause, AlignpipeError):
             raise exc.cause from None
         raise
-
-
-def drop_single_worker_process_group() -> None:
-    """With one worker there is nothing to synchronise: leave torch.distributed so HF Trainer skips DDP.
-    (A single CPU worker never gets a group, see `_torch_config`; a single GPU worker gets Ray's NCCL one.)
-
-    DDP on a world of one still hooks every parameter and all-reduces the gradients each step.
-    """
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() == 1:
-        dist.destroy_process_group()
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            os.environ.pop(var, None)
 
 
 def set_worker_threads(threads: int) -> None:

@@ -165,7 +165,6 @@ def train_loop(config: dict[str, Any]) -> None:
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
     ray_runner.set_worker_threads(config["threads"])
-    ray_runner.drop_single_worker_process_group()
     rank0 = ray.train.get_context().get_world_rank() == 0
     s = config["sft"]
 
