@@ -79,17 +79,80 @@ def _score(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float
             logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
     else:
         logits = head(hidden)  # the autocast dtype, like the model's own head
-    z = logits.float() if temperature == 1.0 else logits.float() / temperature
-    log_p = torch.log_softmax(z, dim=-1)
-    log_probs = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    p = log_p.exp()
-    entropy = -(p * log_p).sum(-1)
-    with torch.no_grad():  # TRL marks these three non-differentiable
-        is_top1 = z.argmax(-1) == targets  # argmax takes the first maximum: a tie before the target is no hit
-        log_sum_sq_probs = p.square().sum(-1).log()
-        mean_logits = z.mean(-1)
+    log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = _RowStats.apply(logits, targets, temperature)
     return {"log_probs": log_probs, "entropy": entropy, "log_sum_sq_probs": log_sum_sq_probs,
             "mean_logits": mean_logits, "is_top1": is_top1}
+
+
+# fp32 elements per row chunk (16 MB): a chunk's few [rows, vocab] temporaries stay small beside the logits
+_CHUNK_ELEMENTS = 1 << 22
+
+
+class _RowStats(torch.autograd.Function):
+    """log p(target) and the entropy of softmax(logits / temperature), row by row, in fp32 chunks of rows.
+
+    Plain torch ops would keep several fp32 [rows, vocab] tensors for the backward (log-softmax, its exp for the
+    entropy) and make more at the step's memory peak, the end of the forward, where every activation of the
+    backbone is still held: ~5 × 48 MB on the demo's longest SFT batch. This keeps only the logits (in their own
+    dtype) and one log-sum-exp per row, and rebuilds each chunk's probabilities in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        rows = logits.shape[0]
+        log_probs, entropy, log_sum_sq, mean_logits, lse = (
+            torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(5))
+        is_top1 = torch.empty(rows, dtype=torch.bool, device=logits.device)
+        for s in range(0, rows, _chunk_rows(logits)):
+            z = _scaled(logits[s:s + _chunk_rows(logits)], temperature)
+            t = targets[s:s + len(z)].unsqueeze(-1)
+            is_top1[s:s + len(z)] = z.argmax(-1) == t.squeeze(-1)  # the first maximum: a tie before it is no hit
+            mean_logits[s:s + len(z)] = z.mean(-1)
+            lse[s:s + len(z)] = z.logsumexp(-1)
+            log_p = z.sub_(lse[s:s + len(z)].unsqueeze(-1))  # z is a fresh fp32 copy: reuse it
+            log_probs[s:s + len(z)] = log_p.gather(-1, t).squeeze(-1)
+            p = log_p.exp()
+            entropy[s:s + len(z)] = -(p * log_p).sum(-1)
+            log_sum_sq[s:s + len(z)] = p.square_().sum(-1).log()
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(log_sum_sq, mean_logits, is_top1)  # as TRL marks them
+        return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy, *_):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        with_entropy = bool(grad_entropy.any())  # SFT and DPO leave it at zero
+        for s in range(0, logits.shape[0], _chunk_rows(logits)):
+            z = _scaled(logits[s:s + _chunk_rows(logits)], ctx.temperature)
+            rows = slice(s, s + len(z))
+            log_p = z.sub_(lse[rows].unsqueeze(-1))
+            p = log_p.exp()
+            g_lp = grad_log_probs[rows].unsqueeze(-1)
+            # d log p_t / dz = onehot(t) - p;  d entropy / dz = -p (log p + entropy)
+            if with_entropy:
+                g = log_p.add_(entropy[rows].unsqueeze(-1)).mul_(grad_entropy[rows].unsqueeze(-1)).add_(g_lp)
+                g = p.mul_(g).neg_()
+            else:
+                g = p.mul_(-g_lp)
+            g.scatter_add_(-1, targets[rows].unsqueeze(-1), g_lp)
+            if ctx.temperature != 1.0:
+                g.div_(ctx.temperature)
+            grad[rows] = g
+        return grad, None, None
+
+
+def _chunk_rows(logits: torch.Tensor) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A fresh fp32 copy of `logits / temperature` (callers modify it in place)."""
+    z = logits.float()
+    if z.data_ptr() == logits.data_ptr():
+        z = z.clone()
+    return z if temperature == 1.0 else z.div_(temperature)
 
 
 def _fused_output(**fields):

@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -41,9 +39,11 @@ from tasks.sft import loop_settings  # noqa: E402
 FULL_MODES = ("full", "full-amp")
 
 
-def rss_mb() -> float:
-    """This process's peak resident set so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def vm_hwm_mb() -> float:
+    """This process's peak resident set (VmHWM, kB). Unlike ru_maxrss it is not carried over from the process
+    that exec'd this one: bench/run.py, tens of GB after the demo, started these runs through vfork."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
 
 def current_rss_mb() -> float:
@@ -51,25 +51,21 @@ def current_rss_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-class RssSampler:
-    """Max of the current RSS sampled every 10 ms while training runs: ru_maxrss is a lifetime peak, and loading
-    the checkpoint (fp32, then cast to bf16) peaks higher than a LoRA training step, hiding the difference."""
+class PeakRss:
+    """The peak RSS between enter and exit, exactly: the kernel's high-water mark, reset on entry by writing 5 to
+    /proc/self/clear_refs (Linux 4.0+). A lifetime peak would show loading the checkpoint (fp32, then cast to
+    bf16), which peaks higher than a LoRA training step and hides the difference; sampling the RSS every few ms
+    misses peaks shorter than the interval (the LM head's, at the end of each forward, lasts a few ms)."""
 
     def __init__(self):
-        self.peak_mb, self._stop = 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(0.01):
-            self.peak_mb = max(self.peak_mb, current_rss_mb())
+        self.peak_mb = 0.0
 
     def __enter__(self):
-        self._thread.start()
+        Path("/proc/self/clear_refs").write_text("5")
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        self.peak_mb = vm_hwm_mb()
 
 
 class TokenRate(TrainerCallback):
@@ -92,7 +88,7 @@ def run(mode: str, steps: int, rows: int, model: str | None) -> dict:
     """Train `steps` steps on the first `rows` demo conversations; trainable params, peak RSS, tokens/s."""
     import torch
 
-    baseline = rss_mb()  # imports only: the floor both modes share
+    baseline = current_rss_mb()  # imports only: the floor every mode shares
     work = Path(tempfile.mkdtemp(prefix=f"bench-{mode}-"))
     cfg = load_pipeline(ROOT / "pipelines.yaml", "demo", {"workdir": str(work), "sft.max_steps": steps,
                                                           "sft.eval_fraction": 0.0, "sft.logging_steps": 1,
@@ -117,11 +113,12 @@ def run(mode: str, steps: int, rows: int, model: str | None) -> dict:
     label_share = sum(sum(x != -100 for x in row) for row in ds["labels"]) / sum(len(i) for i in ds["input_ids"])
     total = sum(p.numel() for p in trainer.model.parameters())
     loaded_rss = current_rss_mb()  # model and data in memory, before the first step
-    with RssSampler() as sampler:
+    loading_peak = vm_hwm_mb()
+    with PeakRss() as peak:
         out = trainer.train()
     steady = rate.rates[1:] if len(rate.rates) > 2 else rate.rates  # the first interval pays for warm-up
     return {"mode": mode, "trainable_params": trainable, "total_params": total,
-            "peak_rss_mb": sampler.peak_mb, "loaded_rss_mb": loaded_rss, "lifetime_peak_rss_mb": rss_mb(),
+            "peak_rss_mb": peak.peak_mb, "loaded_rss_mb": loaded_rss, "lifetime_peak_rss_mb": max(loading_peak, peak.peak_mb),
             "import_rss_mb": baseline, "label_share": label_share,
             "tokens_per_s": statistics.median(steady) if steady else float("nan"),
             "train_runtime_s": out.metrics.get("train_runtime", float("nan")), "steps": steps, "rows": rows,

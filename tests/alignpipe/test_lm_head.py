@@ -6,6 +6,7 @@ import pytest
 import torch
 from trl.trainer.utils import add_fused_lm_head
 
+from alignpipe import lm_head
 from alignpipe.lm_head import compact_lm_head
 from alignpipe.models import load_model
 
@@ -39,10 +40,17 @@ def fused_model(tiny_model):
     return model
 
 
-def test_compact_head_matches_trls_fused_head(fused_model):
+@pytest.mark.parametrize("chunk_rows,temperature", [(None, 1.0), (4, 0.7)], ids=["one-chunk", "chunks-of-4-rows"])
+def test_compact_head_matches_trls_fused_head(tiny_model, monkeypatch, chunk_rows, temperature):
+    """Values and gradients (through log-probabilities and entropy), in one chunk of rows or several."""
+    fused_model = load_model(tiny_model)  # fp32: both heads must agree to float rounding
+    add_fused_lm_head(fused_model, temperature=temperature,
+                      outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+    if chunk_rows:
+        monkeypatch.setattr(lm_head, "_CHUNK_ELEMENTS", chunk_rows * fused_model.config.vocab_size)
     batch = _batch(fused_model.config.vocab_size)
     theirs, their_grads = _run(fused_model, batch)
-    assert compact_lm_head(fused_model)
+    assert compact_lm_head(fused_model, temperature)
     ours, our_grads = _run(fused_model, batch)
 
     torch.testing.assert_close(ours.loss, theirs.loss)
