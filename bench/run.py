@@ -468,8 +468,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="SFT steps per throughput measurement (and per LoRA / "
                     "full fine-tuning run): 10 gave Ray ÷ in-process 0.91 and 0.98 in two runs of the same code")
     ap.add_argument("--rows", type=int, default=200)
-    ap.add_argument("--sft-rounds", type=int, default=3,
-                    help="Ray / in-process SFT trial pairs, taking turns (each trial a fresh process)")
+    ap.add_argument("--sft-rounds", type=int, default=5,
+                    help="Ray / in-process SFT trial pairs, taking turns (each trial a fresh process); single trials "
+                         "of either side ranged 592-693 tokens/s within 5 minutes (2026-12-03), so 3 pairs let one "
+                         "slow trial move the median ratio by ~0.1")
     ap.add_argument("--skip-demo", action="store_true", help="reuse the demo numbers from the last results.json")
     ap.add_argument("--int8-speed", action="store_true",
                     help="with --skip-demo: measure int8 vs fp32 speed again on the last demo's artifacts")

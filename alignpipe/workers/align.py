@@ -16,6 +16,7 @@ from alignpipe.config.sft import PeftConfig
 from alignpipe.data.formats import load_canonical
 from alignpipe.data.preference import as_conversations, to_unpaired
 from alignpipe.lm_head import use_compact_lm_head
+from alignpipe.swiglu import use_recomputing_swiglu
 from alignpipe.metric_buffer import spool_path
 from alignpipe.workers.sft import FINAL_MARKER, MlflowStream, peft_config
 
@@ -98,6 +99,7 @@ def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list):
     else:
         raise ValueError(f"build_trainer does not build {a['method']!r}")
     use_compact_lm_head(trainer)  # CPU: only the answer tokens go through the LM head (see alignpipe.lm_head)
+    use_recomputing_swiglu(trainer.model)  # one MLP activation less kept per layer (see alignpipe.swiglu)
     return trainer, tokenizer
 
 
@@ -174,6 +176,7 @@ def build_policy_trainer(config: dict[str, Any], reward_model, output_dir: str, 
                           processing_class=tokenizer, reward_processing_classes=tokenizer,
                           peft_config=peft_config(PeftConfig(**a["peft"])), callbacks=callbacks)
     use_compact_lm_head(trainer)
+    use_recomputing_swiglu(trainer.model)
     return trainer, tokenizer
 
 

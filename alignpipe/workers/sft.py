@@ -19,6 +19,7 @@ from alignpipe import chat, models, ray_runner
 from alignpipe.config.sft import PeftConfig
 from alignpipe.data.formats import load_canonical
 from alignpipe.lm_head import use_compact_lm_head
+from alignpipe.swiglu import use_recomputing_swiglu
 from alignpipe.metric_buffer import MetricBuffer, spool_path
 
 FINAL_MARKER = "final.json"
@@ -156,6 +157,7 @@ def build_trainer(config: dict[str, Any], output_dir: str, callbacks: list, log_
                          processing_class=tokenizer, peft_config=peft_config(PeftConfig(**s["peft"])),
                          callbacks=callbacks)
     use_compact_lm_head(trainer)  # CPU: TRL's fused head scores every position in fp32 (~55% of a step)
+    use_recomputing_swiglu(trainer.model)  # one MLP activation less kept per layer (see alignpipe.swiglu)
     return trainer, tokenizer
 
 
