@@ -6,8 +6,8 @@ token, `gate(x)` (for SiLU's backward), `silu(gate(x))` and `up(x)` (for the pro
 recomputes the SiLU in the backward, a few elementwise ops per layer; the product is still kept by `down`.
 
 On the demo's longest SFT batch (8 x 82 tokens, 30 layers) that is ~58 MB less at the step's memory peak, the end
-of the forward, where every activation is held: LoRA's peak, since its frozen weights have no optimizer state
-(mixed-precision full fine-tuning peaks in the optimizer step instead, with its fp32 gradients and AdamW states).
+of the forward, where every activation is held: LoRA's peak, since its frozen weights have no gradients or
+optimizer state (mixed-precision full fine-tuning's peak did not move: its fp32 gradients and AdamW states set it).
 
 `use_recomputing_swiglu(model)` swaps the forward of every MLP with exactly that shape (`gate_proj`, `up_proj`,
 `down_proj`, a SiLU `act_fn`); others (GELU MLPs, fused `gate_up_proj`, MoE experts) keep theirs. Values and
