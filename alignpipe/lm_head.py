@@ -94,49 +94,49 @@ class _RowStats(torch.autograd.Function):
     Plain torch ops would keep several fp32 [rows, vocab] tensors for the backward (log-softmax, its exp for the
     entropy) and make more at the step's memory peak, the end of the forward, where every activation of the
     backbone is still held: ~5 × 48 MB on the demo's longest SFT batch. This keeps only the logits (in their own
-    dtype) and one log-sum-exp per row, and rebuilds each chunk's probabilities in the backward.
+    dtype) and recomputes each chunk's log-softmax in the backward. It runs the plain ops' own kernels on each
+    chunk (log-softmax and its backward are row-wise), so where the entropy gets no gradient (SFT, DPO, KTO) the
+    gradients are those of the plain ops bit for bit, and a training run takes the same steps.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, temperature):
         rows = logits.shape[0]
-        log_probs, entropy, log_sum_sq, mean_logits, lse = (
-            torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(5))
+        log_probs, entropy, log_sum_sq, mean_logits = (
+            torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(4))
         is_top1 = torch.empty(rows, dtype=torch.bool, device=logits.device)
-        for s in range(0, rows, _chunk_rows(logits)):
-            z = _scaled(logits[s:s + _chunk_rows(logits)], temperature)
-            t = targets[s:s + len(z)].unsqueeze(-1)
-            is_top1[s:s + len(z)] = z.argmax(-1) == t.squeeze(-1)  # the first maximum: a tie before it is no hit
+        step = _chunk_rows(logits)
+        for s in range(0, rows, step):
+            z = _scaled(logits[s:s + step], temperature)
+            t = targets[s:s + len(z)]
+            is_top1[s:s + len(z)] = z.argmax(-1) == t  # the first maximum: a tie before the target is no hit
             mean_logits[s:s + len(z)] = z.mean(-1)
-            lse[s:s + len(z)] = z.logsumexp(-1)
-            log_p = z.sub_(lse[s:s + len(z)].unsqueeze(-1))  # z is a fresh fp32 copy: reuse it
-            log_probs[s:s + len(z)] = log_p.gather(-1, t).squeeze(-1)
+            log_p = torch.log_softmax(z, dim=-1)
+            del z
+            log_probs[s:s + len(log_p)] = log_p.gather(-1, t.unsqueeze(-1)).squeeze(-1)
             p = log_p.exp()
-            entropy[s:s + len(z)] = -(p * log_p).sum(-1)
-            log_sum_sq[s:s + len(z)] = p.square_().sum(-1).log()
-        ctx.save_for_backward(logits, targets, lse, entropy)
+            entropy[s:s + len(log_p)] = -(p * log_p).sum(-1)
+            log_sum_sq[s:s + len(log_p)] = p.square_().sum(-1).log()
+        ctx.save_for_backward(logits, targets)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(log_sum_sq, mean_logits, is_top1)  # as TRL marks them
         return log_probs, entropy, log_sum_sq, mean_logits, is_top1
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy, *_):
-        logits, targets, lse, entropy = ctx.saved_tensors
+        logits, targets = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        with_entropy = bool(grad_entropy.any())  # SFT and DPO leave it at zero
-        for s in range(0, logits.shape[0], _chunk_rows(logits)):
-            z = _scaled(logits[s:s + _chunk_rows(logits)], ctx.temperature)
-            rows = slice(s, s + len(z))
-            log_p = z.sub_(lse[rows].unsqueeze(-1))
-            p = log_p.exp()
+        with_entropy = bool(grad_entropy.any())  # SFT, DPO and KTO leave it at zero
+        step = _chunk_rows(logits)
+        for s in range(0, logits.shape[0], step):
+            log_p = torch.log_softmax(_scaled(logits[s:s + step], ctx.temperature), dim=-1)
+            rows = slice(s, s + len(log_p))
             g_lp = grad_log_probs[rows].unsqueeze(-1)
-            # d log p_t / dz = onehot(t) - p;  d entropy / dz = -p (log p + entropy)
+            # d/d log p of log p_t: onehot(t) (gather's backward); of the entropy -sum p log p: -p (1 + log p)
+            g = torch.zeros_like(log_p).scatter_add_(-1, targets[rows].unsqueeze(-1), g_lp)
             if with_entropy:
-                g = log_p.add_(entropy[rows].unsqueeze(-1)).mul_(grad_entropy[rows].unsqueeze(-1)).add_(g_lp)
-                g = p.mul_(g).neg_()
-            else:
-                g = p.mul_(-g_lp)
-            g.scatter_add_(-1, targets[rows].unsqueeze(-1), g_lp)
+                g.sub_(log_p.exp().mul_(log_p + 1).mul_(grad_entropy[rows].unsqueeze(-1)))
+            g = torch._log_softmax_backward_data(g, log_p, -1, log_p.dtype)
             if ctx.temperature != 1.0:
                 g.div_(ctx.temperature)
             grad[rows] = g
@@ -148,11 +148,9 @@ def _chunk_rows(logits: torch.Tensor) -> int:
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A fresh fp32 copy of `logits / temperature` (callers modify it in place)."""
+    """`logits.float() / temperature`, as the plain ops compute it."""
     z = logits.float()
-    if z.data_ptr() == logits.data_ptr():
-        z = z.clone()
-    return z if temperature == 1.0 else z.div_(temperature)
+    return z if temperature == 1.0 else z / temperature
 
 
 def _fused_output(**fields):

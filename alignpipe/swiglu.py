@@ -7,11 +7,12 @@ recomputes the SiLU in the backward, a few elementwise ops per layer; the produc
 
 On the demo's longest SFT batch (8 x 82 tokens, 30 layers) that is ~58 MB less at the step's memory peak, the end
 of the forward, where every activation is held: LoRA's peak, since its frozen weights have no gradients or
-optimizer state (mixed-precision full fine-tuning's peak did not move: its fp32 gradients and AdamW states set it).
+optimizer state (mixed-precision full fine-tuning's peak did not move: something else sets it there).
 
 `use_recomputing_swiglu(model)` swaps the forward of every MLP with exactly that shape (`gate_proj`, `up_proj`,
 `down_proj`, a SiLU `act_fn`); others (GELU MLPs, fused `gate_up_proj`, MoE experts) keep theirs. Values and
-gradients are those of the plain ops (tests/alignpipe/test_swiglu.py).
+gradients are those of the plain ops bit for bit (tests/alignpipe/test_swiglu.py), so a training run takes the
+same steps with it as without.
 """
 
 from __future__ import annotations
@@ -33,14 +34,10 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        # fp32, as the native SiLU backward computes internally; `d` is a copy, as it is updated in place
-        g, u, d = gate.float(), up.float(), grad.to(torch.float32, copy=True)
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        grad_up = d * silu
-        # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
-        grad_gate = d.mul_(u).mul_(silu.mul_(sig.neg().add_(1)).add_(sig))
-        return grad_gate.to(gate.dtype), grad_up.to(up.dtype)
+        # the plain ops' own backward kernels, on a recomputed silu(gate): the same gradients, bit for bit
+        grad_up = grad * nn.functional.silu(gate)
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, grad_up
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -99,3 +99,42 @@ def test_fp32_head_matches_trls_cast_lm_head_to_fp32(tiny_model):
     assert ours.log_probs.dtype == torch.float32
     for name in ("log_probs", "entropy"):
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _plain_row_stats(logits, targets, temperature):
+    """The same statistics as plain autograd ops over the whole [rows, vocab] block (what the head ran before)."""
+    z = logits.float() if temperature == 1.0 else logits.float() / temperature
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    with torch.no_grad():
+        rest = (p.square().sum(-1).log(), z.mean(-1), z.argmax(-1) == targets)
+    return (log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(p * log_p).sum(-1), *rest)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sft_gradients_are_the_plain_ops_bit_for_bit(tiny_model, monkeypatch, temperature):
+    """bf16 weights under autocast, as the demo trains, several chunks: where the entropy gets no gradient (SFT,
+    DPO, KTO), a step is the same with the chunked statistics as with plain ops, so a run takes the same steps."""
+    model = load_model(tiny_model, dtype="bfloat16")
+    add_fused_lm_head(model, temperature=temperature, outputs=("log_probs", "entropy"))
+    assert compact_lm_head(model, temperature)
+    monkeypatch.setattr(lm_head, "_CHUNK_ELEMENTS", 4 * model.config.vocab_size)
+    batch = _batch(model.config.vocab_size)
+
+    def step():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**batch, fused_lm_head=True)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours, our_grads = step()
+    with monkeypatch.context() as m:
+        m.setattr(lm_head._RowStats, "apply", _plain_row_stats)
+        plain, plain_grads = step()
+    exact = {"atol": 0.0, "rtol": 0.0}
+    torch.testing.assert_close(ours.loss, plain.loss, **exact)
+    torch.testing.assert_close(ours.entropy, plain.entropy, atol=1e-6, rtol=1e-5)  # logged only
+    assert our_grads.keys() == plain_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, msg=name, **exact)
