@@ -29,9 +29,10 @@ demo: setup malloc
 
 # Two xdist workers: the suite waits on servers and process start-ups much of the time, so two share 2 cores
 # well (2026-12-01, 2 cores: 25 min serial, 19 min in two on a clean clone). Tests needing the local stack share one worker (xdist_group).
+# --durations: the 15 slowest tests close every run, so CI logs show where the 15-minute budget goes.
 TEST_WORKERS ?= 2
 test: setup browser malloc
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # Headless Chromium for the Prefect-UI test (Debian package; the test skips, saying why, where it is absent).
 browser:
