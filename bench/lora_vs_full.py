@@ -41,7 +41,7 @@ FULL_MODES = ("full", "full-amp")
 
 def vm_hwm_mb() -> float:
     """This process's peak resident set (VmHWM, kB). Unlike ru_maxrss it is not carried over from the process
-    that exec'd this one: bench/run.py, tens of GB after the demo, started these runs through vfork."""
+    that exec'd this one: bench/run.py, ~4 GB after the demo, starts these runs through vfork + exec."""
     status = Path("/proc/self/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
@@ -118,7 +118,8 @@ def run(mode: str, steps: int, rows: int, model: str | None) -> dict:
         out = trainer.train()
     steady = rate.rates[1:] if len(rate.rates) > 2 else rate.rates  # the first interval pays for warm-up
     return {"mode": mode, "trainable_params": trainable, "total_params": total,
-            "peak_rss_mb": peak.peak_mb, "loaded_rss_mb": loaded_rss, "lifetime_peak_rss_mb": max(loading_peak, peak.peak_mb),
+            "peak_rss_mb": peak.peak_mb, "loaded_rss_mb": loaded_rss,
+            "lifetime_peak_rss_mb": max(loading_peak, peak.peak_mb),
             "import_rss_mb": baseline, "label_share": label_share,
             "tokens_per_s": statistics.median(steady) if steady else float("nan"),
             "train_runtime_s": out.metrics.get("train_runtime", float("nan")), "steps": steps, "rows": rows,

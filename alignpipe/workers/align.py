@@ -16,8 +16,8 @@ from alignpipe.config.sft import PeftConfig
 from alignpipe.data.formats import load_canonical
 from alignpipe.data.preference import as_conversations, to_unpaired
 from alignpipe.lm_head import use_compact_lm_head
-from alignpipe.swiglu import use_recomputing_swiglu
 from alignpipe.metric_buffer import spool_path
+from alignpipe.swiglu import use_recomputing_swiglu
 from alignpipe.workers.sft import FINAL_MARKER, MlflowStream, peft_config
 
 REWARD_MARKER = "reward.json"

@@ -19,8 +19,8 @@ from alignpipe import chat, models, ray_runner
 from alignpipe.config.sft import PeftConfig
 from alignpipe.data.formats import load_canonical
 from alignpipe.lm_head import use_compact_lm_head
-from alignpipe.swiglu import use_recomputing_swiglu
 from alignpipe.metric_buffer import MetricBuffer, spool_path
+from alignpipe.swiglu import use_recomputing_swiglu
 
 FINAL_MARKER = "final.json"
 
