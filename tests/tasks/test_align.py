@@ -11,6 +11,7 @@ from alignpipe.merge import load_with_adapter, merge_adapter
 from alignpipe.models import load_model, load_tokenizer
 from alignpipe.preference import preference_metrics
 from alignpipe.runs import file_digest
+from alignpipe.swiglu import is_swiglu_mlp, use_recomputing_swiglu
 from alignpipe.workers.align import build_trainer
 from tasks.align import run_align
 from testlib import DEMO_DATA, run_context
@@ -46,6 +47,7 @@ def test_step0_reference_is_the_sft_model_from_its_saved_artifact(tiny_model, sf
     trainer, _ = build_trainer(config, str(tmp_path / "out"), [])
     assert trainer.args.activation_checkpointing is False  # the config's default, not TRL's (True: ~50% slower on CPU)
     assert trainer.model.get_base_model().forward._alignpipe_compact  # the references below go through it
+    assert any(map(is_swiglu_mlp, trainer.model.modules())) and use_recomputing_swiglu(trainer.model) == 0
     assert trainer.model.config._attn_implementation == "eager"  # auto on CPU, max_length 256; fresh_sft: sdpa
     batch = next(iter(trainer.get_train_dataloader()))
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)

@@ -92,6 +92,7 @@ def test_checkpointing_and_attention_settings_reach_the_trainer_without_a_deprec
     transformers 5's name, so no worker prints the old name's FutureWarning; `sft.attention` picks the kernel."""
     import warnings
 
+    from alignpipe.swiglu import is_swiglu_mlp, use_recomputing_swiglu
     from alignpipe.workers.sft import build_trainer
     from tasks.sft import loop_settings
 
@@ -105,6 +106,8 @@ def test_checkpointing_and_attention_settings_reach_the_trainer_without_a_deprec
                                        log_progress=False)
         assert trainer.args.activation_checkpointing is wanted and trainer.args.gradient_checkpointing is wanted
         assert trainer.model.get_base_model().forward._alignpipe_compact  # alignpipe.lm_head on CPU
+        # alignpipe.swiglu: every Llama MLP swapped already (a second call finds none left)
+        assert any(map(is_swiglu_mlp, trainer.model.modules())) and use_recomputing_swiglu(trainer.model) == 0
         # auto: eager attention on CPU for the smoke rows (all far below 256 tokens); an explicit choice wins
         assert trainer.model.config._attn_implementation == ("eager" if attention == "auto" else attention)
         assert not [w for w in caught if "`gradient_checkpointing` is deprecated" in str(w.message)]
