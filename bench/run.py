@@ -267,9 +267,10 @@ def _info(name, shown):
 
 
 def ray_vs_inprocess(r: dict) -> str:
-    """The ratio of the median tokens/s of each side, and how each pair of interleaved trials read."""
+    """The ratio of the median tokens/s of each side (three decimals: a target sits at 0.90, and 0.897 is no 0.90),
+    and how each pair of interleaved trials read."""
     text = (f"{r['sft_tokens_per_s_ray']:.0f} / {r['sft_tokens_per_s_inprocess']:.0f} = "
-            f"{r['sft_tokens_per_s_ray'] / r['sft_tokens_per_s_inprocess']:.2f}")
+            f"{r['sft_tokens_per_s_ray'] / r['sft_tokens_per_s_inprocess']:.3f}")
     pairs = list(zip(r.get("sft_ray_trials", []), r.get("sft_inprocess_trials", [])))
     if len(pairs) > 1:
         text += (f" (medians of {len(pairs)} interleaved trials each, fresh processes; pair by pair "
@@ -280,7 +281,7 @@ def ray_vs_inprocess(r: dict) -> str:
 def evidence_rows(r: dict) -> list[str]:
     """Issue 7 rows: the demo beside a plain TRL script, LoRA vs full fine-tuning, utilisation."""
     ray = r["sft_tokens_per_s_ray"] / r["sft_tokens_per_s_inprocess"]
-    rows = [_row("SFT tokens/s, Ray Train ÷ in-process", f"{ray:.2f} (the issue 2 row)", "≥ 0.95", ray >= 0.95)]
+    rows = [_row("SFT tokens/s, Ray Train ÷ in-process", f"{ray:.3f} (the issue 2 row)", "≥ 0.95", ray >= 0.95)]
     if "plain_trl_wall_s" in r and "demo_wall_s" in r:
         ratio = r["demo_wall_s"] / r["plain_trl_wall_s"]
         rows.append(_row("Demo wall ÷ plain TRL script wall (same work, bench/plain_trl.py)",
