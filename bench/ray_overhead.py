@@ -8,6 +8,7 @@ tokens/s does not, hence the interleaving and medians.
     .venv/bin/python bench/ray_overhead.py --one ray --steps 12 --out trial.json     # a single trial
     .venv/bin/python bench/ray_overhead.py --rounds 1 --steps 20 --load 0.4   # beside a 40%-of-a-core load
     .venv/bin/python bench/ray_overhead.py --rounds 2 --steps 30 --cpus 1     # one torch thread, a core to spare
+    .venv/bin/python bench/ray_overhead.py --one ray --steps 120 --pause 15   # Ray's daemons stopped 15 s in 30
 
 `--load` runs, beside every trial, a process at nice 0 that keeps one core busy that share of each 50 ms (the
 kind of load a flow process, Prefect's API or a browser puts on a laptop). Ray starts its workers at nice 15
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -131,6 +133,85 @@ class CpuSampler(threading.Thread):
                 "ours": ours, "machine_busy": machine, "others": machine - ours}
 
 
+class Pauser(threading.Thread):
+    """Stops (SIGSTOP) every process of this run's Ray but the training worker for `window` seconds, then lets them
+    run `window` seconds, `cycles` times, starting once the worker has trained `warmup` seconds.
+
+    Training does not need them between two reports: the worker logs to MLflow itself, and Ray hears from it again
+    only at the end. Steps that fall wholly inside a paused window show what Ray's daemons and helper actors (GCS,
+    raylet, log monitor, agents, Train's controller and sync actor) cost the worker; what is left of the gap to
+    in-process training sits in the worker process itself (its own Ray threads) and in the host's drift.
+    """
+
+    def __init__(self, window: float, cycles: int, warmup: float = 25.0):
+        super().__init__(daemon=True, name="ray-pauser")
+        self.window, self.cycles, self.warmup = window, cycles, warmup
+        self.paused: list[tuple[float, float]] = []  # wall-clock (start, end) of each paused window
+        self._halt = threading.Event()
+        self._stopped: list[psutil.Process] = []
+        self._lock = threading.Lock()
+
+    def _others(self) -> list[psutil.Process]:
+        me = psutil.Process()
+        return [p for p in me.children(recursive=True) if _proc_label(p, me.pid) != "train worker"]
+
+    def _resume(self) -> None:
+        with self._lock:
+            for proc in self._stopped:
+                try:
+                    proc.send_signal(signal.SIGCONT)
+                except psutil.Error:
+                    pass
+            self._stopped = []
+
+    def run(self):
+        me = psutil.Process()
+        while not any(_proc_label(p, me.pid) == "train worker" for p in me.children(recursive=True)):
+            if self._halt.wait(1.0):
+                return
+        if self._halt.wait(self.warmup):
+            return
+        for _ in range(self.cycles):
+            with self._lock:
+                self._stopped = self._others()
+                start = time.time()
+                for proc in self._stopped:
+                    try:
+                        proc.send_signal(signal.SIGSTOP)
+                    except psutil.Error:
+                        pass
+            halted = self._halt.wait(self.window)
+            self._resume()
+            self.paused.append((start, time.time()))
+            if halted or self._halt.wait(self.window):
+                return
+
+    def stop(self):
+        self._halt.set()
+        self.join()
+        self._resume()  # never leave Ray stopped, whatever happened to the trial
+
+
+def steps_within(stamps: list[float], rates: list[float], a: float, b: float) -> list[float]:
+    """Rates of the steps that ran wholly within [a, b]: step i ran from stamps[i-1] to stamps[i] (so the first,
+    warm-up step is never counted)."""
+    return [r for t0, t1, r in zip(stamps, stamps[1:], rates[1:]) if a <= t0 and t1 <= b]
+
+
+def pause_cycles(stamps: list[float], rates: list[float], windows: list[tuple[float, float]]) -> list[dict]:
+    """Per paused window: median tokens/s inside it, and in the running time just before and just after it (as
+    long as the window each side). Each window is read against its own neighbours: this host's speed drifts by
+    ±15% over tens of seconds, more than the effect measured, and a linear drift cancels between the two sides."""
+    out = []
+    for a, b in windows:
+        inside = steps_within(stamps, rates, a, b)
+        around = steps_within(stamps, rates, 2 * a - b, a) + steps_within(stamps, rates, b, 2 * b - a)
+        if inside and around:
+            out.append({"paused": statistics.median(inside), "running": statistics.median(around),
+                        "paused_steps": len(inside), "running_steps": len(around)})
+    return out
+
+
 def _setup(steps: int, rows: int, model: str | None, cpus: int | None = None):
     from alignpipe import tracking
     from alignpipe.config import load_pipeline
@@ -148,8 +229,12 @@ def _setup(steps: int, rows: int, model: str | None, cpus: int | None = None):
     return cfg, base, train, work, tracking.tracking_uri(cfg), tracking.ensure_experiment(cfg)
 
 
-def trial(mode: str, steps: int, rows: int, model: str | None, cpus: int | None = None) -> dict:
-    """One SFT run (`ray`: the pipeline's path, run_sft on Ray Train; `inproc`: the same trainer here)."""
+def trial(mode: str, steps: int, rows: int, model: str | None, cpus: int | None = None,
+          pause: Pauser | None = None) -> dict:
+    """One SFT run (`ray`: the pipeline's path, run_sft on Ray Train; `inproc`: the same trainer here).
+
+    With `pause` (Ray only), Ray's other processes are stopped in windows (`Pauser`); the result adds the median
+    tokens/s of the steps inside and outside them."""
     from alignpipe import tracking
     from alignpipe.runs import RunContext, file_digest
 
@@ -161,7 +246,13 @@ def trial(mode: str, steps: int, rows: int, model: str | None, cpus: int | None 
 
         ctx = RunContext(run_id="bench", pipeline="demo", tracking_uri=uri, experiment_id=exp,
                          parent_run_id=tracking.start_run(uri, exp, "ray", {}), workdir=str(work), base_model=base)
-        run_id = run_sft(cfg, ctx, str(train), file_digest(train)).mlflow_run_id
+        if pause is not None:
+            pause.start()
+        try:
+            run_id = run_sft(cfg, ctx, str(train), file_digest(train)).mlflow_run_id
+        finally:
+            if pause is not None:
+                pause.stop()
     else:
         import torch
 
@@ -183,8 +274,17 @@ def trial(mode: str, steps: int, rows: int, model: str | None, cpus: int | None 
     cpu["steps"] = max(1, len(stamps) - 2 if len(stamps) > 2 else len(stamps) - 1)
     import torch
 
-    return {"mode": mode, "tokens_per_s": statistics.median(steady), "step_s": statistics.median(step_s or [0.0]),
-            "cpu": cpu, "torch_threads_driver": torch.get_num_threads()}
+    out = {"mode": mode, "tokens_per_s": statistics.median(steady), "step_s": statistics.median(step_s or [0.0]),
+           "cpu": cpu, "torch_threads_driver": torch.get_num_threads()}
+    if pause is not None:
+        cycles = pause_cycles(stamps, rates, pause.paused)
+        if not cycles:
+            raise RuntimeError(f"--pause: no paused window with steps inside and around it ({len(pause.paused)} "
+                               "windows); train more steps or shorten the windows")
+        out.update({"pause_cycles": cycles, "pause_window_s": pause.window,
+                    "pause_gain": statistics.median(c["paused"] / c["running"] for c in cycles),
+                    "paused_windows": pause.paused, "step_stamps_rates": list(zip(stamps, rates))})
+    return out
 
 
 def _table(trials: list[dict]) -> str:
@@ -247,12 +347,19 @@ def main() -> None:
     ap.add_argument("--json", help="write all trials here")
     ap.add_argument("--cpus", type=int, help="compute.cpus_per_worker (torch threads on both sides; default: the "
                     "demo's). Below the machine's cores, Ray's own processes get a core the trainer does not use")
+    ap.add_argument("--pause", type=float, default=0.0,
+                    help="with --one ray: stop Ray's other processes in windows of this many seconds (see Pauser)")
+    ap.add_argument("--pause-cycles", type=int, default=3, help="with --pause: paused windows (each followed by a "
+                    "running one of the same length)")
     ap.add_argument("--load", type=float, default=0.0,
                     help="share of one core (0-1) a nice-0 process keeps busy beside every trial")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.one:
-        res = trial(args.one, args.steps, args.rows, args.model, args.cpus)
+        pause = Pauser(args.pause, args.pause_cycles) if args.pause else None
+        if pause is not None and args.one != "ray":
+            ap.error("--pause needs --one ray")
+        res = trial(args.one, args.steps, args.rows, args.model, args.cpus, pause)
         if args.out:
             Path(args.out).write_text(json.dumps(res))
         print(json.dumps({k: v for k, v in res.items() if k != "cpu"}))

@@ -81,6 +81,7 @@ def sft_throughput(steps: int, rows: int, rounds: int) -> dict:
     out = {"sft_tokens_per_s_ray": statistics.median(by_mode["ray"]),
            "sft_tokens_per_s_inprocess": statistics.median(by_mode["inproc"]),
            "sft_ray_trials": by_mode["ray"], "sft_inprocess_trials": by_mode["inproc"]}
+    out["sft_ray_paused"] = ray_paused(base, rows)
     torch.set_num_threads(int(cfg.compute.cpus_per_worker))
 
     # 3. TRL's SFTTrainer with its defaults (same LoRA, batch size, length, data), in this process.
@@ -102,6 +103,20 @@ def sft_throughput(steps: int, rows: int, rounds: int) -> dict:
     trl_trainer.train()
     out["sft_tokens_per_s_trl_defaults"] = steady_tokens_per_s(uri, run_id)
     return out
+
+
+def ray_paused(base: str, rows: int, window: float = 10.0, cycles: int = 6) -> dict:
+    """One more Ray trial, in which Ray's other processes are stopped for `window` s in every 2·`window` s
+    (bench/ray_overhead.py `Pauser`): what they cost the training worker, read within one trial."""
+    trial = Path(tempfile.mkdtemp(prefix="bench-pause-")) / "trial.json"
+    steps = int((25 + (2 * cycles + 1) * window) / 0.7)  # enough at 0.7 s a step and longer (~1 s here)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ray_overhead.py"), "--one", "ray", "--steps",
+                           str(steps), "--rows", str(rows), "--model", base, "--out", str(trial), "--pause",
+                           str(window), "--pause-cycles", str(cycles)], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"bench/ray_overhead.py --pause failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    t = json.loads(trial.read_text())
+    return {k: t[k] for k in ("pause_gain", "pause_cycles", "pause_window_s")}
 
 
 def _run_demo(work: Path, *sets: str) -> tuple[float, dict]:
@@ -278,6 +293,18 @@ def ray_vs_inprocess(r: dict) -> str:
     return text
 
 
+def ray_paused_rows(r: dict) -> list[str]:
+    """Where the Ray ÷ in-process gap sits: one Ray trial, Ray's other processes stopped in some windows."""
+    p = r.get("sft_ray_paused")
+    if not p:
+        return []
+    return [_info(f"SFT tokens/s on Ray with Ray's other processes stopped ÷ running (one trial; each "
+                  f"{p['pause_window_s']:.0f} s stopped window against the running {p['pause_window_s']:.0f} s "
+                  "either side; bench/ray_overhead.py --pause)",
+                  f"{p['pause_gain']:.3f} (median of {len(p['pause_cycles'])} windows: "
+                  + ", ".join(f"{c['paused'] / c['running']:.2f}" for c in p["pause_cycles"]) + ")")]
+
+
 def evidence_rows(r: dict) -> list[str]:
     """Issue 7 rows: the demo beside a plain TRL script, LoRA vs full fine-tuning, utilisation."""
     ray = r["sft_tokens_per_s_ray"] / r["sft_tokens_per_s_inprocess"]
@@ -373,6 +400,7 @@ def write(results: dict) -> None:
              f"{base['exact_match']:.3f})", "≥ +0.40", al["exact_match"] - base["exact_match"] >= 0.40),
         _row("SFT tokens/s, Ray Train ÷ in-process", ray_vs_inprocess(r), "≥ 0.90",
              r["sft_tokens_per_s_ray"] / r["sft_tokens_per_s_inprocess"] >= 0.9),
+        *ray_paused_rows(r),
         _row("SFT tokens/s, ours (Ray) ÷ TRL defaults", f"{r['sft_tokens_per_s_ray']:.0f} / "
              f"{r['sft_tokens_per_s_trl_defaults']:.0f} = "
              f"{r['sft_tokens_per_s_ray'] / r['sft_tokens_per_s_trl_defaults']:.2f}", "≥ 1.50",
