@@ -281,16 +281,29 @@ def _info(name, shown):
     return f"| {name} | {shown} | — | — |"
 
 
-def ray_vs_inprocess(r: dict) -> str:
-    """The ratio of the median tokens/s of each side (three decimals: a target sits at 0.90, and 0.897 is no 0.90),
-    and how each pair of interleaved trials read."""
-    text = (f"{r['sft_tokens_per_s_ray']:.0f} / {r['sft_tokens_per_s_inprocess']:.0f} = "
-            f"{r['sft_tokens_per_s_ray'] / r['sft_tokens_per_s_inprocess']:.3f}")
+def ray_over_inprocess(r: dict) -> float:
+    """The reading the targets are checked on: the median of the per-pair ratios of the interleaved trials.
+
+    Each pair runs back to back (A B B A …), so its ratio is taken at one host speed; this host's speed drifts by
+    10-20% within minutes, and the ratio of the two sides' medians mixes trials from different speeds (the same
+    code read 0.894-0.983 that way in four five-pair runs on 2026-12-03, and 0.908-0.940 pair by pair). Results
+    from before the pairs were kept fall back to the ratio of medians."""
     pairs = list(zip(r.get("sft_ray_trials", []), r.get("sft_inprocess_trials", [])))
     if len(pairs) > 1:
-        text += (f" (medians of {len(pairs)} interleaved trials each, fresh processes; pair by pair "
-                 + ", ".join(f"{a / b:.2f}" for a, b in pairs) + ")")
-    return text
+        return statistics.median(a / b for a, b in pairs)
+    return r["sft_tokens_per_s_ray"] / r["sft_tokens_per_s_inprocess"]
+
+
+def ray_vs_inprocess(r: dict) -> str:
+    """The paired reading (three decimals: a target sits at 0.90, and 0.897 is no 0.90), each pair, and the ratio
+    of the medians of each side."""
+    pairs = list(zip(r.get("sft_ray_trials", []), r.get("sft_inprocess_trials", [])))
+    medians = (f"{r['sft_tokens_per_s_ray']:.0f} / {r['sft_tokens_per_s_inprocess']:.0f} = "
+               f"{r['sft_tokens_per_s_ray'] / r['sft_tokens_per_s_inprocess']:.3f}")
+    if len(pairs) < 2:
+        return medians
+    return (f"{ray_over_inprocess(r):.3f}: median of {len(pairs)} interleaved pairs of trials, fresh processes "
+            f"(" + ", ".join(f"{a / b:.2f}" for a, b in pairs) + f"); ratio of each side's median tokens/s {medians}")
 
 
 def ray_paused_rows(r: dict) -> list[str]:
@@ -307,7 +320,7 @@ def ray_paused_rows(r: dict) -> list[str]:
 
 def evidence_rows(r: dict) -> list[str]:
     """Issue 7 rows: the demo beside a plain TRL script, LoRA vs full fine-tuning, utilisation."""
-    ray = r["sft_tokens_per_s_ray"] / r["sft_tokens_per_s_inprocess"]
+    ray = ray_over_inprocess(r)
     rows = [_row("SFT tokens/s, Ray Train ÷ in-process", f"{ray:.3f} (the issue 2 row)", "≥ 0.95", ray >= 0.95)]
     if "plain_trl_wall_s" in r and "demo_wall_s" in r:
         ratio = r["demo_wall_s"] / r["plain_trl_wall_s"]
@@ -398,8 +411,7 @@ def write(results: dict) -> None:
              "≥ 0.85", al["exact_match"] >= 0.85),
         _row("Tuned − base exact match", f"{al['exact_match'] - base['exact_match']:+.3f} (base "
              f"{base['exact_match']:.3f})", "≥ +0.40", al["exact_match"] - base["exact_match"] >= 0.40),
-        _row("SFT tokens/s, Ray Train ÷ in-process", ray_vs_inprocess(r), "≥ 0.90",
-             r["sft_tokens_per_s_ray"] / r["sft_tokens_per_s_inprocess"] >= 0.9),
+        _row("SFT tokens/s, Ray Train ÷ in-process", ray_vs_inprocess(r), "≥ 0.90", ray_over_inprocess(r) >= 0.9),
         *ray_paused_rows(r),
         _row("SFT tokens/s, ours (Ray) ÷ TRL defaults", f"{r['sft_tokens_per_s_ray']:.0f} / "
              f"{r['sft_tokens_per_s_trl_defaults']:.0f} = "
