@@ -233,8 +233,8 @@ def trial(mode: str, steps: int, rows: int, model: str | None, cpus: int | None 
           pause: Pauser | None = None) -> dict:
     """One SFT run (`ray`: the pipeline's path, run_sft on Ray Train; `inproc`: the same trainer here).
 
-    With `pause` (Ray only), Ray's other processes are stopped in windows (`Pauser`); the result adds the median
-    tokens/s of the steps inside and outside them."""
+    With `pause` (Ray only), Ray's other processes are stopped in windows (`Pauser`); the result adds, per window,
+    the median tokens/s inside it and around it (`pause_cycles`), and the median of their ratios (`pause_gain`)."""
     from alignpipe import tracking
     from alignpipe.runs import RunContext, file_digest
 
