@@ -133,6 +133,9 @@ class CpuSampler(threading.Thread):
                 "ours": ours, "machine_busy": machine, "others": machine - ours}
 
 
+PAUSE_WARMUP_S = 25.0  # training before the first stopped window: start-up, and steps to read it against
+
+
 class Pauser(threading.Thread):
     """Stops (SIGSTOP) every process of this run's Ray but the training worker for `window` seconds, then lets them
     run `window` seconds, `cycles` times, starting once the worker has trained `warmup` seconds.
@@ -143,26 +146,24 @@ class Pauser(threading.Thread):
     in-process training sits in the worker process itself (its own Ray threads) and in the host's drift.
     """
 
-    def __init__(self, window: float, cycles: int, warmup: float = 25.0):
+    def __init__(self, window: float, cycles: int, warmup: float = PAUSE_WARMUP_S):
         super().__init__(daemon=True, name="ray-pauser")
         self.window, self.cycles, self.warmup = window, cycles, warmup
         self.paused: list[tuple[float, float]] = []  # wall-clock (start, end) of each paused window
         self._halt = threading.Event()
         self._stopped: list[psutil.Process] = []
-        self._lock = threading.Lock()
 
     def _others(self) -> list[psutil.Process]:
         me = psutil.Process()
         return [p for p in me.children(recursive=True) if _proc_label(p, me.pid) != "train worker"]
 
     def _resume(self) -> None:
-        with self._lock:
-            for proc in self._stopped:
-                try:
-                    proc.send_signal(signal.SIGCONT)
-                except psutil.Error:
-                    pass
-            self._stopped = []
+        for proc in self._stopped:
+            try:
+                proc.send_signal(signal.SIGCONT)
+            except psutil.Error:
+                pass
+        self._stopped = []
 
     def run(self):
         me = psutil.Process()
@@ -172,14 +173,13 @@ class Pauser(threading.Thread):
         if self._halt.wait(self.warmup):
             return
         for _ in range(self.cycles):
-            with self._lock:
-                self._stopped = self._others()
-                start = time.time()
-                for proc in self._stopped:
-                    try:
-                        proc.send_signal(signal.SIGSTOP)
-                    except psutil.Error:
-                        pass
+            self._stopped = self._others()
+            start = time.time()
+            for proc in self._stopped:
+                try:
+                    proc.send_signal(signal.SIGSTOP)
+                except psutil.Error:
+                    pass
             halted = self._halt.wait(self.window)
             self._resume()
             self.paused.append((start, time.time()))
@@ -189,7 +189,7 @@ class Pauser(threading.Thread):
     def stop(self):
         self._halt.set()
         self.join()
-        self._resume()  # never leave Ray stopped, whatever happened to the trial
+        self._resume()  # after join: if the thread died mid-window, what it stopped runs again
 
 
 def steps_within(stamps: list[float], rates: list[float], a: float, b: float) -> list[float]:

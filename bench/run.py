@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -33,7 +34,7 @@ from alignpipe import tracking  # noqa: E402
 from alignpipe.config import load_pipeline  # noqa: E402
 from alignpipe.data.formats import load_sft, write_jsonl  # noqa: E402
 from alignpipe.models import resolve_model  # noqa: E402
-from bench import flops  # noqa: E402
+from bench import flops, ray_overhead  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results.json"
 TABLE = ROOT / "bench" / "results.md"
@@ -76,12 +77,15 @@ def sft_throughput(steps: int, rows: int, rounds: int) -> dict:
     if proc.returncode:
         sys.exit(f"bench/ray_overhead.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     by_mode: dict[str, list[float]] = {"ray": [], "inproc": []}
+    ray_step_s = []
     for t in json.loads(trials.read_text()):
         by_mode[t["mode"]].append(t["tokens_per_s"])
+        if t["mode"] == "ray":
+            ray_step_s.append(t["step_s"])
     out = {"sft_tokens_per_s_ray": statistics.median(by_mode["ray"]),
            "sft_tokens_per_s_inprocess": statistics.median(by_mode["inproc"]),
            "sft_ray_trials": by_mode["ray"], "sft_inprocess_trials": by_mode["inproc"]}
-    out["sft_ray_paused"] = ray_paused(base, rows)
+    out["sft_ray_paused"] = ray_paused(base, rows, step_s=min(ray_step_s))
     torch.set_num_threads(int(cfg.compute.cpus_per_worker))
 
     # 3. TRL's SFTTrainer with its defaults (same LoRA, batch size, length, data), in this process.
@@ -105,11 +109,13 @@ def sft_throughput(steps: int, rows: int, rounds: int) -> dict:
     return out
 
 
-def ray_paused(base: str, rows: int, window: float = 10.0, cycles: int = 6) -> dict:
+def ray_paused(base: str, rows: int, step_s: float, window: float = 10.0, cycles: int = 6) -> dict:
     """One more Ray trial, in which Ray's other processes are stopped for `window` s in every 2·`window` s
-    (bench/ray_overhead.py `Pauser`): what they cost the training worker, read within one trial."""
+    (bench/ray_overhead.py `Pauser`): what they cost the training worker, read within one trial. `step_s`, the
+    fastest Ray step time of the interleaved trials, sizes the run to outlast the warm-up and every window."""
     trial = Path(tempfile.mkdtemp(prefix="bench-pause-")) / "trial.json"
-    steps = int((25 + (2 * cycles + 1) * window) / 0.7)  # enough at 0.7 s a step and longer (~1 s here)
+    seconds = ray_overhead.PAUSE_WARMUP_S + (2 * cycles + 1) * window
+    steps = math.ceil(1.3 * seconds / step_s)
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ray_overhead.py"), "--one", "ray", "--steps",
                            str(steps), "--rows", str(rows), "--model", base, "--out", str(trial), "--pause",
                            str(window), "--pause-cycles", str(cycles)], cwd=ROOT, capture_output=True, text=True)
@@ -281,29 +287,33 @@ def _info(name, shown):
     return f"| {name} | {shown} | — | — |"
 
 
+def _pair_ratios(r: dict) -> list[float]:
+    """Ray ÷ in-process tokens/s of each interleaved pair of trials (none in results from before they were kept)."""
+    return [a / b for a, b in zip(r.get("sft_ray_trials", []), r.get("sft_inprocess_trials", []))]
+
+
 def ray_over_inprocess(r: dict) -> float:
     """The reading the targets are checked on: the median of the per-pair ratios of the interleaved trials.
 
     Each pair runs back to back (A B B A …), so its ratio is taken at one host speed; this host's speed drifts by
-    10-20% within minutes, and the ratio of the two sides' medians mixes trials from different speeds (the same
-    code read 0.894-0.983 that way in four five-pair runs on 2026-12-03, and 0.908-0.940 pair by pair). Results
-    from before the pairs were kept fall back to the ratio of medians."""
-    pairs = list(zip(r.get("sft_ray_trials", []), r.get("sft_inprocess_trials", [])))
+    10-20% within minutes, and the ratio of the two sides' medians mixes trials from different speeds (the README
+    lists both readings for the runs of 2026-12-03). Without pairs, the ratio of medians."""
+    pairs = _pair_ratios(r)
     if len(pairs) > 1:
-        return statistics.median(a / b for a, b in pairs)
+        return statistics.median(pairs)
     return r["sft_tokens_per_s_ray"] / r["sft_tokens_per_s_inprocess"]
 
 
 def ray_vs_inprocess(r: dict) -> str:
     """The paired reading (three decimals: a target sits at 0.90, and 0.897 is no 0.90), each pair, and the ratio
     of the medians of each side."""
-    pairs = list(zip(r.get("sft_ray_trials", []), r.get("sft_inprocess_trials", [])))
+    pairs = _pair_ratios(r)
     medians = (f"{r['sft_tokens_per_s_ray']:.0f} / {r['sft_tokens_per_s_inprocess']:.0f} = "
                f"{r['sft_tokens_per_s_ray'] / r['sft_tokens_per_s_inprocess']:.3f}")
     if len(pairs) < 2:
         return medians
     return (f"{ray_over_inprocess(r):.3f}: median of {len(pairs)} interleaved pairs of trials, fresh processes "
-            f"(" + ", ".join(f"{a / b:.2f}" for a, b in pairs) + f"); ratio of each side's median tokens/s {medians}")
+            f"(" + ", ".join(f"{x:.2f}" for x in pairs) + f"); ratio of each side's median tokens/s {medians}")
 
 
 def ray_paused_rows(r: dict) -> list[str]:
