@@ -1,5 +1,7 @@
 """Where the heavy work runs (Ray) and how it survives failures."""
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from alignpipe.config.base import Section
@@ -24,6 +26,10 @@ class ComputeConfig(Section):
         "libtcmalloc_minimal is installed, else the system's), `system`, `tcmalloc`, `jemalloc`, or the path of a "
         "malloc library; preloaded (LD_PRELOAD) into each worker process."
     )
+    kernels: Literal["auto", "off"] = Field(
+        "auto", description="Hardware-specific kernels (alignpipe.kernels): auto = each kernel only on the CPU "
+        "features it was measured on, GPUs keep the libraries' kernels; off = the libraries' plain modules everywhere."
+    )
 
     @field_validator("allocator")
     @classmethod
@@ -32,6 +38,11 @@ class ComputeConfig(Section):
             raise ValueError(f"allocator={value!r}: use one of {', '.join(ALLOCATORS)}, or the path of a malloc "
                              "library such as /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
         return value
+
+    @field_validator("kernels", mode="before")
+    @classmethod
+    def _kernels(cls, value):
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` (file or --set) as false
 
     @model_validator(mode="after")
     def _threads(self):

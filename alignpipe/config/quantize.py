@@ -4,8 +4,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignpipe import int8_cpu
 from alignpipe.config.base import Section
+from alignpipe.kernels import int8_cpu
 
 GPU_ONLY = ("bnb_int8", "bnb_nf4")  # bitsandbytes kernels need CUDA
 
@@ -19,17 +19,24 @@ class QuantizeConfig(Section):
         False, description="Also quantize the token embedding (int8 weight-only). A tied embedding/lm_head pair is "
         "then stored twice (int8 each); off = the embedding stays in full precision and its share is reported.")
     group_size: int = Field(128, ge=16, description="int4_weight_only: weights per scale/zero-point group.")
-    cpu_kernel: Literal["fbgemm", "torchao"] = Field(
-        "fbgemm", description="How an int8_dynamic model runs on CPU, in evaluate and in the registered model alike: "
+    cpu_kernel: Literal["auto", "fbgemm", "torchao"] = Field(
+        "auto", description="How an int8_dynamic model runs on CPU, in evaluate and in the registered model alike: "
         "fbgemm = the stored int8 weights in PyTorch's fused dynamic-quantized linear (per-tensor activation "
         "scales), except the layers in per_token_modules; torchao = what a plain from_pretrained gives (per-token "
-        "scales everywhere, a dozen ops per linear: slower than fp32 on CPU).")
+        "scales everywhere, a dozen ops per linear: slower than fp32 on CPU); auto = fbgemm where compute.kernels "
+        "enables int8_fbgemm on the machine that runs the model (a CPU with AVX512-VNNI), else torchao.")
     per_token_modules: list[str] = Field(
-        list(int8_cpu.PER_TOKEN_MODULES), description="cpu_kernel fbgemm: linears (by attribute name) kept on torchao's "
-        "per-token activation scales. Their inputs carry the outlier activations: fusing every linear ([]) cost the "
-        "demo 0.26 exact match, fusing o_proj too up to 0.11 on a 64-row subset.")
+        list(int8_cpu.PER_TOKEN_MODULES), description="cpu_kernel fbgemm: linears (by attribute name) kept on "
+        "torchao's per-token activation scales. Their inputs carry the outlier activations that one per-tensor "
+        "scale rounds away: fusing them too ([] = fuse every linear) costs accuracy.")
     cpus: float = Field(2, gt=0, description="CPUs reserved by the quantization Ray task (= torch threads).")
 
-    def cpu_runtime(self) -> dict:
-        """How evaluate and the registered model run an int8_dynamic artifact on CPU (settings / model_config)."""
-        return {"int8_cpu_kernel": self.cpu_kernel, "int8_per_token_modules": list(self.per_token_modules)}
+    def cpu_runtime(self, kernels: str = "auto") -> dict:
+        """How evaluate and the registered model run an int8_dynamic artifact on CPU (settings / model_config).
+
+        Args:
+            kernels: `compute.kernels`; with cpu_kernel auto, the host that runs the model resolves the kernel
+                from both (`int8_cpu.resolve_cpu_kernel`).
+        """
+        return {"int8_cpu_kernel": self.cpu_kernel, "int8_per_token_modules": list(self.per_token_modules),
+                "kernels": kernels}

@@ -4,7 +4,8 @@ Logged as a file by the `register` stage and executed by `mlflow.pyfunc.load_mod
 served, so it imports only mlflow, torch, transformers, pandas and the standard library (never alignpipe).
 Config (`context.model_config`): `system_prompt`, `max_new_tokens`, optional `batch_size`, `base_model` when
 the artifact is an adapter (adapter-only registration; then peft is needed too), and `int8_cpu_kernel` /
-`int8_per_token_modules` for an int8-dynamic artifact served on CPU (then `int8_cpu.py` comes as code).
+`int8_per_token_modules` / `kernels` for an int8-dynamic artifact served on CPU (then `int8_cpu.py` comes as code
+and, for `auto`, picks the kernel from the serving host's CPU).
 """
 
 import mlflow
@@ -33,8 +34,8 @@ class ChatModel(mlflow.pyfunc.PythonModel):
 
             model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype="auto"), path)
             self.model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        elif config.get("int8_cpu_kernel") == "fbgemm" and self.device == "cpu":
-            import int8_cpu  # alignpipe/int8_cpu.py, logged beside this file (code_paths): torch + torchao only
+        elif self.device == "cpu" and _fbgemm(config):
+            import int8_cpu  # shipped with the model (code_paths)
 
             # int8 weights in PyTorch's fused dynamic-quantized linears, as the pipeline's evaluate ran them
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -81,6 +82,16 @@ class ChatModel(mlflow.pyfunc.PythonModel):
             )
         new_tokens = out[:, batch["input_ids"].shape[1] :]
         return [text.strip() for text in tok.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _fbgemm(config: dict) -> bool:
+    """Whether this host runs the int8 artifact through fused linears (`int8_cpu_kernel`, resolved here)."""
+    setting = config.get("int8_cpu_kernel")
+    if setting not in ("fbgemm", "auto"):
+        return False
+    import int8_cpu  # alignpipe/kernels/int8_cpu.py, logged beside this file (code_paths): torch + torchao only
+
+    return int8_cpu.resolve_cpu_kernel(setting, config.get("kernels", "auto")) == "fbgemm"
 
 
 def _prompts(model_input) -> list[str]:

@@ -129,3 +129,19 @@ def test_align_defaults_to_dpo_only_where_there_are_pairs(tmp_path):
     assert "pipelines.p.align.method" in str(pytest.raises(ConfigError, load_pipeline, write(tmp_path, bad), "p").value)
     demo = load_pipeline(PIPELINES, "demo")
     assert demo.align.method == "dpo" and demo.data.preference_eval is not None
+
+
+def test_kernels_switch_and_int8_cpu_kernel_default_to_auto(tmp_path):
+    cfg = load_pipeline(write(tmp_path, BASE), "p")
+    assert (cfg.compute.kernels, cfg.quantize.cpu_kernel) == ("auto", "auto")
+    assert load_pipeline(PIPELINES, "demo").compute.kernels == "auto"
+    # the CPU runtime evaluate and the registered model get carries the switch, for the host to resolve
+    # a bare `off` is YAML 1.1's false: still the setting, in the file and on the command line
+    off = load_pipeline(write(tmp_path, BASE + "    compute: {kernels: off}\n    quantize: {cpu_kernel: torchao}\n"),
+                        "p")
+    assert load_pipeline(PIPELINES, "demo", overrides=["compute.kernels=off"], env={}).compute.kernels == "off"
+    assert off.quantize.cpu_runtime(off.compute.kernels) == {
+        "int8_cpu_kernel": "torchao", "int8_per_token_modules": ["down_proj", "o_proj"], "kernels": "off"}
+    for bad in ("    compute: {kernels: on}\n", "    quantize: {cpu_kernel: onednn}\n"):
+        msg = str(pytest.raises(ConfigError, load_pipeline, write(tmp_path, BASE + bad), "p").value)
+        assert "pipelines.p.compute.kernels" in msg or "pipelines.p.quantize.cpu_kernel" in msg

@@ -8,9 +8,11 @@ activations are quantized differently: per tensor (asymmetric, 7 bits) instead o
 Per-tensor scales fail where a few tokens carry activations far above the rest, and every row of a batch
 (padding, finished sequences) shares the scale: in a Llama block that is worst at the input of `down_proj` (the
 MLP's "massive activations" of attention-sink tokens), then of `o_proj`. So the layers named in
-`per_token_modules` keep torchao's per-token path. Measured on demo models, batch 16, 2026-12-01 (see the
-README's int8 section): every linear fused, exact match 0.565 where fp32 scored 0.825; `down_proj` kept, 0.820
-on 200 rows but 0.688 on a 64-row subset where fp32 scored 0.797; `down_proj` and `o_proj` kept, 0.845 and 0.812.
+`per_token_modules` keep torchao's per-token path: fusing those too cost exact match on the demo task.
+
+`resolve_cpu_kernel` picks the path for the machine that runs the model (`quantize.cpu_kernel: auto` = fbgemm only
+on CPUs with the VNNI int8 instructions it was measured on); `cpu_flags` reads those CPU features, here once for the
+whole `alignpipe.kernels` package.
 
 Imports only torch and torchao: the registered pyfunc ships this file (`code_paths`) to serve the same runtime.
 """
@@ -34,6 +36,53 @@ def is_int8_dynamic(folder: str, here: bool = True) -> bool:
 
 
 PER_TOKEN_MODULES = ("down_proj", "o_proj")
+
+# /proc/cpuinfo flags the fused int8 linears were measured to beat torchao's path on (VNNI: int8 dot products)
+FBGEMM_FLAGS = ("avx512_vnni",)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU feature flags of this machine (the "flags" line of /proc/cpuinfo), or of `cpuinfo` text given.
+
+    Args:
+        cpuinfo: /proc/cpuinfo text to parse instead of this machine's.
+
+    Returns:
+        The flags; empty where there is no such line or the file cannot be read (not Linux, not x86).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def resolve_cpu_kernel(setting: str, kernels: str = "auto", flags: frozenset[str] | None = None) -> str:
+    """How an int8-dynamic model runs on this CPU: "fbgemm" (fused linears) or "torchao" (its own path).
+
+    Args:
+        setting: `quantize.cpu_kernel`: "fbgemm" or "torchao" win as given; "auto" = fbgemm where the CPU has
+            every flag in `FBGEMM_FLAGS`.
+        kernels: `compute.kernels`; "off" turns "auto" into torchao.
+        flags: CPU flags to decide on; default this machine's (`cpu_flags()`).
+
+    Returns:
+        "fbgemm" or "torchao".
+    """
+    if setting in ("fbgemm", "torchao"):
+        return setting
+    if setting != "auto":
+        raise ValueError(f"cpu_kernel={setting!r}: use auto, fbgemm or torchao")
+    if kernels == "off":
+        return "torchao"
+    flags = cpu_flags() if flags is None else flags
+    return "fbgemm" if set(FBGEMM_FLAGS) <= flags else "torchao"
 
 
 def use_fbgemm_linears(model, per_token_modules=PER_TOKEN_MODULES) -> int:

@@ -5,14 +5,13 @@ token, `gate(x)` (for SiLU's backward), `silu(gate(x))` and `up(x)` (for the pro
 `down`'s weight or LoRA gradient): four [tokens, intermediate] tensors. `_SwiGLU` keeps `gate(x)` and `up(x)` and
 recomputes the SiLU in the backward, a few elementwise ops per layer; the product is still kept by `down`.
 
-On the demo's longest SFT batch (8 x 82 tokens, 30 layers) that is ~58 MB less at the step's memory peak, the end
-of the forward, where every activation is held: LoRA's peak, since its frozen weights have no gradients or
-optimizer state (mixed-precision full fine-tuning's peak did not move: something else sets it there).
+That is one [tokens, intermediate] tensor less per layer at the step's memory peak, the end of the forward, where
+every activation is held: LoRA's peak, since its frozen weights have no gradients or optimizer state.
 
 `use_recomputing_swiglu(model)` swaps the forward of every MLP with exactly that shape (`gate_proj`, `up_proj`,
 `down_proj`, a SiLU `act_fn`); others (GELU MLPs, fused `gate_up_proj`, MoE experts) keep theirs. Values and
-gradients are those of the plain ops bit for bit (tests/alignpipe/test_swiglu.py), so a training run takes the
-same steps with it as without.
+gradients are those of the plain ops bit for bit (tests/alignpipe/kernels/test_swiglu.py), so a training run takes
+the same steps with it as without. On only where `alignpipe.kernels` selects `recomputing_swiglu`.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from alignpipe.kernels.swiglu import is_swiglu_mlp, use_recomputing_swiglu
 from alignpipe.models import load_model
-from alignpipe.swiglu import is_swiglu_mlp, use_recomputing_swiglu
 
 
 def _batch(vocab: int):

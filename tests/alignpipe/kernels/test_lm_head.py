@@ -6,8 +6,8 @@ import pytest
 import torch
 from trl.trainer.utils import add_fused_lm_head
 
-from alignpipe import lm_head
-from alignpipe.lm_head import compact_lm_head
+from alignpipe.kernels import lm_head
+from alignpipe.kernels.lm_head import compact_lm_head
 from alignpipe.models import load_model
 
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")

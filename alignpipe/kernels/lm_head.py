@@ -3,13 +3,14 @@
 TRL (1.16) patches every trainer's model with a fused, chunked LM head (`trl.trainer.utils.add_fused_lm_head`). On
 CUDA it runs Triton kernels over the labelled positions only. Without Triton it scores *every* position (prompt and
 padding too, to keep tile shapes fixed for compilers), folds each [tokens, 32768] tile with a dozen fp32 torch ops
-and redoes the projection in fp32 in the backward: on the demo's 2-core CPU that head took ~55% of each SFT step.
+and redoes the projection in fp32 in the backward, so on CPU the head costs a large share of each training step.
 
 `use_compact_lm_head(trainer)` wraps the forward TRL installed: a call with `fused_lm_head=True` on a CPU model runs
 the backbone, projects only the positions whose label is not -100 (in the autocast dtype, like the model's own head),
 and takes the log-softmax of those rows in fp32, returning TRL's `FusedCausalLMOutput` with the same fields, zeros
 at ignored positions and autograd through log-probabilities and entropy. Everything else (generation, GPUs, logit
-soft-capping or scaling, MoE router losses) goes to TRL's forward unchanged.
+soft-capping or scaling, MoE router losses) goes to TRL's forward unchanged. On only where `alignpipe.kernels`
+selects `compact_lm_head`.
 """
 
 from __future__ import annotations
@@ -93,10 +94,10 @@ class _RowStats(torch.autograd.Function):
 
     Plain torch ops would keep several fp32 [rows, vocab] tensors for the backward (log-softmax, its exp for the
     entropy) and make more at the step's memory peak, the end of the forward, where every activation of the
-    backbone is still held: ~5 × 48 MB on the demo's longest SFT batch. This keeps only the logits (in their own
-    dtype) and recomputes each chunk's log-softmax in the backward. It runs the plain ops' own kernels on each
-    chunk (log-softmax and its backward are row-wise), so where the entropy gets no gradient (SFT, DPO, KTO) the
-    gradients are those of the plain ops bit for bit, and a training run takes the same steps.
+    backbone is still held. This keeps only the logits (in their own dtype) and recomputes each chunk's
+    log-softmax in the backward. It runs the plain ops' own kernels on each chunk (log-softmax and its backward
+    are row-wise), so where the entropy gets no gradient (SFT, DPO, KTO) the gradients are those of the plain ops
+    bit for bit, and a training run takes the same steps.
     """
 
     @staticmethod
