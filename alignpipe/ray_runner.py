@@ -43,14 +43,12 @@ LOCAL_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # an actor polling node drain state every 5 s: a local node never drains
     "RAY_enable_metrics_collection": "0",         # every Ray process exports metrics nobody scrapes here
     # The controller polls its workers every 2 s by default, and a worker's last report and the end of the run
-    # each wait for a poll: ~4 s of every training stage spent idle (SFT on the tiny model: fit 24.7 s -> 19.9 s).
-    # A poll is one small actor call per worker.
+    # each wait for a poll: seconds of every training stage spent idle. A poll is one small actor call per worker.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     # Ray starts every worker process at nice 15, so that on a shared node its own daemons stay responsive. Here
     # the workers are the job, and anything else awake at nice 0 (the flow process, Prefect's API, a browser)
-    # took the core from one of a training worker's two OpenMP threads, and the other spun at the next barrier.
-    # Demo SFT beside busy nice-0 processes (~1.8 cores; bench/ray_overhead.py, 2026-12-03): 8 tokens/s at
-    # nice 15, 77 at nice 0, 173 in-process. Ray's job supervisor sets the same for the drivers it starts.
+    # takes the core from one of a training worker's OpenMP threads while its partner spins at the next barrier.
+    # Ray's job supervisor sets the same for the drivers it starts.
     "RAY_worker_niceness": "0",
 }
 
@@ -93,10 +91,10 @@ def malloc_library(compute: ComputeConfig) -> str | None:
     """The malloc library to preload into Ray workers (`compute.allocator`), or None for the system's.
 
     glibc's malloc hands every tensor above its mmap threshold back to the kernel when freed, so each training step
-    faults its activations in again, page by page: SFT of the demo model in-process took 1.7 M page faults and 4-5 s
-    of system time in 16 steps. tcmalloc keeps freed memory for the next step: 0.56 M faults, 1.8 s, and 755-771
-    tokens/s against glibc's 640 (2 cores, 2026-12-03). `auto` uses it only where Ray runs on this machine (a
-    cluster's workers get what its image preloads) and the library is installed (`make demo`/`test` install it).
+    faults its activations in again, page by page, and spends seconds of system time on it. tcmalloc keeps freed
+    memory for the next step (bench/ray_overhead.py compares them). `auto` uses it only where Ray runs on this
+    machine (a cluster's workers get what its image preloads) and the library is installed (`make demo`/`test`
+    install it).
     """
     import ctypes.util
 
@@ -160,89 +158,24 @@ def worker_env(compute: ComputeConfig) -> dict[str, str]:
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
-def _trainer_class(compute: ComputeConfig):
-    """TorchTrainer without the Ray Train helpers that have nothing to do here; each is one more process.
-
-    - Without Ray Datasets (the training loops read their own files), no DatasetManager: an actor (a fresh
-      process, ~1.7 s of CPU to start on 2 cores) that would serve dataset shards nobody asks for.
-    - On the in-process Ray, no PlacementGroupCleaner. It is a detached actor that asks the state API every second
-      whether the controller is alive, so it can free the workers' placement group if the controller dies. The
-      in-process Ray runs without the dashboard that serves the state API: every query fails, it logs a warning
-      each second (through log_monitor to this process) and can never clean anything up; and when this process
-      dies the whole local Ray goes with it.
-    - On the in-process Ray, a fixed-size run does not register its resources with Ray's AutoscalingCoordinator, a
-      detached actor (one more process, kept for the session) whose threads woke ~150 times a second beside
-      training; a single node has no autoscaler to tell.
-    """
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
-
-    local = not compute.ray_address
-
-    class NodeLocalScalingPolicy(FixedScalingPolicy):
-        """FixedScalingPolicy without resource requests to the AutoscalingCoordinator."""
-
-        def after_controller_start(self, train_run_context):
-            pass
-
-        def _maybe_send_resource_request(self):
-            pass
-
-    class LeanTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            idle = (() if self.datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if local else ())
-            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, idle)]
-
-        def _initialize_and_run_controller(self, **kwargs):
-            if local and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
-                kwargs["scaling_policy"] = NodeLocalScalingPolicy(self.scaling_config)
-            return super()._initialize_and_run_controller(**kwargs)
-
-    return LeanTorchTrainer
-
-
-def _torch_config(compute: ComputeConfig):
-    """Ray Train's TorchConfig (gloo on CPU, NCCL on GPU), except that a single worker gets no process group.
-
-    One worker has nothing to synchronise. With a group, the HF Trainer would wrap the model in DDP, which on a world
-    of one still hooks every parameter and all-reduces the gradients each step. On CPU, gloo's device loop also polled
-    ~100 times a second in the training worker for the whole run, each one a chance to preempt an OpenMP thread while
-    its partner spins at the next barrier (bench/ray_overhead.py counts them). Ray Train's per-worker device set-up
-    (CUDA_VISIBLE_DEVICES, the current CUDA device) does not depend on the group and still happens.
-    """
-    from ray.train.torch import TorchConfig
-    from ray.train.torch.config import _TorchBackend
-
-    class _NoProcessGroup(_TorchBackend):
-        def on_start(self, worker_group, backend_config):
-            pass
-
-        def on_shutdown(self, worker_group, backend_config):
-            pass
-
-    class _LeanTorchConfig(TorchConfig):
-        @property
-        def backend_cls(self):
-            return _NoProcessGroup
-
-    backend = "nccl" if compute.use_gpu else "gloo"
-    return TorchConfig(backend=backend) if compute.num_workers > 1 else _LeanTorchConfig(backend=backend)
-
-
 def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute: ComputeConfig, name: str,
         storage: str):
-    """Run `train_loop` on `compute.num_workers` Ray Train workers; returns the Ray `Result`."""
+    """Run `train_loop` on `compute.num_workers` Ray Train workers; returns the Ray `Result`.
+
+    Plain `TorchTrainer` and `TorchConfig` (gloo on CPU, NCCL on GPU), public API only: every run gets a process
+    group, a single worker too, so the HF Trainer wraps the model in DDP on a world of one. Ray Train's default
+    helper actors (dataset manager, placement-group cleaner) start even where they have nothing to do.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = {"CPU": compute.cpus_per_worker}
     if compute.use_gpu:
         resources["GPU"] = 1
-    trainer = _trainer_class(compute)(
+    trainer = TorchTrainer(
         train_loop,
         train_loop_config={**loop_config, "threads": max(1, int(compute.cpus_per_worker))},
-        torch_config=_torch_config(compute),
+        torch_config=TorchConfig(backend="nccl" if compute.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -290,7 +223,7 @@ def shutdown() -> None:
 
 def ranks_in_sync(model) -> bool:
     """True when every DDP rank holds the same trainable weights (gradients were all-reduced each step);
-    True without a multi-worker process group. Call it on every rank: it is a collective."""
+    True on a world of one. Call it on every rank: it is a collective."""
     import torch
     import torch.distributed as dist
 
