@@ -48,10 +48,26 @@ def merge_adapter(base_path: str, adapter_dir: str, out_dir: str, dtype: str = "
     merged.generation_config.pad_token_id = tokenizer.eos_token_id
 
     out = Path(out_dir)
+    partial = out.with_name(out.name + ".partial")  # a crash mid-save never leaves a folder that looks finished
+    shutil.rmtree(partial, ignore_errors=True)
+    merged.save_pretrained(partial)  # safetensors
+    tokenizer.save_pretrained(partial)  # keeps the chat template
     shutil.rmtree(out, ignore_errors=True)
-    merged.save_pretrained(out)  # safetensors
-    tokenizer.save_pretrained(out)  # keeps the chat template
+    partial.rename(out)
     return str(out)
+
+
+def merge_on_ray(base_path: str, adapter_dir: str, out_dir: Path) -> str:
+    """`merge_adapter` as a Ray task (loading and merging a model is heavy work: the flow process stays light);
+    a finished `out_dir` is reused. Call after `ray_runner.ensure_ray`."""
+    import ray
+
+    from alignpipe import ray_runner
+
+    if (Path(out_dir) / "config.json").is_file():
+        return str(out_dir)
+    merge = ray.remote(num_cpus=1, max_calls=1)(merge_adapter)
+    return ray_runner.get(merge.remote(base_path, adapter_dir, str(out_dir)))
 
 
 def load_with_adapter(base_path: str, adapter_dir: str, dtype: str = "float32"):

@@ -14,9 +14,6 @@ ALLOWED: dict[str, str] = {
     "prefect.deployments.runner.RunnerDeployment._parameter_openapi_schema":
         "flows/deploy.py: RunnerDeployment takes no parameter schema, and the drop-down's choices (the pipelines "
         "of the file) are known only at deploy time, so no type hint can carry them",
-    "torch._make_per_channel_quantized_tensor":
-        "kernels/int8_cpu.py: builds the per-channel qint8 weight of torch.ao's fused dynamic Linear from "
-        "torchao's stored int8 data and scales directly, without a float copy of each weight",
     "torch._log_softmax_backward_data":
         "kernels/lm_head.py: the log-softmax backward kernel itself, so the compact head's gradients equal the "
         "plain ops' bit for bit",
@@ -38,20 +35,6 @@ def _prefect_parameter_schema() -> None:
     # RunnerDeployment.apply() sends this dump as the deployment's parameter_openapi_schema
     sent = deployment._parameter_openapi_schema.model_dump(exclude_unset=True)
     assert sent["properties"]["pipeline"]["enum"] == ["a", "b"], sent
-
-
-def _torch_per_channel() -> None:
-    import warnings
-
-    import torch
-
-    data = torch.tensor([[-128, 0, 127], [5, -5, 1]], dtype=torch.int8)
-    scales = torch.tensor([0.5, 0.25], dtype=torch.double)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's deprecation notice for qint8 tensors
-        q = torch._make_per_channel_quantized_tensor(data, scales, torch.zeros(2, dtype=torch.long), 0)
-    assert q.dtype == torch.qint8 and q.qscheme() == torch.per_channel_affine
-    assert torch.equal(q.int_repr(), data) and torch.equal(q.q_per_channel_scales(), scales)
 
 
 def _torch_log_softmax_backward() -> None:
@@ -85,7 +68,6 @@ def _trl_fused_lm_head() -> None:
 # One check per entry: it fails when the private thing no longer exists as relied upon.
 CHECKS: dict[str, Callable[[], None]] = {
     "prefect.deployments.runner.RunnerDeployment._parameter_openapi_schema": _prefect_parameter_schema,
-    "torch._make_per_channel_quantized_tensor": _torch_per_channel,
     "torch._log_softmax_backward_data": _torch_log_softmax_backward,
     "trl.trainer.utils.add_fused_lm_head": _trl_fused_lm_head,
 }

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 import alignpipe
 from alignpipe.secrets import redact
 
-CODE_ROOTS = ("alignpipe", "tasks")
+NOT_CORE = ("tasks", "flows", "cli")  # subpackages of the installed wheel that are not the core
 
 
 class RunContext(BaseModel):
@@ -54,13 +54,17 @@ def dir_digest(path: str | Path) -> str:
 
 
 def code_version(stage: str) -> str:
-    """Digest of the core package plus the stage's own module: editing either invalidates the stage."""
-    root = Path(alignpipe.__file__).resolve().parent.parent
+    """Digest of the core package (what every stage runs: the shared training module, models, data, kernels ...)
+    and the stage's own module, read from wherever Python imports them: the repository or an installed wheel.
+    Editing either invalidates the stage; the flows and the command line are not part of it."""
+    import importlib.util
+
+    core = Path(alignpipe.__file__).resolve().parent
+    stage_file = Path(importlib.util.find_spec(f"alignpipe.tasks.{stage}").origin)
+    files = sorted(p for p in core.rglob("*.py") if p.relative_to(core).parts[0] not in NOT_CORE)
     h = hashlib.sha256(alignpipe.__version__.encode())
-    files = sorted((root / "alignpipe").rglob("*.py")) + [root / "tasks" / f"{stage}.py"]
-    for p in files:
-        if p.is_file():
-            h.update(p.read_bytes())
+    for p in [*files, stage_file]:
+        h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -1,7 +1,7 @@
 """One SFT run of the demo model, LoRA or full fine-tuning, in this process; prints its costs as JSON.
 
 bench/run.py starts it once per mode, each in a fresh process, so one run's peak RSS cannot hide the other's.
-All modes use the pipeline's own trainer (`alignpipe.workers.sft.build_trainer`: demo SFT settings, its tokenization with
+All modes use the pipeline's own trainer (`alignpipe.tasks.sft.build_trainer`: demo SFT settings, its tokenization with
 assistant-only loss, bf16 weights + autocast where native, no gradient checkpointing, length-grouped batches)
 on the same rows, steps and batch size; `full` only switches the adapter off, so every weight trains, in bf16
 (weights, gradients and AdamW states all bf16, as torchtune's full fine-tuning in bf16 does); `full-amp` also
@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import TrainerCallback  # noqa: E402
 
-import alignpipe.workers.sft as sft_worker  # noqa: E402
+import alignpipe.tasks.sft as sft_stage  # noqa: E402
+from alignpipe import models, training  # noqa: E402
 from alignpipe.config import load_pipeline  # noqa: E402
 from alignpipe.data.formats import load_sft, write_jsonl  # noqa: E402
 from alignpipe.models import dtype_for, resolve_model  # noqa: E402
-from tasks.sft import loop_settings  # noqa: E402
 
 
 FULL_MODES = ("full", "full-amp")
@@ -97,16 +97,16 @@ def run(mode: str, steps: int, rows: int, model: str | None) -> dict:
     train = write_jsonl(load_sft(cfg.data.sft.path, limit=rows), work / "train.jsonl")
     threads = int(cfg.compute.cpus_per_worker)  # a Ray Train worker's torch threads
     torch.set_num_threads(threads)
-    conf = loop_settings(cfg, base, str(train))
+    conf = sft_stage.job_for(cfg, base, str(train))
     rate = TokenRate()
-    load_model = sft_worker.models.load_model
+    load_model = models.load_model
     with ExitStack() as stack:
         if mode in FULL_MODES:  # the same trainer with no adapter; build_trainer looks peft_config up at call time
-            stack.enter_context(mock.patch.object(sft_worker, "peft_config", return_value=None))
+            stack.enter_context(mock.patch.object(training, "peft_config", return_value=None))
         if mode == "full-amp":  # fp32 weights; build_trainer still sets bf16 autocast from sft.precision
-            stack.enter_context(mock.patch.object(sft_worker.models, "load_model",
+            stack.enter_context(mock.patch.object(models, "load_model",
                                                   lambda path, dtype, **kw: load_model(path, "float32", **kw)))
-        trainer, _ = sft_worker.build_trainer(conf, str(work / "out"), [rate], log_progress=False)
+        trainer, _ = sft_stage.build_trainer(conf, str(work / "out"), [rate], log_progress=False)
     weights_dtype = str(next(trainer.model.parameters()).dtype).removeprefix("torch.")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     ds = trainer.train_dataset  # tokens whose next token is a label: the only rows the LM head projects

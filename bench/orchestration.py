@@ -28,13 +28,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
 
-    from cli import stack
+    from alignpipe.cli import stack
     from testlib import stack_pipelines
 
     out: dict = {"runs": []}
     tmp = Path(tempfile.mkdtemp(prefix="alignpipe-bench-"))
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import cli.main, flows.pipeline"], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-c", "import alignpipe.cli.main, alignpipe.flows.pipeline"], cwd=REPO, check=True)
     out["import_cli_and_flow_s"] = time.perf_counter() - t0
 
     from alignpipe.config import TINY_MODEL
@@ -49,7 +49,7 @@ def main() -> None:
         env = {**os.environ, **st.env}
         for i in range(args.runs):
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "smoke", "--config", str(config)],
+            proc = subprocess.run([sys.executable, "-m", "alignpipe.cli.main", "run", "smoke", "--config", str(config)],
                                   cwd=REPO, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - t0
             assert proc.returncode == 0, proc.stderr[-3000:]

@@ -242,7 +242,7 @@ def trial(mode: str, steps: int, rows: int, model: str | None, cpus: int | None 
     sampler = CpuSampler()
     sampler.start()
     if mode == "ray":
-        from tasks.sft import run_sft
+        from alignpipe.tasks.sft import run_sft
 
         ctx = RunContext(run_id="bench", pipeline="demo", tracking_uri=uri, experiment_id=exp,
                          parent_run_id=tracking.start_run(uri, exp, "ray", {}), workdir=str(work), base_model=base)
@@ -256,12 +256,12 @@ def trial(mode: str, steps: int, rows: int, model: str | None, cpus: int | None 
     else:
         import torch
 
-        from alignpipe.workers.sft import MlflowStream, build_trainer
-        from tasks.sft import loop_settings
+        from alignpipe.tasks.sft import build_trainer, job_for
+        from alignpipe.training import MlflowStream
 
         torch.set_num_threads(int(cfg.compute.cpus_per_worker))
         run_id = tracking.start_run(uri, exp, "in-process", {})
-        trainer, _ = build_trainer(loop_settings(cfg, base, str(train)), str(work / "inproc"),
+        trainer, _ = build_trainer(job_for(cfg, base, str(train)), str(work / "inproc"),
                                    [MlflowStream(uri, run_id)], log_progress=False)
         trainer.train()
     sampler.stop()

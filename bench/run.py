@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from alignpipe import tracking  # noqa: E402
 from alignpipe.config import load_pipeline  # noqa: E402
 from alignpipe.data.formats import load_sft, write_jsonl  # noqa: E402
+from alignpipe.kernels import int8_cpu  # noqa: E402
 from alignpipe.models import resolve_model  # noqa: E402
 from bench import flops, ray_overhead  # noqa: E402
 
@@ -53,7 +54,7 @@ def sft_throughput(steps: int, rows: int, rounds: int) -> dict:
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from alignpipe.workers.sft import MlflowStream, peft_config
+    from alignpipe.training import MlflowStream, peft_config
 
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     overrides = {"workdir": str(work), "sft.max_steps": steps, "sft.eval_fraction": 0.0, "sft.logging_steps": 1,
@@ -175,7 +176,7 @@ def int8_speed(workdir: str, rows: int = 64, repeats: int = 3) -> dict:
     from a kernel's speed.
     """
     from alignpipe.config import load_pipeline
-    from alignpipe.workers.evaluate import evaluate_model
+    from alignpipe.tasks.evaluate import evaluate_model
 
     cfg = load_pipeline(ROOT / "pipelines.yaml", "demo", {"workdir": workdir}, env={})
     [merged] = Path(workdir).glob("stages/quantize/*/merged")
@@ -186,7 +187,7 @@ def int8_speed(workdir: str, rows: int = 64, repeats: int = 3) -> dict:
     for bs, n in ((16, rows), (1, 8)):
         settings = {**cfg.evaluate.model_dump(), "limit": n, "batch_size": bs, "perplexity_rows": 1, "threads": 2,
                     "json_targets": True, "system_prompt": cfg.model.system_prompt, "dtype": "float32",
-                    **cfg.quantize.cpu_runtime(), "preference_eval_path": None, "beta": 0.1}
+                    **cfg.quantize.cpu_runtime(cfg.compute.kernels), "preference_eval_path": None, "beta": 0.1}
         specs = (("fp32", {"label": "fp32", "base_path": str(merged), "adapter_dir": None}),
                  ("int8", {"label": "int8", "base_path": str(merged), "adapter_dir": None, "quantized_dir": str(quant)}))
         runs = {label: [] for label, _ in specs}
@@ -197,13 +198,13 @@ def int8_speed(workdir: str, rows: int = 64, repeats: int = 3) -> dict:
             out[f"{label}_tokens_per_s_bs{bs}_runs"] = [m["tokens_per_s"] for m in metrics]
             out[f"{label}_tokens_per_s_bs{bs}"] = max(m["tokens_per_s"] for m in metrics)
             out[f"{label}_exact_match_bs{bs}"] = metrics[-1]["exact_match"]
-    out["int8_runtime"] = cfg.quantize.cpu_runtime()
+    out["int8_runtime"] = cfg.quantize.cpu_runtime(cfg.compute.kernels)
     return out
 
 
 def _int8_kernel(r: dict) -> str:
     rt = r.get("int8_runtime") or {"int8_cpu_kernel": "torchao"}
-    if rt["int8_cpu_kernel"] != "fbgemm":
+    if int8_cpu.resolve_cpu_kernel(rt["int8_cpu_kernel"], rt.get("kernels", "auto")) != "fbgemm":
         return "torchao kernels"
     kept = ", ".join(rt.get("int8_per_token_modules") or [])
     return f"fbgemm kernels, {kept} on torchao's per-token path" if kept else "fbgemm kernels"

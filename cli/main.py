@@ -13,7 +13,7 @@ from rich.markdown import Markdown
 from rich.markup import escape
 from rich.table import Table
 
-from alignpipe.config import load_all, load_pipeline, preflight
+from alignpipe.config import load_all, load_checked, preflight
 from alignpipe.config.loader import parse_overrides
 from alignpipe.errors import AlignpipeError
 
@@ -68,10 +68,8 @@ def run(
     """Run one pipeline end to end and print its summary."""
     try:  # fail fast on config mistakes, before Prefect, Ray or MLflow start
         overrides = parse_overrides(set_)
-        problems = preflight(load_pipeline(config, pipeline, overrides, env=os.environ))
-        if problems:
-            raise AlignpipeError("\n".join(problems))
-        from flows.pipeline import alignpipe_pipeline
+        load_checked(config, pipeline, overrides, env=os.environ)
+        from alignpipe.flows.pipeline import alignpipe_pipeline
 
         _hide_user_error_tracebacks()
         summary = _run_with_progress(pipeline, lambda: alignpipe_pipeline(
@@ -86,7 +84,7 @@ def _run_with_progress(pipeline: str, run_flow):
     """Run the flow under a live per-stage table (see cli/progress.py); plain logs when not a terminal."""
     from rich.live import Live
 
-    from cli.progress import StageProgress
+    from alignpipe.cli.progress import StageProgress
 
     if not console.is_terminal:
         return run_flow()
@@ -133,12 +131,12 @@ def print_summary(summary: dict) -> None:
     console.print(f"MLflow run {summary['mlflow_run_id']}; open the UI with:\n  {summary['mlflow_ui']}")
 
 
-from cli.registry import add_commands  # noqa: E402  (the registry commands live in their own module)
+from alignpipe.cli.registry import add_commands  # noqa: E402  (the registry commands live in their own module)
 
 add_commands(app)
-from cli import ops  # noqa: E402  (up/down/status/env/deploy)
+from alignpipe.cli import ops  # noqa: E402  (up/down/status/env/deploy)
 
 ops.register(app)
 
-if __name__ == "__main__":  # python -m cli.main
+if __name__ == "__main__":  # python -m alignpipe.cli.main
     app()

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from alignpipe.errors import AlignpipeError
-from cli import stack as stack_mod
+from alignpipe.cli import stack as stack_mod
 
 console = Console()
 err = Console(stderr=True)
@@ -81,7 +81,7 @@ def deploy(
     """Create a Prefect deployment per pipeline (schedule + parameter form) on the server at PREFECT_API_URL."""
     from prefect.settings import PREFECT_API_URL
 
-    from flows.deploy import apply_deployments, build_deployments, serve_deployments
+    from alignpipe.flows.deploy import apply_deployments, build_deployments, serve_deployments
 
     try:
         if not PREFECT_API_URL.value():  # else Prefect would deploy to a throw-away temporary server

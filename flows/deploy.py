@@ -17,7 +17,7 @@ from prefect.schedules import Cron, Interval, Schedule
 
 from alignpipe.config import load_pipeline, pipeline_names
 from alignpipe.config.schedule import ScheduleConfig
-from flows.pipeline import alignpipe_pipeline
+from alignpipe.flows.pipeline import alignpipe_pipeline
 
 TAGS = ["alignpipe"]
 

@@ -12,12 +12,10 @@ from prefect.runtime import flow_run
 
 from alignpipe import models, ray_runner, secrets, tracking
 from alignpipe.caching import cached
-from alignpipe.config import load_pipeline, preflight
-from alignpipe.errors import ConfigError
+from alignpipe.config import load_checked
+from alignpipe.flows import stages
 from alignpipe.runs import RunContext, config_digest, git_commit, save_summary
-from tasks import align, evaluate, quantize, sft, validate
-from tasks.evaluate import ModelSpec
-from tasks.register import register
+from alignpipe.tasks.evaluate import ModelSpec
 
 DEFAULT_CONFIG = "pipelines.yaml"
 
@@ -52,9 +50,9 @@ class StageClock:
         return result
 
 
-def _stage(module, cfg):
-    """A stage module's Prefect task, content-keyed by the module's own `cache_key` (see alignpipe/caching.py)."""
-    return cached(getattr(module, module.__name__.rsplit(".", 1)[-1]), module.cache_key, cfg.cache, cfg.workdir)
+def _stage(name: str, cfg):
+    """A stage's Prefect task, content-keyed by its module's own `cache_key` (see alignpipe/caching.py)."""
+    return cached(getattr(stages, name), stages.STAGE_MODULES[name].cache_key, cfg.cache, cfg.workdir)
 
 
 def stop_ray_work(flow, flow_run, state) -> None:
@@ -72,10 +70,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         overrides: `section.key` -> value, like `--set` (e.g. {"sft.max_steps": 100}).
         config_file: The pipelines file (a path the flow-run process can read).
     """
-    cfg = load_pipeline(config_file, pipeline, overrides, env=os.environ)
-    problems = preflight(cfg)
-    if problems:
-        raise ConfigError("\n".join(problems))
+    cfg = load_checked(config_file, pipeline, overrides, env=os.environ)  # `alignpipe run` checked it already
     run_id = str(flow_run.id or f"local-{int(time.time())}")
     clock = StageClock()
     base = clock.run("prepare", models.resolve_model, cfg.model.name, Path(cfg.workdir) / "models")
@@ -85,11 +80,11 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         tracking.log_params(uri, parent, cfg.model_dump(mode="json", by_alias=True))
         ctx = RunContext(run_id=run_id, pipeline=cfg.name, tracking_uri=uri, experiment_id=exp,
                          parent_run_id=parent, workdir=cfg.workdir, base_model=base)
-        data = clock.run("validate", _stage(validate, cfg), cfg, ctx)
-        tuned = clock.run("sft", _stage(sft, cfg), cfg, ctx, data.train_path, data.digests["sft"])
+        data = clock.run("validate", _stage("validate", cfg), cfg, ctx)
+        tuned = clock.run("sft", _stage("sft", cfg), cfg, ctx, data.train_path, data.digests["sft"])
         aligned = None
         if cfg.align.method != "none":
-            aligned = clock.run("align", _stage(align, cfg), cfg, ctx, tuned.adapter_dir, data.preference_path,
+            aligned = clock.run("align", _stage("align", cfg), cfg, ctx, tuned.adapter_dir, data.preference_path,
                                 data.digests["preference"], data.preference_eval_path)
         specs = [ModelSpec(label="base", base_path=base)] if cfg.evaluate.compare_base else []
         specs.append(ModelSpec(label="sft", base_path=base, adapter_dir=tuned.adapter_dir))
@@ -101,10 +96,10 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
             specs.append(last)
         quantized = None
         if cfg.quantize.method != "none":
-            quantized = clock.run("quantize", _stage(quantize, cfg), cfg, ctx, last.base_path, last.adapter_dir, last_key)
+            quantized = clock.run("quantize", _stage("quantize", cfg), cfg, ctx, last.base_path, last.adapter_dir, last_key)
             specs.append(ModelSpec(label="quantized", base_path=quantized.merged_dir, quantized_dir=quantized.model_dir,
                                    quantized_from=last.label))
-        scores = clock.run("evaluate", _stage(evaluate, cfg), cfg, ctx, data.eval_path, data.digests["eval"], specs,
+        scores = clock.run("evaluate", _stage("evaluate", cfg), cfg, ctx, data.eval_path, data.digests["eval"], specs,
                            data.preference_eval_path)
         final = specs[-1]  # the registered artifact: the quantized model when quantization ran
         registered = None
@@ -117,7 +112,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
                                 "align.method": aligned.method})
             if quantized:
                 lineage["run_id.quantize"] = quantized.mlflow_run_id
-            registered = clock.run("register", register, cfg, ctx, final.base_path, final.adapter_dir,
+            registered = clock.run("register", stages.register, cfg, ctx, final.base_path, final.adapter_dir,
                                    final.quantized_dir, scores.metrics, final.label, lineage)
         cached_stages = [s["stage"] for s in clock.stages if s["status"] == "cached"]
         tracking.client_for(uri).set_tag(parent, "alignpipe.cached_stages", ",".join(cached_stages) or "none")

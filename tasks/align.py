@@ -1,29 +1,32 @@
 """Align stage: preference tuning of the SFT model with TRL inside Ray Train (DPO, ORPO, KTO or RLHF).
 
-Reads the SFT adapter and the canonical preference pairs written by `validate`. The SFT adapter is first
-merged into the base (a Ray task) and saved: that folder is the reference policy, and a NEW LoRA adapter is
-trained on top of it, so "adapter disabled" is exactly the SFT model. Writes the merged folder and the
-alignment adapter to the stage's content-addressed output dir; streams curves to the nested `align` run.
+Reads the SFT adapter and the canonical preference pairs written by `validate`. The SFT adapter is first merged
+into the base (a Ray task) and saved: that folder is the reference policy, and a NEW adapter is trained on top of
+it, so "adapter disabled" is exactly the SFT model. Writes the merged folder and the alignment adapter to the
+stage's content-addressed output dir; streams curves to the nested `align` run. The driver side (`run_align`) and
+what each Ray Train worker runs (`train_loop`) are both here; what they share with `sft` is `alignpipe.training`.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
+from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from alignpipe import ray_runner, tracking
+from alignpipe import merge, models, ray_runner, tracking, training
 from alignpipe.config import PipelineConfig
-from alignpipe.merge import merge_adapter
+from alignpipe.config.align import AlignConfig
+from alignpipe.data.formats import load_canonical
+from alignpipe.data.preference import as_conversations, to_unpaired
 from alignpipe.runs import RunContext, content_key, dir_digest
-from alignpipe.workers.align import train_loop
-from alignpipe.workers.sft import FINAL_MARKER
 
-CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+REWARD_MARKER = "reward.json"
+DPO_CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+RLHF_CURVES = ("reward_model/loss", "reward_model/accuracy", "reward_model/eval_accuracy", "reward", "loss")
 
 
 class AlignOutput(BaseModel):
@@ -35,15 +38,17 @@ class AlignOutput(BaseModel):
     metrics: dict[str, float]   # final training metrics; rlhf adds reward_model/accuracy, policy/reward_start|end
 
 
-def merge_sft(base_model: str, sft_adapter_dir: str, out_dir: Path) -> str:
-    """The reference policy: the SFT adapter folded into the base, saved once per content key (a Ray task)."""
-    import ray
+class AlignJob(training.TrainJob):
+    """What a training worker gets: the `align` section itself, the reference policy and the validated pairs."""
 
-    if (out_dir / "config.json").is_file():
-        return str(out_dir)
-    merge = ray.remote(num_cpus=1, max_calls=1)(merge_adapter)
-    return ray_runner.get(merge.remote(base_model, sft_adapter_dir, str(out_dir)))
+    align: AlignConfig
+    reference_path: str
+    preference_path: str
+    preference_eval_path: str | None = None
+    reward_adapter_dir: str | None = None  # rlhf: where the reward model's adapter is kept across restarts
 
+
+# --- driver side -------------------------------------------------------------------------------------------------
 
 def cache_key(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, preference_path: str,
               preference_digest: str, preference_eval_path: str | None = None) -> str:
@@ -55,65 +60,220 @@ def cache_key(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, prefer
 
 def run_align(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, preference_path: str,
               preference_digest: str, preference_eval_path: str | None = None) -> AlignOutput:
-    """Plain function behind the task: merge the SFT model, train the alignment adapter on Ray, log it all."""
+    """Merge the SFT model (the reference), train the alignment adapter on Ray, log it all."""
+    a = cfg.align
     key = cache_key(cfg, ctx, sft_adapter_dir, preference_path, preference_digest, preference_eval_path)
     out_dir = ctx.stage_dir("align", key)
+    folders = ("adapter", "reward_adapter") if a.method == "rlhf" else ("adapter",)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "align", key) as run_id:
-        tracking.log_params(ctx.tracking_uri, run_id, cfg.align.model_dump(mode="json"), prefix="align")
+        tracking.log_params(ctx.tracking_uri, run_id, a.model_dump(mode="json"), prefix="align")
         ray_runner.ensure_ray(cfg.compute)
-        reference = merge_sft(ctx.base_model, sft_adapter_dir, out_dir / "sft_merged")
-        loop_config = {"align": cfg.align.model_dump(mode="json"), "reference_path": reference,
-                       "preference_path": preference_path, "preference_eval_path": preference_eval_path,
-                       "system_prompt": cfg.model.system_prompt, "use_gpu": cfg.compute.use_gpu,
-                       "reward_adapter_dir": str(out_dir / "reward_adapter") if cfg.align.method == "rlhf" else None,
-                       "tracking_uri": ctx.tracking_uri, "mlflow_run_id": run_id}
-        result = ray_runner.fit(train_loop, loop_config, cfg.compute, name=f"align-{key}",
-                                storage=ray_runner.storage_path(cfg.compute, ctx.workdir))
-        adapter_dir = out_dir / "adapter"
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        with result.checkpoint.as_directory() as ckpt:
-            shutil.copytree(Path(ckpt) / "adapter", adapter_dir)
-            metrics = json.loads((Path(ckpt) / FINAL_MARKER).read_text())
-        tracking.log_metrics(ctx.tracking_uri, run_id, {f"final/{k}": v for k, v in metrics.items()})
-        _log_curves(ctx.tracking_uri, run_id, cfg.align.method)
-        client = tracking.client_for(ctx.tracking_uri)
-        client.set_tag(run_id, "alignpipe.reference_path", reference)
-        client.log_artifacts(run_id, str(adapter_dir), "adapter")
-        if cfg.align.method == "rlhf":
-            client.log_artifacts(run_id, str(out_dir / "reward_adapter"), "reward_adapter")
-    print(f"align ({cfg.align.method}): {metrics.get('global_step', 0):.0f} steps, "
+        reference = merge.merge_on_ray(ctx.base_model, sft_adapter_dir, out_dir / "sft_merged")
+        job = AlignJob(align=a, compute=cfg.compute, system_prompt=cfg.model.system_prompt, reference_path=reference,
+                       preference_path=preference_path, preference_eval_path=preference_eval_path,
+                       reward_adapter_dir=str(out_dir / "reward_adapter") if a.method == "rlhf" else None,
+                       tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id)
+        metrics = training.fit(train_loop, job, cfg.compute, f"align-{key}",
+                               ray_runner.storage_path(cfg.compute, ctx.workdir), out_dir, folders[:1])
+        tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.reference_path", reference)
+        panels = ([(f"{a.method}: loss", tuple(k for k in RLHF_CURVES if "loss" in k)),
+                   (f"{a.method}: reward model accuracy / policy reward", tuple(k for k in RLHF_CURVES if "loss" not in k))]
+                  if a.method == "rlhf" else
+                  [(f"{a.method}: loss", ("loss",)), (f"{a.method}: rewards", DPO_CURVES[1:])])
+        training.log_result(ctx.tracking_uri, run_id, metrics, out_dir, folders, panels, "plots/align_curves.png")
+    print(f"align ({a.method}): {metrics.get('global_step', 0):.0f} steps, "
           f"train loss {metrics.get('train_loss', float('nan')):.4f}")
-    return AlignOutput(method=cfg.align.method, base_path=reference, adapter_dir=str(adapter_dir), content_key=key,
+    return AlignOutput(method=a.method, base_path=reference, adapter_dir=str(out_dir / "adapter"), content_key=key,
                        mlflow_run_id=run_id, metrics=metrics)
 
 
-def _log_curves(uri: str, run_id: str, method: str) -> None:
-    """The alignment curves as one PNG: loss and DPO rewards, or reward-model accuracy and policy reward."""
-    import matplotlib
+# --- on each Ray Train worker ------------------------------------------------------------------------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def train_loop(config: dict) -> None:
+    """Train the method's adapter (rlhf: the reward model first), report checkpoints, save the adapter."""
+    job = AlignJob.model_validate(config)
+    a = job.align
+    run = training.WorkerRun(job, "align")
+    if run.finished:
+        return
+    if a.method == "rlhf":
+        reward_model = _reward_model(job, run)
+        trainer, tokenizer = build_policy_trainer(job, reward_model, run.scratch, run.callbacks)
+    else:
+        trainer, tokenizer = build_trainer(job, run.scratch, run.callbacks)
+    trainer = run.prepare(trainer)
+    if a.max_steps != 0:
+        policy_eval = a.method == "rlhf" and trainer.eval_dataset is not None
+        if policy_eval and run.resume_dir is None:  # a resumed run has trained already: its start is not the SFT model
+            run.summary["policy/reward_start"] = policy_reward(trainer, a.seed)
+        run.train(trainer)
+        if policy_eval:
+            run.summary["policy/reward_end"] = policy_reward(trainer, a.seed)
+    tokenizer.padding_side = "right"
+    run.finish(trainer, tokenizer, {"reward_adapter": job.reward_adapter_dir} if job.reward_adapter_dir else None)
 
-    keys = ("reward_model/loss", "reward_model/accuracy", "reward_model/eval_accuracy", "reward", "loss") \
-        if method == "rlhf" else CURVES
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for key in keys:
-        points = tracking.metric_history(uri, run_id, key)
-        if points:
-            ax = axes[0] if "loss" in key else axes[1]
-            ax.plot(*zip(*sorted(points)), "-", label=key)
-    for ax, title in zip(axes, ("loss", "rewards" if method != "rlhf" else "reward model accuracy / policy reward")):
-        ax.set_xlabel("step")
-        ax.set_title(f"{method}: {title}")
-        if ax.lines:
-            ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    tracking.log_figure(uri, run_id, fig, "plots/align_curves.png")
-    plt.close(fig)
+
+def build_trainer(job: AlignJob, output_dir: str, callbacks: list):
+    """The TRL trainer of `align.method` (dpo, orpo or kto) on the merged SFT model; rlhf has its own two."""
+    a, use_gpu = job.align, job.compute.use_gpu
+    dtype = models.dtype_for(a.precision)
+    tokenizer = models.load_tokenizer(job.reference_path)
+    model = models.load_model(job.reference_path, dtype=dtype)
+    model.set_attn_implementation(models.training_attention(a.attention, use_gpu, a.max_length))
+    rows = load_canonical(job.preference_path)
+    common = training.trainer_args(a, output_dir, use_gpu, dtype)
+    peft = training.peft_config(a.peft)
+    if a.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        # ref_model=None with a PEFT model: TRL computes the reference with the adapter disabled, i.e. the
+        # merged SFT model itself; no second copy of the weights is kept.
+        # sft_loss_weight > 0: TRL sums the sigmoid (DPO) loss and the chosen answers' NLL with these weights (RPO)
+        losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, a.sft_loss_weight]} \
+            if a.sft_loss_weight else {}
+        args = DPOConfig(**common, beta=a.beta, max_length=a.max_length, precompute_ref_log_probs=False, **losses)
+        trainer = DPOTrainer(model=model, ref_model=None, args=args,
+                             train_dataset=pairs_dataset(rows, job.system_prompt, a.seed), processing_class=tokenizer,
+                             peft_config=peft, callbacks=callbacks)
+    elif a.method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(**common, beta=a.beta, max_length=a.max_length)
+        trainer = ORPOTrainer(model=model, args=args, train_dataset=pairs_dataset(rows, job.system_prompt, a.seed),
+                              processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
+    elif a.method == "kto":
+        from datasets import Dataset
+        from trl import KTOConfig, KTOTrainer
+
+        unpaired = Dataset.from_list(to_unpaired([as_conversations(r, job.system_prompt) for r in rows]))
+        args = KTOConfig(**common, beta=a.beta, max_length=a.max_length)
+        trainer = KTOTrainer(model=model, ref_model=None, args=args, train_dataset=unpaired.shuffle(seed=a.seed),
+                             processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
+    else:
+        raise ValueError(f"build_trainer does not build {a.method!r}")
+    return training.with_kernels(trainer, job.compute), tokenizer
 
 
-@task(name="align", cache_policy=NO_CACHE)
-def align(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, preference_path: str, preference_digest: str,
-          preference_eval_path: str | None = None) -> AlignOutput:
-    """Align the SFT model on preference pairs (a new adapter on the merged SFT model) on Ray Train."""
-    return run_align(cfg, ctx, sft_adapter_dir, preference_path, preference_digest, preference_eval_path)
+def pairs_dataset(rows: list[dict], system_prompt: str | None, seed: int):
+    """Canonical pairs -> TRL conversational preference rows (prompt/chosen/rejected), shuffled."""
+    from datasets import Dataset
+
+    examples = [as_conversations(r, system_prompt) for r in rows]
+    random.Random(seed).shuffle(examples)
+    return Dataset.from_list(examples)
+
+
+def train_reward_model(job: AlignJob, output_dir: str, callbacks: list) -> tuple[Any, Any, dict[str, float]]:
+    """rlhf, phase 1: a LoRA reward model (TRL RewardTrainer) on the merged SFT model, scored on held-out pairs.
+
+    Returns:
+        (trainer, tokenizer, {"reward_model/accuracy": held-out share of pairs ranked right, ...}).
+    """
+    from trl import RewardConfig, RewardTrainer
+
+    a, r = job.align, job.align.rlhf
+    dtype = models.dtype_for(a.precision)
+    tokenizer = models.load_tokenizer(job.reference_path)
+    model = _scorer(job.reference_path, dtype, tokenizer)
+    rows = load_canonical(job.preference_path)
+    held = load_canonical(job.preference_eval_path) if job.preference_eval_path else None
+    if held is None:  # no held-out pairs configured: hold back a slice of the training pairs
+        rows = rows[:]
+        random.Random(a.seed).shuffle(rows)
+        n_eval = max(1, int(len(rows) * a.eval_fraction))
+        rows, held = rows[n_eval:], rows[:n_eval]
+    phase = a.model_copy(update={"max_steps": r.reward_steps, "learning_rate": r.reward_learning_rate})
+    args = RewardConfig(**{**training.trainer_args(phase, output_dir, job.compute.use_gpu, dtype),
+                           "save_strategy": "no"}, max_length=a.max_length)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs_dataset(rows, job.system_prompt, a.seed),
+                            eval_dataset=pairs_dataset(held, job.system_prompt, a.seed), processing_class=tokenizer,
+                            peft_config=training.peft_config(a.peft.model_copy(update={"method": "lora"}), "SEQ_CLS"),
+                            callbacks=callbacks)
+    trainer.train()
+    scores = trainer.evaluate()
+    return trainer, tokenizer, {"reward_model/accuracy": scores["eval_accuracy"],
+                                "reward_model/margin": scores.get("eval_margin", float("nan")),
+                                "reward_model/eval_pairs": float(len(held))}
+
+
+def build_policy_trainer(job: AlignJob, reward_model, output_dir: str, callbacks: list):
+    """rlhf, phase 2: RLOO (or GRPO) of a new adapter on the merged SFT model, rewarded by the reward model."""
+    from datasets import Dataset
+
+    a, r = job.align, job.align.rlhf
+    dtype = models.dtype_for(a.precision)
+    tokenizer = models.load_tokenizer(job.reference_path)
+    tokenizer.padding_side = "left"  # generation pads on the left
+    model = models.load_model(job.reference_path, dtype=dtype)
+    model.set_attn_implementation(models.training_attention(a.attention, job.compute.use_gpu, a.max_length))
+
+    def prompts_of(rows):
+        return Dataset.from_list([{"prompt": as_conversations(row, job.system_prompt)["prompt"]} for row in rows])
+
+    prompts = prompts_of(load_canonical(job.preference_path)).shuffle(seed=a.seed)
+    # policy/reward_start and _end: the same prompts (held-out pairs' where configured) answered before and after
+    fixed = prompts_of(load_canonical(job.preference_eval_path)) if job.preference_eval_path else prompts
+    eval_prompts = fixed.select(range(min(r.eval_prompts, len(fixed)))) if r.eval_prompts else None
+    k = r.num_generations
+    phase = a.model_copy(update={"max_steps": r.policy_steps, "learning_rate": r.policy_learning_rate,
+                                 "batch_size": k * max(1, a.batch_size // k)})  # whole groups of k answers per batch
+    common = training.trainer_args(phase, output_dir, job.compute.use_gpu, dtype)
+    policy = dict(num_generations=k, max_completion_length=r.max_new_tokens, temperature=r.temperature,
+                  beta=r.kl_beta)
+    if r.policy_optimizer == "rloo":
+        from trl import RLOOConfig, RLOOTrainer
+
+        trainer_cls, args = RLOOTrainer, RLOOConfig(**common, **policy)
+    else:
+        from trl import GRPOConfig, GRPOTrainer
+
+        trainer_cls, args = GRPOTrainer, GRPOConfig(**common, **policy)
+    trainer = trainer_cls(model=model, reward_funcs=reward_model, args=args, train_dataset=prompts,
+                          eval_dataset=eval_prompts, processing_class=tokenizer, reward_processing_classes=tokenizer,
+                          peft_config=training.peft_config(a.peft), callbacks=callbacks)
+    return training.with_kernels(trainer, job.compute), tokenizer
+
+
+def policy_reward(trainer, seed: int) -> float:
+    """The policy's mean reward on the trainer's fixed eval prompts (num_generations sampled answers each), with
+    the same seed every time: the training curve's `reward` is one batch of different prompts per step, too
+    noisy to compare its first and last points."""
+    from transformers import set_seed
+
+    set_seed(seed)
+    return trainer.evaluate()["eval_reward"]
+
+
+def _reward_model(job: AlignJob, run: training.WorkerRun):
+    """rlhf phase 1, done once: reuse the saved reward adapter when a restarted run finds it, else train it.
+
+    Its curves go through the run's stream buffer (one buffer and spool file per run and worker), prefixed.
+    """
+    from peft import PeftModel
+
+    saved = Path(job.reward_adapter_dir)
+    if (saved / REWARD_MARKER).is_file():
+        tokenizer = models.load_tokenizer(job.reference_path)
+        base = _scorer(job.reference_path, models.dtype_for(job.align.precision), tokenizer)
+        run.summary.update(json.loads((saved / REWARD_MARKER).read_text()))
+        return PeftModel.from_pretrained(base, str(saved)).merge_and_unload().eval()
+    prefixed = training.MlflowStream(job.tracking_uri, job.mlflow_run_id, buffer=run.stream.buffer,
+                                     prefix="reward_model/")
+    trainer, _, scores = train_reward_model(job, str(Path(run.scratch) / "reward"), [prefixed])
+    run.summary.update(scores)  # evaluate() above already streamed them as reward_model/eval_accuracy, ...
+    if run.rank0:
+        shutil.rmtree(saved, ignore_errors=True)
+        trainer.save_model(str(saved))
+        (saved / REWARD_MARKER).write_text(json.dumps(scores))
+    model = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
+    return model.eval()
+
+
+def _scorer(path: str, dtype: str, tokenizer):
+    """The merged SFT model with a fresh one-output head: the reward model's starting point."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=getattr(torch, dtype))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -16,15 +16,14 @@ from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 import alignpipe
-from alignpipe import int8_cpu, ray_runner, registry, secrets, tracking
+from alignpipe import ray_runner, registry, secrets, tracking
+from alignpipe.kernels import int8_cpu
 from alignpipe.config import PipelineConfig
 from alignpipe.errors import AlignpipeError
-from alignpipe.merge import merge_adapter
+from alignpipe.merge import merge_on_ray
 from alignpipe.model_card import model_card
 from alignpipe.runs import RunContext, content_key, dir_digest, file_digest
 from alignpipe.serving import CHAT_MODEL_CODE
@@ -199,9 +198,9 @@ def _artifact(cfg: PipelineConfig, ctx: RunContext, key: str, base_path: str, ad
         method = str(qcfg.get("quant_method", "")).lower()
         extra = [_pin("torchao")] if method == "torchao" else []
         runtime, code = {}, []
-        if cfg.quantize.cpu_kernel == "fbgemm" and int8_cpu.is_int8_dynamic(quantized_dir, here=False):
-            # served on CPU the way evaluate scored it: fused int8 linears (int8_cpu.py ships with the model)
-            runtime, code = cfg.quantize.cpu_runtime(), [int8_cpu.__file__]
+        if cfg.quantize.cpu_kernel != "torchao" and int8_cpu.is_int8_dynamic(quantized_dir, here=False):
+            # served on CPU as evaluate scored it: the serving host resolves the kernel (int8_cpu.py ships along)
+            runtime, code = cfg.quantize.cpu_runtime(cfg.compute.kernels), [int8_cpu.__file__]
         return Artifact(model_dir=quantized_dir, digest=dir_digest(quantized_dir), requirements_extra=extra,
                         model_config_extra=runtime, code_paths=code,
                         description=f"Quantized weights ({method or 'unknown method'}).")
@@ -213,12 +212,8 @@ def _artifact(cfg: PipelineConfig, ctx: RunContext, key: str, base_path: str, ad
                         description=f"PEFT adapter only, applied at load time to base model `{base_path}` "
                                     f"(sha256 {base_digest[:16]}): the serving host needs that base model.")
     if adapter_dir:
-        # Loading and merging the full model is heavy work: a Ray task, so the flow process stays light.
-        import ray
-
         ray_runner.ensure_ray(cfg.compute)
-        merge = ray.remote(num_cpus=1, max_calls=1)(merge_adapter)
-        merged = ray_runner.get(merge.remote(base_path, adapter_dir, str(ctx.stage_dir("register", key) / "merged")))
+        merged = merge_on_ray(base_path, adapter_dir, ctx.stage_dir("register", key) / "merged")
         return Artifact(model_dir=merged, digest=dir_digest(merged),
                         description="Merged weights (adapter folded into the base model; loads without peft).")
     return Artifact(model_dir=base_path, digest=dir_digest(base_path), description="Full model weights.")
@@ -305,23 +300,3 @@ def _description(card: str, run_id: str) -> str:
     if len(card) <= DESCRIPTION_MAX:
         return card
     return card[: DESCRIPTION_MAX - 80] + f"\n\n... (full card: runs:/{run_id}/model_card.md)"
-
-
-def _retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry tracking-server hiccups; an AlignpipeError (e.g. an unmergeable adapter) fails the same way again."""
-    try:
-        state.result()
-    except AlignpipeError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
-@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20],
-      retry_condition_fn=_retry_unless_user_error)
-def register(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter_dir: str | None,
-             quantized_dir: str | None, metrics: dict[str, dict[str, float]], candidate: str,
-             lineage: dict[str, str]) -> RegisterOutput:
-    """Register the final artifact and run the promotion gates; never cached (promotion must see the registry now)."""
-    return register_model(cfg, ctx, base_path, adapter_dir, quantized_dir, metrics, candidate, lineage)

@@ -1,24 +1,21 @@
 """SFT stage: a PEFT adapter (LoRA by default) trained with TRL's SFTTrainer inside Ray Train.
 
-Reads the canonical training JSONL written by `validate`; writes the adapter + tokenizer folder to the
-stage's content-addressed output dir, streams curves to the stage's nested MLflow run.
+Reads the canonical training JSONL written by `validate`; writes the adapter + tokenizer folder to the stage's
+content-addressed output dir and streams curves to the stage's nested MLflow run. The driver side (`run_sft`) and
+what each Ray Train worker runs (`train_loop`) are both here; what they share with `align` is `alignpipe.training`.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-from typing import Any
+import random
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from alignpipe import ray_runner, tracking
+from alignpipe import chat, models, ray_runner, tracking, training
 from alignpipe.config import PipelineConfig
+from alignpipe.config.sft import SftConfig
+from alignpipe.data.formats import load_canonical
 from alignpipe.runs import RunContext, content_key
-from alignpipe.workers.sft import FINAL_MARKER, train_loop
 
 
 class SftOutput(BaseModel):
@@ -28,11 +25,20 @@ class SftOutput(BaseModel):
     metrics: dict[str, float]
 
 
-def loop_settings(cfg: PipelineConfig, base_model: str, train_path: str) -> dict[str, Any]:
-    """Everything a training worker needs, as plain data (it crosses process and machine boundaries)."""
-    return {"sft": cfg.sft.model_dump(mode="json"), "base_model": base_model,
-            "system_prompt": cfg.model.system_prompt, "train_path": train_path, "use_gpu": cfg.compute.use_gpu}
+class SftJob(training.TrainJob):
+    """What a training worker gets: the `sft` section itself, the base model and the validated training rows."""
 
+    sft: SftConfig
+    base_model: str
+    train_path: str
+
+
+def job_for(cfg: PipelineConfig, base_model: str, train_path: str, **run: str) -> SftJob:
+    return SftJob(sft=cfg.sft, compute=cfg.compute, system_prompt=cfg.model.system_prompt, base_model=base_model,
+                  train_path=train_path, **run)
+
+
+# --- driver side -------------------------------------------------------------------------------------------------
 
 def cache_key(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest: str) -> str:
     """The sft and model sections, the worker count, the training data's digest and the base model."""
@@ -41,52 +47,92 @@ def cache_key(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_diges
 
 
 def run_sft(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest: str) -> SftOutput:
-    """Plain function behind the task: train on Ray, copy the adapter next to the stage's other outputs."""
+    """Train on Ray, copy the adapter next to the stage's other outputs, log it all."""
     key = cache_key(cfg, ctx, train_path, train_digest)
+    out_dir = ctx.stage_dir("sft", key)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "sft", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.sft.model_dump(mode="json"), prefix="sft")
-        ray_runner.ensure_ray(cfg.compute)
-        loop_config = {**loop_settings(cfg, ctx.base_model, train_path), "tracking_uri": ctx.tracking_uri,
-                       "mlflow_run_id": run_id}
-        result = ray_runner.fit(train_loop, loop_config, cfg.compute, name=f"sft-{key}",
-                                storage=ray_runner.storage_path(cfg.compute, ctx.workdir))
-        out_dir = ctx.stage_dir("sft", key)
-        adapter_dir = out_dir / "adapter"
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        with result.checkpoint.as_directory() as ckpt:
-            shutil.copytree(Path(ckpt) / "adapter", adapter_dir)
-            metrics = json.loads((Path(ckpt) / FINAL_MARKER).read_text())
-        tracking.log_metrics(ctx.tracking_uri, run_id, {f"final/{k}": v for k, v in metrics.items()})
-        _log_curves(ctx.tracking_uri, run_id)
-        tracking.client_for(ctx.tracking_uri).log_artifacts(run_id, str(adapter_dir), "adapter")
+        job = job_for(cfg, ctx.base_model, train_path, tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id)
+        metrics = training.fit(train_loop, job, cfg.compute, f"sft-{key}",
+                               ray_runner.storage_path(cfg.compute, ctx.workdir), out_dir)
+        training.log_result(ctx.tracking_uri, run_id, metrics, out_dir, ("adapter",),
+                            [("SFT loss", ("loss", "eval_loss"))], "plots/loss_curve.png")
     print(f"sft: {metrics.get('global_step', 0):.0f} steps, train loss {metrics.get('train_loss', float('nan')):.4f}, "
           f"{metrics['trainable_params']:.0f} trainable params ({metrics['trainable_share']:.2%})")
-    return SftOutput(adapter_dir=str(adapter_dir), content_key=key, mlflow_run_id=run_id, metrics=metrics)
+    return SftOutput(adapter_dir=str(out_dir / "adapter"), content_key=key, mlflow_run_id=run_id, metrics=metrics)
 
 
-def _log_curves(uri: str, run_id: str) -> None:
-    """Loss curves (train and eval) as a PNG on the stage run."""
-    import matplotlib
+# --- on each Ray Train worker ------------------------------------------------------------------------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, style in (("loss", "-"), ("eval_loss", "o--")):
-        points = tracking.metric_history(uri, run_id, key)
-        if points:
-            ax.plot(*zip(*sorted(points)), style, label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("SFT loss")
-    if ax.lines:  # a reused or zero-step run has no curve to label
-        ax.legend()
-    ax.grid(alpha=0.3)
-    tracking.log_figure(uri, run_id, fig, "plots/loss_curve.png")
-    plt.close(fig)
+def train_loop(config: dict) -> None:
+    """Build the model and data, train, report checkpoints, save the adapter."""
+    job = SftJob.model_validate(config)
+    run = training.WorkerRun(job, "sft")
+    if run.finished:
+        return
+    trainer, tokenizer = build_trainer(job, run.scratch, run.callbacks, log_progress=run.rank0)
+    trainer = run.prepare(trainer)
+    if job.sft.max_steps != 0:
+        run.train(trainer)
+        if trainer.eval_dataset is not None:
+            run.summary["eval_loss"] = final_eval_loss(trainer)
+        if run.world_size > 1:  # DDP kept every rank's weights identical?
+            run.summary["ranks_in_sync"] = float(ray_runner.ranks_in_sync(trainer.model))
+    run.finish(trainer, tokenizer)
 
 
-@task(name="sft", cache_policy=NO_CACHE)
-def sft(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest: str) -> SftOutput:
-    """Fine-tune the base model with a PEFT adapter on Ray Train."""
-    return run_sft(cfg, ctx, train_path, train_digest)
+def build_trainer(job: SftJob, output_dir: str, callbacks: list, log_progress: bool = True):
+    """The TRL SFTTrainer for `job`; used by Ray workers, tests and benchmarks."""
+    from transformers import EarlyStoppingCallback
+    from trl import SFTConfig, SFTTrainer
+
+    s, use_gpu = job.sft, job.compute.use_gpu
+    dtype = models.dtype_for(s.precision)
+    tokenizer = models.load_tokenizer(job.base_model)
+    model = models.load_model(job.base_model, dtype=dtype, quantized_base=s.quantized_base)
+    if s.quantized_base:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing)
+    train_ds, eval_ds = build_datasets(tokenizer, load_canonical(job.train_path), job.system_prompt,
+                                       s.max_length, s.eval_fraction, s.seed)
+    longest = max((len(ids) for ids in train_ds["input_ids"]), default=0)
+    model.set_attn_implementation(models.training_attention(s.attention, use_gpu, longest))
+    args = SFTConfig(
+        **{**training.trainer_args(s, output_dir, use_gpu, dtype), "disable_tqdm": not log_progress},
+        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=s.eval_steps,
+        load_best_model_at_end=bool(s.early_stopping_patience and eval_ds is not None),
+        metric_for_best_model="eval_loss",
+        max_length=s.max_length,
+        train_sampling_strategy="group_by_length",  # batches of similar length: less padding to compute
+    )
+    if args.load_best_model_at_end:
+        callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=s.early_stopping_patience)]
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=training.peft_config(s.peft), callbacks=callbacks)
+    return training.with_kernels(trainer, job.compute), tokenizer
+
+
+def build_datasets(tokenizer, rows: list[dict], system_prompt: str | None, max_length: int, eval_fraction: float,
+                   seed: int):
+    """Tokenize canonical rows with assistant-only loss masks; split off a validation slice."""
+    from datasets import Dataset
+
+    encoded = [chat.tokenize_for_sft(tokenizer, chat.with_system(r["messages"], system_prompt), max_length)
+               for r in rows]
+    encoded = [e for e in encoded if any(e["assistant_masks"])]  # truncated away entirely: nothing to learn
+    random.Random(seed).shuffle(encoded)
+    n_eval = int(len(encoded) * eval_fraction)
+    train = Dataset.from_list(encoded[n_eval:])
+    return train, (Dataset.from_list(encoded[:n_eval]) if n_eval else None)
+
+
+def final_eval_loss(trainer) -> float:
+    """Eval loss of the weights training ended with: the Trainer's own eval at the last step when there was one
+    (it evaluates there by itself), unless the best checkpoint was reloaded at the end, which changes the weights."""
+    if not trainer.args.load_best_model_at_end:
+        last = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+        if last is not None and last.get("step") == trainer.state.global_step:
+            return last["eval_loss"]
+    return trainer.evaluate()["eval_loss"]

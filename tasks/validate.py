@@ -16,8 +16,6 @@ from urllib.request import url2pathname
 
 import jinja2
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from alignpipe import tracking
@@ -391,8 +389,7 @@ def cache_key(cfg: PipelineConfig, ctx: RunContext) -> str:
     return content_key("validate", section, {**digests, "tokenizer": ctx.base_model})
 
 
-@task(name="validate", cache_policy=NO_CACHE)  # no retries: bad data fails the same way every time
-def validate(cfg: PipelineConfig, ctx: RunContext) -> ValidationReport:
+def run_validate(cfg: PipelineConfig, ctx: RunContext) -> ValidationReport:
     """Validate the data in a nested MLflow run; raise DataValidationError (after logging) if it fails."""
     key = cache_key(cfg, ctx)
     uri = ctx.tracking_uri

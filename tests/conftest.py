@@ -100,7 +100,7 @@ def smoke_cfg(tmp_path, tiny_model, mlflow_uri):
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory):
     """`alignpipe up`'s stack (Prefect server, MLflow server, Ray head + worker) in a temp workdir; always torn down."""
-    from cli import stack
+    from alignpipe.cli import stack
 
     workdir = tmp_path_factory.mktemp("stack")
     try:

@@ -85,7 +85,7 @@ class MlflowServer:
     and store (`mlflow server`, SQLite backend, proxied artifacts, 127.0.0.1)."""
 
     def __init__(self, root):
-        from cli import stack
+        from alignpipe.cli import stack
 
         self.root, self.port, self.svc = Path(root), stack.free_port(), None
 
@@ -94,13 +94,13 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        from cli import stack
+        from alignpipe.cli import stack
 
         self.svc = stack.start_mlflow(self.root, self.port)
         stack.wait_mlflow(self.svc)
 
     def kill(self) -> None:
-        from cli import stack
+        from alignpipe.cli import stack
 
         if self.svc is not None:
             stack.kill(self.svc)

@@ -5,7 +5,7 @@ from typing import Literal
 from pydantic import Field
 
 from alignpipe.config.base import Section
-from alignpipe.config.sft import PeftConfig
+from alignpipe.config.training import TrainingConfig, default
 
 
 class RlhfConfig(Section):
@@ -24,32 +24,18 @@ class RlhfConfig(Section):
         "answers before and after training, same seed both times: policy/reward_start and _end. 0 = skip.")
 
 
-class AlignConfig(Section):
+class AlignConfig(TrainingConfig):
     method: Literal["dpo", "orpo", "kto", "rlhf", "none"] = Field(
         "dpo", description="dpo | orpo | kto | rlhf (reward model + RLOO/GRPO) | none (skip the stage). Defaults "
         "to dpo when data.preference is set, none otherwise.")
-    peft: PeftConfig = Field(default_factory=PeftConfig, description="The new adapter trained on the merged SFT model.")
     beta: float = Field(0.1, gt=0, description="DPO/KTO temperature (strength of the pull to the reference); "
                         "ORPO's odds-ratio weight.")
     sft_loss_weight: float = Field(
         0.0, ge=0, description="dpo: add the SFT loss (mean NLL of the chosen answer) with this weight, as in RPO. "
         "Plain DPO can lower the chosen answer's own likelihood while widening the margin; this keeps it up.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the pairs (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = use epochs; 0 = no training.")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
-    lr_scheduler: str = Field("cosine", description="transformers scheduler name.")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
-    batch_size: int = Field(8, ge=1, description="Pairs per worker and step.")
-    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
-    max_length: int = Field(256, ge=8, description="Truncate prompt + answer to this many tokens.")
+    learning_rate: float = default("learning_rate", 5e-5)
+    warmup_ratio: float = default("warmup_ratio", 0.1)
+    max_length: int = default("max_length", 256)
     eval_fraction: float = Field(0.1, ge=0, lt=0.5, description="rlhf: share of pairs held back to score the "
                                  "reward model when data.preference_eval is not set.")
-    save_steps: int = Field(50, ge=1, description="Checkpoint (to Ray storage) every N steps.")
-    logging_steps: int = Field(5, ge=1, description="Log curves to MLflow every N steps.")
-    seed: int = Field(42, description="Seed for data order and adapter init.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16 = frozen weights in bfloat16 + autocast; auto = bf16 where native (as sft).")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (~50% slower on CPU).")
-    attention: Literal["auto", "sdpa", "eager"] = Field(
-        "auto", description="Attention kernel while training, as sft.attention (auto judges by max_length).")
     rlhf: RlhfConfig = Field(default_factory=RlhfConfig, description="Settings of method: rlhf.")

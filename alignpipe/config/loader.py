@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -95,6 +97,36 @@ def load_pipeline(
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, prefix=f"pipelines.{name}")) from None
     return _resolve_paths(cfg, path.parent)
+
+
+_CHECKED: dict[str, PipelineConfig] = {}
+
+
+def load_checked(
+    path: str | Path,
+    name: str,
+    overrides: list[str] | Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> PipelineConfig:
+    """`load_pipeline` plus `preflight`, raising one ConfigError with every problem.
+
+    Checked once per process for the same file contents, pipeline, overrides and environment: `alignpipe run`
+    checks before it starts anything, and the flow it then runs gets that result instead of checking again.
+    """
+    path = Path(path).resolve()
+    try:
+        content = path.read_bytes()
+    except OSError:
+        content = b""  # load_pipeline says what is wrong with the path
+    key = json.dumps([str(path), hashlib.sha256(content).hexdigest(), name, parse_overrides(overrides),
+                      {var: (env or {}).get(var) for var in ENV_KEYS}], sort_keys=True, default=str)
+    if key not in _CHECKED:
+        cfg = load_pipeline(path, name, overrides, env)
+        problems = preflight(cfg)
+        if problems:
+            raise ConfigError("\n".join(problems))
+        _CHECKED[key] = cfg
+    return _CHECKED[key].model_copy(deep=True)
 
 
 def load_all(path: str | Path, env: Mapping[str, str] | None = None) -> dict[str, PipelineConfig | ConfigError]:

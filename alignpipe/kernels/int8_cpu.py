@@ -110,8 +110,9 @@ def use_fbgemm_linears(model, per_token_modules=PER_TOKEN_MODULES) -> int:
             # has no fused per-channel int8 CPU kernel yet: use them without the warning they print for every layer
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                qweight = torch._make_per_channel_quantized_tensor(
-                    w.qdata.contiguous(), w.scale.reshape(rows).double(), torch.zeros(rows, dtype=torch.long), 0)
+                scale = w.scale.reshape(rows)
+                qweight = torch.quantize_per_channel(w.qdata.float() * scale.reshape(rows, 1).float(), scale.double(),
+                                                     torch.zeros(rows, dtype=torch.long), 0, torch.qint8)
                 fused = DynamicLinear(child.in_features, child.out_features, bias_=child.bias is not None,
                                       dtype=torch.qint8)
             bias = child.bias.detach().float() if child.bias is not None else None

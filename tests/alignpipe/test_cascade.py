@@ -4,7 +4,7 @@ import math
 
 
 from alignpipe.cascade import best_point, report, sweep
-from alignpipe.workers.evaluate import score
+from alignpipe.tasks.evaluate import score
 
 
 def rows(correct, logprobs=None):

@@ -76,7 +76,7 @@ def test_a_killed_writer_leaves_a_spool_the_next_one_sends(mlflow_uri, tmp_path)
     run_id = _run(mlflow_uri)
     spool = tmp_path / "spool.jsonl"
     # A writer whose server is unreachable (nothing listens on the port) is SIGKILLed with points queued.
-    from cli.stack import free_port
+    from alignpipe.cli.stack import free_port
 
     code = (
         "import os, signal\n"

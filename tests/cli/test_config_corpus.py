@@ -15,7 +15,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from alignpipe.cli.main import app
 from testlib import REPO
 
 CONFIGS = REPO / "tests" / "corpus" / "configs"
@@ -86,7 +86,7 @@ def test_check_reports_bad_configs_with_exit_1():
 
 def test_real_cli_exit_code_on_duplicate_key():
     env = {**os.environ, "PREFECT_API_URL": ""}
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "p", "--config", str(CONFIGS / "duplicate_key.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "alignpipe.cli.main", "run", "p", "--config", str(CONFIGS / "duplicate_key.yaml")],
                           capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 1
     assert "appears twice" in " ".join(proc.stderr.split()) and "Traceback" not in proc.stderr + proc.stdout

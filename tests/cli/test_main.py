@@ -7,7 +7,7 @@ import textwrap
 
 from typer.testing import CliRunner
 
-from cli.main import app
+from alignpipe.cli.main import app
 from testlib import PIPELINES, REPO
 
 runner = CliRunner()
@@ -37,7 +37,7 @@ def test_check_fails_on_a_bad_pipeline(tmp_path):
 
 def test_run_with_bad_config_exits_nonzero_without_traceback(tmp_path):
     env = {**os.environ, "PREFECT_API_URL": ""}
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "run", "smoke", "--config", str(PIPELINES),
+    proc = subprocess.run([sys.executable, "-m", "alignpipe.cli.main", "run", "smoke", "--config", str(PIPELINES),
                            "--set", "sft.batch_size=many"], capture_output=True, text=True, timeout=300,
                           cwd=REPO, env=env)
     assert proc.returncode == 1

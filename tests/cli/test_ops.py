@@ -7,14 +7,14 @@ import urllib.request
 
 import pytest
 
-from cli import stack
+from alignpipe.cli import stack
 from testlib import REPO
 
 pytestmark = pytest.mark.slow
 
 
 def _cli(*args, timeout=400):
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "alignpipe.cli.main", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
 
 
@@ -68,6 +68,6 @@ def test_env_without_stack_says_how_to_start_one(tmp_path):
 
 def test_deploy_without_a_server_says_how_to_get_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    result = subprocess.run([sys.executable, "-m", "cli.main", "deploy"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "alignpipe.cli.main", "deploy"], capture_output=True, text=True,
                             timeout=300, cwd=REPO, env={**env, "PREFECT_HOME": str(tmp_path)})
     assert result.returncode == 1 and "PREFECT_API_URL" in result.stderr and "alignpipe up" in result.stderr

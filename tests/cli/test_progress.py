@@ -4,7 +4,7 @@ import logging
 
 from rich.console import Console
 
-from cli.progress import StageProgress
+from alignpipe.cli.progress import StageProgress
 
 
 def _render(view) -> str:

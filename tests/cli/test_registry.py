@@ -6,9 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from alignpipe import registry, tracking
-from cli.main import app
-from cli import registry as cli_registry
-from cli.registry import resolve_uri
+from alignpipe.cli.main import app
+from alignpipe.cli import registry as cli_registry
+from alignpipe.cli.registry import resolve_uri
 from testlib import PIPELINES, registry_version
 
 NAME = "cli-model"

@@ -5,7 +5,7 @@ import socket
 import psutil
 import pytest
 
-from cli import stack
+from alignpipe.cli import stack
 
 # one stack per test process: with `make test`'s two xdist workers, these modules share one worker
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local_stack")]

@@ -29,7 +29,7 @@ def _run(tmp_path, tiny_model, uri: str, seed: int, api_url: str) -> subprocess.
             "register.primary_metric": "perplexity", "register.gates": "[]"}
     args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
     log = open(tmp_path / f"run{seed}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "run", "smoke", "--config", str(PIPELINES), *args],
+    return subprocess.Popen([sys.executable, "-m", "alignpipe.cli.main", "run", "smoke", "--config", str(PIPELINES), *args],
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PREFECT_API_URL": api_url, "COLUMNS": "200"})
 

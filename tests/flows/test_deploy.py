@@ -16,8 +16,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Cancelling
 
 from alignpipe import tracking
-from cli import stack
-from flows.deploy import apply_deployments, build_deployments
+from alignpipe.cli import stack
+from alignpipe.flows.deploy import apply_deployments, build_deployments
 from testlib import REPO, stack_pipelines
 
 # one stack per test process: with `make test`'s two xdist workers, these modules share one worker
@@ -39,7 +39,7 @@ def deployed(local_stack, tmp_path_factory, tiny_model):
 def server(local_stack, deployed):
     """`alignpipe deploy --serve` against the stack, as a user runs it; stopped (whole session) at the end."""
     log = open(deployed[0].parent / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "deploy", "--serve", "--config", str(deployed[0])],
+    proc = subprocess.Popen([sys.executable, "-m", "alignpipe.cli.main", "deploy", "--serve", "--config", str(deployed[0])],
                             cwd=REPO, env={**os.environ, **local_stack.env}, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -182,7 +182,7 @@ def test_prefect_yaml_declares_every_pipeline():
     import yaml
 
     from alignpipe.config import pipeline_names
-    from flows.pipeline import alignpipe_pipeline
+    from alignpipe.flows.pipeline import alignpipe_pipeline
     from testlib import PIPELINES
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())

@@ -20,7 +20,7 @@ import pytest
 
 from alignpipe import ray_runner, tracking
 from alignpipe.errors import DataValidationError
-from flows.pipeline import alignpipe_pipeline
+from alignpipe.flows.pipeline import alignpipe_pipeline
 from testlib import PIPELINES
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from alignpipe import tracking
-from flows.pipeline import alignpipe_pipeline
+from alignpipe.flows.pipeline import alignpipe_pipeline
 from testlib import PIPELINES, REPO
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def test_killed_run_resumes_sft_from_its_last_checkpoint(prefect_harness, ray_lo
     overrides = {"workdir": str(workdir), "model.name": tiny_model, "tracking.mlflow_uri": mlflow_uri,
                  "sft.max_steps": STEPS, "sft.save_steps": SAVE, "sft.eval_steps": STEPS,
                  "align.method": "none", "quantize.method": "none"}  # what follows SFT is not under test here
-    cmd = [sys.executable, "-m", "cli.main", "run", "smoke", "--config", str(PIPELINES)]
+    cmd = [sys.executable, "-m", "alignpipe.cli.main", "run", "smoke", "--config", str(PIPELINES)]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={value}"]
     from prefect.settings import PREFECT_API_URL

@@ -11,9 +11,10 @@ from alignpipe.merge import load_with_adapter, merge_adapter
 from alignpipe.models import load_model, load_tokenizer
 from alignpipe.preference import preference_metrics
 from alignpipe.runs import file_digest
-from alignpipe.swiglu import is_swiglu_mlp, use_recomputing_swiglu
-from alignpipe.workers.align import build_trainer
-from tasks.align import run_align
+from alignpipe.config.compute import ComputeConfig
+from alignpipe.kernels import select
+from alignpipe.kernels.swiglu import is_swiglu_mlp, use_recomputing_swiglu
+from alignpipe.tasks.align import AlignJob, build_trainer, run_align
 from testlib import DEMO_DATA, run_context
 
 SYSTEM = "Extract the contact card."
@@ -41,13 +42,17 @@ def test_step0_reference_is_the_sft_model_from_its_saved_artifact(tiny_model, sf
     from alignpipe.config.align import AlignConfig
 
     reference = merge_adapter(tiny_model, sft_adapter, str(tmp_path / "sft_merged"))
-    config = {"align": AlignConfig(precision="fp32", batch_size=4, max_steps=1).model_dump(mode="json"),
-              "reference_path": reference, "preference_path": pairs_file(tmp_path, "pref_train.jsonl", 8),
-              "system_prompt": SYSTEM, "use_gpu": False}
+    config = AlignJob(align=AlignConfig(precision="fp32", batch_size=4, max_steps=1), compute=ComputeConfig(),
+                      reference_path=reference, preference_path=pairs_file(tmp_path, "pref_train.jsonl", 8),
+                      system_prompt=SYSTEM)
     trainer, _ = build_trainer(config, str(tmp_path / "out"), [])
     assert trainer.args.activation_checkpointing is False  # the config's default, not TRL's (True: ~50% slower on CPU)
-    assert trainer.model.get_base_model().forward._alignpipe_compact  # the references below go through it
-    assert any(map(is_swiglu_mlp, trainer.model.modules())) and use_recomputing_swiglu(trainer.model) == 0
+    # compute.kernels auto: the kernels measured for this CPU are on (the references below go through them)
+    enabled = select("auto", use_gpu=False)
+    assert bool(getattr(trainer.model.get_base_model().forward, "_alignpipe_compact", False)) == (
+        "compact_lm_head" in enabled)
+    assert any(map(is_swiglu_mlp, trainer.model.modules()))
+    assert (use_recomputing_swiglu(trainer.model) == 0) == ("recomputing_swiglu" in enabled)
     assert trainer.model.config._attn_implementation == "eager"  # auto on CPU, max_length 256; fresh_sft: sdpa
     batch = next(iter(trainer.get_train_dataloader()))
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
@@ -84,9 +89,9 @@ def test_sft_loss_weight_adds_the_chosen_answers_nll_to_the_dpo_loss(tiny_model,
     pairs = pairs_file(tmp_path, "pref_train.jsonl", 4)
 
     def step0_loss(weight):
-        config = {"align": AlignConfig(precision="fp32", batch_size=4, max_steps=1, sft_loss_weight=weight)
-                  .model_dump(mode="json"), "reference_path": reference, "preference_path": pairs,
-                  "system_prompt": SYSTEM, "use_gpu": False}
+        config = AlignJob(align=AlignConfig(precision="fp32", batch_size=4, max_steps=1, sft_loss_weight=weight),
+                          compute=ComputeConfig(), reference_path=reference, preference_path=pairs,
+                          system_prompt=SYSTEM)
         trainer, _ = build_trainer(config, str(tmp_path / f"out{weight}"), [])
         batch = next(iter(trainer.get_train_dataloader()))
         with torch.no_grad():
@@ -111,10 +116,10 @@ def test_orpo_and_kto_train_a_new_adapter_on_the_sft_model(method, tiny_model, s
     from alignpipe.config.align import AlignConfig
 
     reference = merge_adapter(tiny_model, sft_adapter, str(tmp_path / "sft_merged"))
-    config = {"align": AlignConfig(method=method, precision="fp32", batch_size=4, max_steps=2, learning_rate=1e-2,
-                                   logging_steps=1).model_dump(mode="json"),
-              "reference_path": reference, "preference_path": pairs_file(tmp_path, "pref_train.jsonl", 4),
-              "system_prompt": SYSTEM, "use_gpu": False}
+    config = AlignJob(align=AlignConfig(method=method, precision="fp32", batch_size=4, max_steps=2, learning_rate=1e-2,
+                                        logging_steps=1), compute=ComputeConfig(),
+                      reference_path=reference, preference_path=pairs_file(tmp_path, "pref_train.jsonl", 4),
+                      system_prompt=SYSTEM)
     trainer, _ = build_trainer(config, str(tmp_path / "out"), [])
     assert len(trainer.train_dataset) == (8 if method == "kto" else 4)  # kto: one desirable + one undesirable row
     trainer.train()
@@ -127,13 +132,13 @@ def test_orpo_and_kto_train_a_new_adapter_on_the_sft_model(method, tiny_model, s
 @pytest.mark.parametrize("optimizer", ["rloo", "grpo"])
 def test_policy_optimisers_step_against_a_reward_model(optimizer, tiny_model, sft_adapter, tmp_path):
     from alignpipe.config.align import AlignConfig
-    from alignpipe.workers.align import _scorer, build_policy_trainer, policy_reward
+    from alignpipe.tasks.align import _scorer, build_policy_trainer, policy_reward
 
     reference = merge_adapter(tiny_model, sft_adapter, str(tmp_path / "sft_merged"))
     align = AlignConfig(method="rlhf", precision="fp32", batch_size=4, logging_steps=1)
     align.rlhf.policy_optimizer, align.rlhf.policy_steps, align.rlhf.max_new_tokens = optimizer, 1, 4
-    config = {"align": align.model_dump(mode="json"), "reference_path": reference, "system_prompt": SYSTEM,
-              "preference_path": pairs_file(tmp_path, "pref_train.jsonl", 4), "use_gpu": False}
+    config = AlignJob(align=align, compute=ComputeConfig(), reference_path=reference, system_prompt=SYSTEM,
+                      preference_path=pairs_file(tmp_path, "pref_train.jsonl", 4))
     reward_model = _scorer(reference, "float32", load_tokenizer(reference)).eval()
     trainer, _ = build_policy_trainer(config, reward_model, str(tmp_path / "out"), [])
     assert type(trainer).__name__ == {"rloo": "RLOOTrainer", "grpo": "GRPOTrainer"}[optimizer]

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from alignpipe import tracking
-from alignpipe.workers.evaluate import score
-from tasks.evaluate import ModelSpec, comparison_table, run_evaluate
+from alignpipe.tasks.evaluate import score
+from alignpipe.tasks.evaluate import ModelSpec, comparison_table, run_evaluate
 from testlib import canonical_split, run_context
 
 REF = '{"name": "Ana Lima", "age": 34, "city": "Porto"}'

@@ -4,7 +4,7 @@ import pytest
 
 from alignpipe.data.formats import write_jsonl
 from alignpipe.data.preference import load_preference
-from alignpipe.workers.evaluate import evaluate_model
+from alignpipe.tasks.evaluate import evaluate_model
 from testlib import DEMO_DATA, canonical_split
 
 

@@ -11,7 +11,7 @@ import pytest
 from alignpipe import tracking
 from alignpipe.config import preflight
 from alignpipe.errors import AlignpipeError, ConfigError
-from tasks.quantize import run_quantize
+from alignpipe.tasks.quantize import run_quantize
 from testlib import run_context
 
 # Runs in a fresh interpreter with transformers (+ torchao, registered by transformers) only: no alignpipe, no peft.
@@ -73,7 +73,7 @@ def test_int8_shrinks_linear_layers_and_loads_in_a_fresh_process(smoke_cfg, tiny
     import torch
     from transformers import AutoModelForCausalLM
 
-    from alignpipe.int8_cpu import is_int8_dynamic, use_fbgemm_linears
+    from alignpipe.kernels.int8_cpu import is_int8_dynamic, use_fbgemm_linears
 
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (2, 12))

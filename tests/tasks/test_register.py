@@ -19,7 +19,8 @@ from alignpipe import models, registry, tracking
 from alignpipe.errors import AlignpipeError
 from alignpipe.merge import merge_adapter
 from alignpipe.runs import RunContext
-from tasks.register import _artifact, _retry_unless_user_error, register, register_model
+from alignpipe.flows.stages import register, retry_unless_user_error
+from alignpipe.tasks.register import _artifact, register_model
 from testlib import REPO, model_variant
 
 LINEAGE = {"config_digest": "c0ffee", "git_commit": "abc1234", "flow_run_id": "flow-1",
@@ -57,7 +58,7 @@ REGISTER_ONE = textwrap.dedent("""
     import json, sys
     from alignpipe.config import PipelineConfig
     from alignpipe.runs import RunContext
-    from tasks.register import register_model
+    from alignpipe.tasks.register import register_model
 
     a = json.load(open(sys.argv[1]))
     out = register_model(PipelineConfig.model_validate(a["cfg"]), RunContext.model_validate(a["ctx"]),
@@ -259,7 +260,8 @@ def test_quantized_folder_pins_torchao_only_when_its_config_needs_it(smoke_cfg, 
     config["quantization_config"]["quant_type"] = {"default": {"_type": "Int8DynamicActivationInt8WeightConfig"}}
     open(f"{quant}/config.json", "w").write(json.dumps(config))
     art = _artifact(smoke_cfg, ctx, "k", "unused", None, quant)
-    assert art.model_config_extra == {"int8_cpu_kernel": "fbgemm", "int8_per_token_modules": ["down_proj", "o_proj"]}
+    assert art.model_config_extra == {"int8_cpu_kernel": "auto", "int8_per_token_modules": ["down_proj", "o_proj"],
+                                      "kernels": "auto"}
     assert [Path(p).name for p in art.code_paths] == ["int8_cpu.py"]
     smoke_cfg.quantize.cpu_kernel = "torchao"
     assert _artifact(smoke_cfg, ctx, "k", "unused", None, quant).code_paths == []
@@ -280,4 +282,4 @@ def test_retries_only_errors_a_retry_can_fix():
     assert register.retries == 2
     assert register.cache_policy is NO_CACHE  # promotion must always see the registry as it is now
     assert register.retry_condition_fn(register, None, Failed(data=ConnectionError("502 Bad Gateway"))) is True
-    assert _retry_unless_user_error(register, None, Failed(data=AlignpipeError("cannot merge"))) is False
+    assert retry_unless_user_error(register, None, Failed(data=AlignpipeError("cannot merge"))) is False

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from alignpipe import tracking
-from tasks.sft import run_sft
+from alignpipe.tasks.sft import run_sft
 from testlib import canonical_split, run_context
 
 
@@ -62,8 +62,7 @@ def test_final_eval_loss_reuses_the_last_step_eval_and_matches_a_fresh_one(smoke
     """The Trainer already evaluated the final weights at the last step: no second pass, the same number."""
     from transformers import TrainerCallback
 
-    from alignpipe.workers.sft import build_trainer, final_eval_loss
-    from tasks.sft import loop_settings
+    from alignpipe.tasks.sft import build_trainer, final_eval_loss, job_for
 
     cfg = _cfg(smoke_cfg)
     cfg.sft.eval_fraction, cfg.sft.eval_steps, cfg.sft.max_steps = 0.25, 4, 6   # evals at steps 4 and 6 (the end)
@@ -77,7 +76,7 @@ def test_final_eval_loss_reuses_the_last_step_eval_and_matches_a_fresh_one(smoke
             self.calls += 1
 
     evals = CountEvals()
-    trainer, _ = build_trainer(loop_settings(cfg, tiny_model, train_path), str(tmp_path / "out"), [evals],
+    trainer, _ = build_trainer(job_for(cfg, tiny_model, train_path), str(tmp_path / "out"), [evals],
                                log_progress=False)
     trainer.train()
     assert evals.calls == 2
@@ -92,9 +91,9 @@ def test_checkpointing_and_attention_settings_reach_the_trainer_without_a_deprec
     transformers 5's name, so no worker prints the old name's FutureWarning; `sft.attention` picks the kernel."""
     import warnings
 
-    from alignpipe.swiglu import is_swiglu_mlp, use_recomputing_swiglu
-    from alignpipe.workers.sft import build_trainer
-    from tasks.sft import loop_settings
+    from alignpipe.kernels import select
+    from alignpipe.kernels.swiglu import is_swiglu_mlp, use_recomputing_swiglu
+    from alignpipe.tasks.sft import build_trainer, job_for
 
     cfg = _cfg(smoke_cfg)
     train_path, _ = canonical_split(cfg, "sft", tmp_path)
@@ -102,12 +101,15 @@ def test_checkpointing_and_attention_settings_reach_the_trainer_without_a_deprec
         cfg.sft.gradient_checkpointing, cfg.sft.attention = wanted, attention
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer, _ = build_trainer(loop_settings(cfg, tiny_model, train_path), str(tmp_path / f"out{wanted}"), [],
+            trainer, _ = build_trainer(job_for(cfg, tiny_model, train_path), str(tmp_path / f"out{wanted}"), [],
                                        log_progress=False)
         assert trainer.args.activation_checkpointing is wanted and trainer.args.gradient_checkpointing is wanted
-        assert trainer.model.get_base_model().forward._alignpipe_compact  # alignpipe.lm_head on CPU
-        # alignpipe.swiglu: every Llama MLP swapped already (a second call finds none left)
-        assert any(map(is_swiglu_mlp, trainer.model.modules())) and use_recomputing_swiglu(trainer.model) == 0
+        # compute.kernels auto: the kernels measured for this CPU are on (a second swap call finds no MLP left)
+        enabled = select("auto", use_gpu=False)
+        assert bool(getattr(trainer.model.get_base_model().forward, "_alignpipe_compact", False)) == (
+            "compact_lm_head" in enabled)
+        assert any(map(is_swiglu_mlp, trainer.model.modules()))
+        assert (use_recomputing_swiglu(trainer.model) == 0) == ("recomputing_swiglu" in enabled)
         # auto: eager attention on CPU for the smoke rows (all far below 256 tokens); an explicit choice wins
         assert trainer.model.config._attn_implementation == ("eager" if attention == "auto" else attention)
         assert not [w for w in caught if "`gradient_checkpointing` is deprecated" in str(w.message)]

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from alignpipe import tracking
-from tasks.sft import run_sft
+from alignpipe.tasks.sft import run_sft
 from testlib import canonical_split, run_context
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 from alignpipe import tracking
 from alignpipe.errors import DataValidationError
 from alignpipe.runs import RunContext, file_digest
-from tasks.validate import validate, validate_data
+from alignpipe.tasks.validate import run_validate, validate_data
 from testlib import run_context
 
 PEOPLE = [("Ana Lima", 34, "Porto"), ("Kenji Sato", 51, "Osaka"), ("Lea Novak", 27, "Zagreb"),
@@ -146,7 +146,7 @@ def test_task_logs_to_a_nested_run_and_fails_it_on_bad_data(smoke_cfg, tmp_path)
     def nested_runs():
         return client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'", order_by=["start_time ASC"])
 
-    report = validate.fn(smoke_cfg, ctx)
+    report = run_validate(smoke_cfg, ctx)
     (ok,) = nested_runs()
     assert report.success and ok.info.status == "FINISHED"
     assert ok.data.metrics["rows_train"] == 64 and ok.data.metrics["duplicate_rate"] == 0.0
@@ -156,7 +156,7 @@ def test_task_logs_to_a_nested_run_and_fails_it_on_bad_data(smoke_cfg, tmp_path)
 
     smoke_cfg.data.sft.path = write(tmp_path / "bad.jsonl", [card(0), conv("Mail me: tom@example.org", "{}")])
     with pytest.raises(DataValidationError, match="no e-mail address failed") as err:
-        validate.fn(smoke_cfg, ctx)
+        run_validate(smoke_cfg, ctx)
     assert "line 2:" in str(err.value) and Path(err.value.report_path).is_file()
     failed = nested_runs()[-1]
     assert failed.info.status == "FAILED" and failed.data.metrics["success"] == 0.0
@@ -227,4 +227,4 @@ def test_bad_pairs_stop_the_task_before_compute(smoke_cfg, tmp_path):
     smoke_cfg.data.preference.limit = None
     ctx = run_context(smoke_cfg, smoke_cfg.model.name)
     with pytest.raises(DataValidationError, match="data.preference: chosen differs failed"):
-        validate.fn(smoke_cfg, ctx)
+        run_validate(smoke_cfg, ctx)

@@ -19,7 +19,7 @@ import pytest
 from alignpipe import tracking
 from alignpipe.config import load_pipeline
 from alignpipe.errors import DataValidationError
-from tasks.validate import validate
+from alignpipe.tasks.validate import run_validate
 from testlib import PIPELINES, REPO, run_context
 
 CORPUS = REPO / "tests" / "corpus" / "data"
@@ -123,7 +123,7 @@ def _stages_and_models(ctx) -> tuple[list[str], list]:
 
 def test_clean_corpus_passes(store):
     """The control: the clean files the cases start from pass, so each failure below is the bad file's doing."""
-    report = validate.fn(_config(store, "sft", CLEAN["sft"], {}), store[1])
+    report = run_validate(_config(store, "sft", CLEAN["sft"], {}), store[1])
     assert report.success, "\n".join(report.failures)
 
 
@@ -143,7 +143,7 @@ def test_bad_data_stops_at_validate(store, tmp_path, case):
     t0 = time.perf_counter()
     try:
         with pytest.raises(DataValidationError) as err:
-            validate.fn(cfg, ctx)
+            run_validate(cfg, ctx)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -162,7 +162,7 @@ def test_bad_data_stops_at_validate(store, tmp_path, case):
 
 def test_flow_stops_before_sft_and_registers_nothing(prefect_harness, tiny_model, tmp_path):
     """The real flow: bad data fails `validate`, the parent run fails, no sft run, no model version."""
-    from flows.pipeline import alignpipe_pipeline
+    from alignpipe.flows.pipeline import alignpipe_pipeline
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = {"workdir": str(tmp_path / "work"), "model.name": tiny_model, "tracking.mlflow_uri": uri,

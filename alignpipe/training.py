@@ -1,0 +1,229 @@
+"""What the training stages share: the job a Ray Train worker gets, PEFT and trainer arguments, the MLflow stream,
+the worker-side loop around a TRL trainer (resume, train, final report) and the driver side (fit, copy out, log).
+
+A training stage (`alignpipe.tasks.sft`, `alignpipe.tasks.align`) builds its dataset and its TRL trainer; the rest
+is here, once. Nothing here imports Prefect: Ray workers import this module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from transformers import TrainerCallback
+
+from alignpipe import kernels, ray_runner, tracking
+from alignpipe.config.compute import ComputeConfig
+from alignpipe.config.training import PeftConfig, TrainingConfig
+from alignpipe.metric_buffer import MetricBuffer, spool_path
+
+FINAL_MARKER = "final.json"  # in the last checkpoint: the finished work's summary (its presence means "done")
+
+
+class TrainJob(BaseModel):
+    """What a training worker needs besides its stage's section. Crosses the Ray boundary as JSON and is
+    validated again on the worker (`Job.model_validate(config)`)."""
+
+    compute: ComputeConfig
+    system_prompt: str | None = None
+    tracking_uri: str | None = None     # None: no MLflow run (benchmarks, tests building a trainer directly)
+    mlflow_run_id: str | None = None
+
+    @property
+    def threads(self) -> int:
+        return max(1, int(self.compute.cpus_per_worker))
+
+
+def peft_config(p: PeftConfig, task_type: str = "CAUSAL_LM"):
+    """The PEFT config object for the configured method."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    task = TaskType[task_type]
+    if p.method == "lora":
+        return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=p.target_modules,
+                          task_type=task)
+    if p.method == "ia3":
+        targets = p.target_modules if p.target_modules != "all-linear" else ["k_proj", "v_proj", "down_proj"]
+        ff = [m for m in targets if m in ("down_proj", "fc2", "mlp.c_proj")]
+        return IA3Config(target_modules=targets, feedforward_modules=ff, task_type=task)
+    if p.method == "prompt_tuning":
+        return PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type=task)
+    return PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type=task)
+
+
+def trainer_args(t: TrainingConfig, output_dir: str, use_gpu: bool, dtype: str) -> dict[str, Any]:
+    """The TrainingArguments every TRL trainer here shares; a stage adds its trainer's own."""
+    return dict(
+        output_dir=output_dir,
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the steps
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=1,  # scratch only: Ray storage keeps `compute.checkpoints_to_keep`
+        # TRL defaults to True (~50% slower on CPU); transformers 5 names it activation_checkpointing
+        activation_checkpointing=t.gradient_checkpointing,
+        use_cpu=not use_gpu,
+        bf16=dtype == "bfloat16",  # autocast; the adapter weights themselves stay fp32
+        seed=t.seed,
+        report_to="none",
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+    )
+
+
+def with_kernels(trainer, compute: ComputeConfig):
+    """The trainer with the speed-ups `compute.kernels` enables on this machine (see `alignpipe.kernels`)."""
+    kernels.apply_training_kernels(trainer, kernels.select(compute.kernels, use_gpu=compute.use_gpu))
+    return trainer
+
+
+class MlflowStream(TrainerCallback):
+    """Streams the Trainer's logs to an MLflow run as training goes, with tokens/s between logs.
+
+    Points go through a `MetricBuffer`, so a tracking server that is down or slow never stalls training;
+    the end of training waits (bounded) for them to be written.
+
+    Args:
+        uri: MLflow tracking URI.
+        run_id: the stage's MLflow run.
+        spool: local JSONL file keeping the unwritten points across a worker restart (see `metric_buffer`).
+        buffer: an existing buffer to share (one per run and process), instead of a new one.
+        prefix: put in front of every metric name (a second trainer's curves in the same run).
+    """
+
+    def __init__(self, uri: str, run_id: str, spool: Path | None = None, buffer: MetricBuffer | None = None,
+                 prefix: str = ""):
+        self.uri, self.run_id, self.prefix = uri, run_id, prefix
+        self.buffer = buffer or MetricBuffer(uri, run_id, spool)
+        self._last = (time.perf_counter(), 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        logs = {f"{self.prefix}{k}": v for k, v in logs.items()}
+        metrics = {k.replace("train_", "train/") if k.startswith("train_") else k: v for k, v in logs.items()}
+        now, tokens = time.perf_counter(), logs.get("num_tokens")
+        if tokens is not None and "loss" in logs:
+            t0, n0 = self._last
+            if tokens > n0 and now > t0:
+                metrics["tokens_per_s"] = (tokens - n0) / (now - t0)
+            self._last = (now, tokens)
+        self.buffer.log(metrics, step=state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.buffer.drain()  # what this run logged is in MLflow before anyone reads it back
+
+
+class WorkerRun:
+    """One training stage on one Ray Train worker, from the last checkpoint to the final report.
+
+    A stage's `train_loop` reads top to bottom: `WorkerRun(job, stage)`, return at once if `finished`, build the
+    trainer with `callbacks` in `scratch`, `prepare` it, `train` it (adding its own figures to `summary`), `finish`.
+    """
+
+    def __init__(self, job: TrainJob, stage: str):
+        import ray.train
+        from ray.train.huggingface.transformers import RayTrainReportCallback
+
+        ray_runner.set_worker_threads(job.threads)
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.rank0 = self.rank == 0
+        self.summary: dict[str, float] = {}
+        self.resume_dir, self.finished = ray_runner.resume_from_checkpoint(stage, FINAL_MARKER)
+        if self.finished:  # this exact work already finished: its result was handed back
+            return
+        self.scratch = tempfile.mkdtemp(prefix=f"{stage}-scratch-")
+        self.stream = MlflowStream(job.tracking_uri, job.mlflow_run_id, spool=spool_path(job.mlflow_run_id, self.rank))
+        self.callbacks = [self.stream, RayTrainReportCallback()]
+
+    def prepare(self, trainer):
+        """Ray Train's wrapping of the trainer; the adapter's size goes to the summary (and to MLflow at step 0)."""
+        from ray.train.huggingface.transformers import prepare_trainer
+
+        trainer = prepare_trainer(trainer)
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+        self.summary.update({"trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
+                             "train_rows": len(trainer.train_dataset)})
+        if self.rank0:
+            self.stream.buffer.log(self.summary, step=0)
+        return trainer
+
+    def train(self, trainer) -> None:
+        """Train, from the restored checkpoint when there is one."""
+        from ray.train.huggingface.transformers import RayTrainReportCallback
+
+        resume = self.resume_dir / RayTrainReportCallback.CHECKPOINT_NAME if self.resume_dir else None
+        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        self.summary.update({"train_loss": out.training_loss, "global_step": trainer.state.global_step,
+                             "train_runtime_s": out.metrics.get("train_runtime", 0.0)})
+
+    def finish(self, trainer, tokenizer, extra_dirs: dict[str, str] | None = None) -> None:
+        """Save the adapter (+ tokenizer and `extra_dirs`) and report it as the last checkpoint, with the summary."""
+        self.stream.buffer.drain()  # before the final report: the driver ends the MLflow run right after it
+        final_dir = Path(tempfile.mkdtemp(prefix="final-"))
+        if self.rank0:
+            trainer.save_model(str(final_dir / "adapter"))
+            tokenizer.save_pretrained(str(final_dir / "adapter"))
+            for name, folder in (extra_dirs or {}).items():
+                shutil.copytree(folder, final_dir / name)
+            (final_dir / FINAL_MARKER).write_text(json.dumps(self.summary))
+        ray_runner.report_final(self.summary, final_dir, self.rank0, self.resume_dir)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def fit(train_loop: Callable[[dict], None], job: TrainJob, compute: ComputeConfig, name: str, storage: str,
+        out_dir: Path, folders: tuple[str, ...] = ("adapter",)) -> dict[str, float]:
+    """Driver side: run `train_loop` on Ray Train and copy the finished `folders` from the last checkpoint into
+    `out_dir`; returns the workers' final summary."""
+    ray_runner.ensure_ray(compute)
+    result = ray_runner.fit(train_loop, job.model_dump(mode="json"), compute, name=name, storage=storage)
+    with result.checkpoint.as_directory() as ckpt:
+        for folder in folders:
+            shutil.rmtree(out_dir / folder, ignore_errors=True)
+            shutil.copytree(Path(ckpt) / folder, out_dir / folder)
+        return json.loads((Path(ckpt) / FINAL_MARKER).read_text())
+
+
+def log_result(uri: str, run_id: str, metrics: dict[str, float], out_dir: Path, folders: tuple[str, ...],
+               panels: list[tuple[str, tuple[str, ...]]], plot: str) -> None:
+    """The final metrics, the curves (one panel per (title, metric keys)) and the output folders, to the stage run."""
+    tracking.log_metrics(uri, run_id, {f"final/{k}": v for k, v in metrics.items()})
+    _log_curves(uri, run_id, panels, plot)
+    for folder in folders:
+        tracking.client_for(uri).log_artifacts(run_id, str(out_dir / folder), folder)
+
+
+def _log_curves(uri: str, run_id: str, panels: list[tuple[str, tuple[str, ...]]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) - 2 * (len(panels) > 1), 3.5), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            points = tracking.metric_history(uri, run_id, key)
+            if points:
+                ax.plot(*zip(*sorted(points)), "o--" if "eval" in key else "-", label=key)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        if ax.lines:  # a reused or zero-step run has no curve to label
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    tracking.log_figure(uri, run_id, fig, path)
+    plt.close(fig)
