@@ -28,7 +28,7 @@ demo: setup malloc
 	$(BIN)/alignpipe run demo
 
 # Two xdist workers: the suite waits on servers and process start-ups much of the time, so two share 2 cores
-# well (2026-12-01, 2 cores: 25 min serial, 19 min in two on a clean clone). Tests needing the local stack share one worker (xdist_group).
+# well. Tests needing the local stack share one worker (xdist_group).
 # --durations: the 15 slowest tests close every run, so CI logs show where the 15-minute budget goes.
 TEST_WORKERS ?= 2
 test: setup browser malloc
@@ -42,7 +42,7 @@ browser:
 	    || echo "browser: could not install chromium-headless-shell; the Prefect UI test will be skipped"; }
 
 # tcmalloc for the Ray workers (compute.allocator: auto): glibc's malloc returns each freed activation to the kernel
-# and faults it in again next step; demo SFT ran ~20-35% faster on tcmalloc (2 cores, 2026-12-03). Debian package;
+# and faults it in again next step; tcmalloc keeps it for the next step (bench/NOTES.md). Debian package;
 # without it the workers keep the system's malloc.
 malloc:
 	@ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4 || \

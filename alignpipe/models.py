@@ -71,10 +71,9 @@ EAGER_MAX_TOKENS = 256  # auto attention: eager on CPU up to this row length
 
 
 def training_attention(choice: str, on_gpu: bool, longest: int) -> str:
-    """The attention kernel to train with. On CPU, eager attention (matmul + softmax) ran ~18% faster per SFT
-    step than SDPA at the demo's ~80-token rows (profiled with the pipeline's own trainer). It keeps each
-    layer's [batch, heads, len, len] scores for the backward, so `auto` takes it only for rows up to
-    EAGER_MAX_TOKENS; GPUs keep SDPA (fused kernels)."""
+    """The attention kernel to train with. On CPU, eager attention (matmul + softmax) is faster per SFT step than
+    SDPA at short rows, but keeps each layer's [batch, heads, len, len] scores for the backward, so `auto` takes it
+    only for rows up to EAGER_MAX_TOKENS; GPUs keep SDPA (fused kernels)."""
     if choice != "auto":
         return choice
     return "eager" if not on_gpu and longest <= EAGER_MAX_TOKENS else "sdpa"

@@ -53,17 +53,21 @@ def dir_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def code_version(stage: str) -> str:
-    """Digest of the core package (what every stage runs: the shared training module, models, data, kernels ...)
-    and the stage's own module, read from wherever Python imports them: the repository or an installed wheel.
-    Editing either invalidates the stage; the flows and the command line are not part of it."""
+def code_files(stage: str) -> list[Path]:
+    """What a stage runs: the core package (the shared training module, models, data, kernels ...) and the stage's
+    own module, found wherever Python imports them from (the repository or an installed wheel). The flows and the
+    command line are not part of it."""
     import importlib.util
 
     core = Path(alignpipe.__file__).resolve().parent
-    stage_file = Path(importlib.util.find_spec(f"alignpipe.tasks.{stage}").origin)
     files = sorted(p for p in core.rglob("*.py") if p.relative_to(core).parts[0] not in NOT_CORE)
+    return [*files, Path(importlib.util.find_spec(f"alignpipe.tasks.{stage}").origin).resolve()]
+
+
+def code_version(stage: str) -> str:
+    """Digest of `code_files(stage)`: editing any of them invalidates the stage's cache key."""
     h = hashlib.sha256(alignpipe.__version__.encode())
-    for p in [*files, stage_file]:
+    for p in code_files(stage):
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 

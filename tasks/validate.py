@@ -162,51 +162,6 @@ def _preference_frame(pairs: list[dict], tok, cfg: PipelineConfig) -> pd.DataFra
     return pd.DataFrame(records, columns=PREFERENCE_COLUMNS)
 
 
-def _preference_suite(split: str, cfg: PipelineConfig):
-    """The expectations for preference pairs (same `meta` convention as `_suite`)."""
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-
-    v = cfg.validate_
-
-    def meta(check: str, expected: str) -> dict:
-        return {"meta": {"check": check, "expected": expected}, "description": f"{check}: {expected}"}
-
-    checks = [
-        gxe.ExpectTableRowCountToBeBetween(min_value=1, **meta("not empty", "at least 1 pair")),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="blank_fields", min_value=0, max_value=0,
-            **meta("non-empty fields", "prompt, chosen and rejected present, every message non-blank")),
-        gxe.ExpectColumnValuesToBeInSet(column="answer_roles_ok", value_set=[True],
-                                        **meta("answer roles", "chosen and rejected are assistant turns")),
-        gxe.ExpectColumnValuesToBeInSet(column="answers_differ", value_set=[True],
-                                        **meta("chosen differs", "chosen != rejected (whitespace/case-insensitive)")),
-        gxe.ExpectColumnValuesToBeInSet(column="same_prompt", value_set=[True],
-                                        **meta("same prompt", "chosen and rejected answer the same conversation")),
-        gxe.ExpectColumnValuesToBeBetween(
-            column="n_tokens", max_value=v.max_tokens,
-            **meta("token length", f"<= {v.max_tokens} tokens for prompt + the longer answer, chat-template-rendered")),
-        gxe.ExpectColumnValuesToBeInSet(
-            column="is_duplicate", value_set=[False], mostly=1 - v.max_duplicate_rate,
-            **meta("duplicates", f"duplicate pair rate <= {v.max_duplicate_rate} (whitespace- and case-insensitive)")),
-    ]
-    checks += _pii_checks(cfg, meta)
-    suite = gx.ExpectationSuite(name=split)
-    for expectation in checks:
-        suite.add_expectation(expectation)
-    return suite
-
-
-def _pii_checks(cfg: PipelineConfig, meta) -> list:
-    """One expectation per PII kind on the row's full text (none when validate.allow_pii is true)."""
-    import great_expectations.expectations as gxe
-
-    if cfg.validate_.allow_pii:
-        return []
-    return [gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=regex, **meta(f"no {kind}", f"no {kind}"))
-            for kind, regex in PII.items()]
-
-
 def _frame(rows: list[dict], tok, cfg: PipelineConfig, train_prompts: set[str] | None) -> pd.DataFrame:
     """One row per conversation, with the derived columns the expectations check."""
     seen: set[str] = set()
@@ -241,38 +196,58 @@ def _count_tokens(tok, msgs: list[dict], system_prompt: str | None, text: str) -
     return len(tok(rendered, add_special_tokens=False)["input_ids"])
 
 
-def _suite(split: str, cfg: PipelineConfig):
-    """The expectations for one split; `meta` holds the check's name and the rule, for reports and Data Docs."""
+def _meta(check: str, expected: str) -> dict:
+    """The check's name and its rule, kept with each expectation for reports and Data Docs."""
+    return {"meta": {"check": check, "expected": expected}, "description": f"{check}: {expected}"}
+
+
+def _suite(split: str, cfg: PipelineConfig, pairs: bool = False):
+    """The expectations for one split of conversations, or of preference pairs (`pairs`)."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    v = cfg.validate_
-
-    def meta(check: str, expected: str) -> dict:
-        return {"meta": {"check": check, "expected": expected}, "description": f"{check}: {expected}"}
-
+    v, meta = cfg.validate_, _meta
+    if pairs:
+        unit, length = "pair", "prompt + the longer answer"
+        shape = [
+            gxe.ExpectColumnValuesToBeBetween(
+                column="blank_fields", min_value=0, max_value=0,
+                **meta("non-empty fields", "prompt, chosen and rejected present, every message non-blank")),
+            gxe.ExpectColumnValuesToBeInSet(column="answer_roles_ok", value_set=[True],
+                                            **meta("answer roles", "chosen and rejected are assistant turns")),
+            gxe.ExpectColumnValuesToBeInSet(column="answers_differ", value_set=[True],
+                                            **meta("chosen differs", "chosen != rejected (whitespace/case-insensitive)")),
+            gxe.ExpectColumnValuesToBeInSet(column="same_prompt", value_set=[True],
+                                            **meta("same prompt", "chosen and rejected answer the same conversation")),
+        ]
+    else:
+        unit, length = "row", "per conversation"
+        shape = [
+            gxe.ExpectColumnValuesToBeBetween(column="n_turns", min_value=1,
+                                              **meta("messages present", "at least 1 message per row")),
+            gxe.ExpectColumnValuesToBeBetween(column="blank_fields", min_value=0, max_value=0,
+                                              **meta("non-empty fields", "every message has a role and non-blank content")),
+            gxe.ExpectColumnValuesToBeBetween(column="n_assistant", min_value=1,
+                                              **meta("assistant turn", "at least 1 assistant turn per row")),
+            gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=ALLOWED_ROLES,
+                                               **meta("allowed roles", "roles only from system, user, assistant")),
+            gxe.ExpectColumnValuesToMatchRegex(
+                column="roles", regex=ROLE_ORDER,
+                **meta("role order", "optional system first, then user/assistant alternating, user first, assistant last")),
+        ]
     checks = [
-        gxe.ExpectTableRowCountToBeBetween(min_value=1, **meta("not empty", "at least 1 row")),
-        gxe.ExpectColumnValuesToBeBetween(column="n_turns", min_value=1,
-                                          **meta("messages present", "at least 1 message per row")),
-        gxe.ExpectColumnValuesToBeBetween(column="blank_fields", min_value=0, max_value=0,
-                                          **meta("non-empty fields", "every message has a role and non-blank content")),
-        gxe.ExpectColumnValuesToBeBetween(column="n_assistant", min_value=1,
-                                          **meta("assistant turn", "at least 1 assistant turn per row")),
-        gxe.ExpectColumnValuesToMatchRegex(column="roles", regex=ALLOWED_ROLES,
-                                           **meta("allowed roles", "roles only from system, user, assistant")),
-        gxe.ExpectColumnValuesToMatchRegex(
-            column="roles", regex=ROLE_ORDER,
-            **meta("role order", "optional system first, then user/assistant alternating, user first, assistant last")),
+        gxe.ExpectTableRowCountToBeBetween(min_value=1, **meta("not empty", f"at least 1 {unit}")),
+        *shape,
         gxe.ExpectColumnValuesToBeBetween(
             column="n_tokens", max_value=v.max_tokens,
-            **meta("token length", f"<= {v.max_tokens} tokens per chat-template-rendered conversation")),
+            **meta("token length", f"<= {v.max_tokens} tokens {length}, chat-template-rendered")),
         gxe.ExpectColumnValuesToBeInSet(
             column="is_duplicate", value_set=[False], mostly=1 - v.max_duplicate_rate,
-            **meta("duplicates", f"duplicate rate <= {v.max_duplicate_rate} (whitespace- and case-insensitive)")),
+            **meta("duplicates", f"duplicate {unit} rate <= {v.max_duplicate_rate} (whitespace- and case-insensitive)")),
+        *[gxe.ExpectColumnValuesToNotMatchRegex(column="text", regex=regex, **meta(f"no {kind}", f"no {kind}"))
+          for kind, regex in PII.items() if not v.allow_pii],
     ]
-    checks += _pii_checks(cfg, meta)
-    if cfg.data.json_targets:
+    if cfg.data.json_targets and not pairs:
         checks.append(gxe.ExpectColumnValuesToBeInSet(
             column="answers_are_json", value_set=[True],
             **meta("JSON answers", "every assistant answer parses as a JSON object")))
@@ -301,7 +276,7 @@ def _run_gx(frames: dict[str, pd.DataFrame], cfg: PipelineConfig, out_dir: Path)
     results = {}
     for split, df in frames.items():
         batch = source.add_dataframe_asset(split).add_batch_definition_whole_dataframe("all rows")
-        suite = context.suites.add((_preference_suite if split in PREFERENCE_SPLITS else _suite)(split, cfg))
+        suite = context.suites.add(_suite(split, cfg, pairs=split in PREFERENCE_SPLITS))
         definition = context.validation_definitions.add(gx.ValidationDefinition(name=split, data=batch, suite=suite))
         checkpoint = context.checkpoints.add(Checkpoint(
             name=f"validate_{split}", validation_definitions=[definition], result_format=result_format,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,24 +117,31 @@ def normalise(rows: list[dict[str, Any]], fmt: str = "auto", source: str = "") -
     Raises:
         AlignpipeError: a row lacks its format's columns or holds a wrong type (file and line named).
     """
-    if not rows:
-        return []
+    converters = {"messages": _from_messages, "prompt_completion": _from_prompt_completion, "alpaca": _from_alpaca,
+                  "sharegpt": _from_sharegpt}
+    return [{"line": line, "messages": msgs}
+            for line, msgs in convert_rows(rows, fmt, source, detect_format, converters, REQUIRED)]
+
+
+def convert_rows(rows: list[dict[str, Any]], fmt: str, source: str, detect: Callable[[dict, str], str],
+                 converters: dict[str, Callable[[dict], Any]], required: dict[str, tuple[str, ...]]):
+    """(line, converted row) for each row, through its format's converter (`auto`: detected from the first row).
+
+    Raises:
+        AlignpipeError: a row lacks its format's columns or holds a wrong type (file and line named).
+    """
     detected = fmt == "auto"
-    if detected:
-        fmt = detect_format(rows[0], source)
-    convert = {"messages": _from_messages, "prompt_completion": _from_prompt_completion,
-               "alpaca": _from_alpaca, "sharegpt": _from_sharegpt}[fmt]
-    out = []
+    if detected and rows:
+        fmt = detect(rows[0], source)
     for i, row in enumerate(rows, start=1):
         line = row.get("__line__", i)
         where = f"{source}:{line}" if source else f"line {line}"
-        check_columns(row, REQUIRED[fmt], fmt, detected, where)
+        check_columns(row, required[fmt], fmt, detected, where)
         try:
-            msgs = convert(row)
+            converted = converters[fmt](row)
         except RowError as exc:
             raise AlignpipeError(f"{where}: {exc}") from None
-        out.append({"line": line, "messages": msgs})
-    return out
+        yield line, converted
 
 
 def check_columns(row: dict[str, Any], required: tuple[str, ...], fmt: str, detected: bool, where: str) -> None:

@@ -15,8 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from alignpipe.data.formats import (RowError, as_messages, check_columns, make_message, read_rows, row_columns,
-                                    text_field)
+from alignpipe.data.formats import as_messages, convert_rows, make_message, read_rows, row_columns, text_field
 from alignpipe.errors import AlignpipeError
 
 PREFERENCE_FORMATS = ("prompt_chosen_rejected", "hh_rlhf", "ultrafeedback")
@@ -54,22 +53,11 @@ def normalise_preference(rows: list[dict[str, Any]], fmt: str = "auto", source: 
     Raises:
         AlignpipeError: a row lacks its format's columns or holds a wrong type (file and line named).
     """
-    if not rows:
-        return []
-    detected = fmt == "auto"
-    if detected:
-        fmt = detect_preference_format(rows[0], source)
-    convert = {"prompt_chosen_rejected": _from_prompt_chosen_rejected, "hh_rlhf": _from_hh,
-               "ultrafeedback": _from_ultrafeedback}[fmt]
+    converters = {"prompt_chosen_rejected": _from_prompt_chosen_rejected, "hh_rlhf": _from_hh,
+                  "ultrafeedback": _from_ultrafeedback}
     out = []
-    for i, row in enumerate(rows, start=1):
-        line = row.get("__line__", i)
-        where = f"{source}:{line}" if source else f"line {line}"
-        check_columns(row, REQUIRED[fmt], fmt, detected, where)
-        try:
-            prompt, chosen, rejected_prompt, rejected = convert(row)
-        except RowError as exc:
-            raise AlignpipeError(f"{where}: {exc}") from None
+    for line, (prompt, chosen, rejected_prompt, rejected) in convert_rows(rows, fmt, source, detect_preference_format,
+                                                                          converters, REQUIRED):
         canonical = {"line": line, "prompt": prompt, "chosen": chosen, "rejected": rejected}
         if rejected_prompt != prompt:
             canonical["rejected_prompt"] = rejected_prompt
@@ -112,14 +100,17 @@ def _from_prompt_chosen_rejected(row):
 
 
 def _from_ultrafeedback(row):
-    chosen_prompt, chosen = _split_last_answer(as_messages(row.get("chosen"), "assistant", "chosen"))
-    rejected_prompt, rejected = _split_last_answer(as_messages(row.get("rejected"), "assistant", "rejected"))
-    return chosen_prompt, chosen, rejected_prompt, rejected
+    return _both_sides(lambda side: as_messages(row.get(side), "assistant", side))
 
 
 def _from_hh(row):
-    chosen_prompt, chosen = _split_last_answer(_hh_turns(text_field(row.get("chosen"), "chosen")))
-    rejected_prompt, rejected = _split_last_answer(_hh_turns(text_field(row.get("rejected"), "rejected")))
+    return _both_sides(lambda side: _hh_turns(text_field(row.get(side), side)))
+
+
+def _both_sides(conversation):
+    """(chosen prompt, chosen answer, rejected prompt, rejected answer) from each side's whole conversation."""
+    chosen_prompt, chosen = _split_last_answer(conversation("chosen"))
+    rejected_prompt, rejected = _split_last_answer(conversation("rejected"))
     return chosen_prompt, chosen, rejected_prompt, rejected
 
 

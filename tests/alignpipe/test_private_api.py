@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe.private_api import ALLOWED, CHECKS
+from alignpipe.private_api import ALLOWED
 
 ROOT = Path(__file__).resolve().parents[2]
 # Scanned as directories, not imported: the layout can move (tasks/, flows/, cli/ into the alignpipe package).
@@ -182,6 +182,56 @@ _ours._x
     ]
     assert not allowed("ray.train.v2._internal") and not allowed("._hidden")
     assert allowed("._parameter_openapi_schema") and not allowed("torch._make_per_channel_quantized_tensor")
+
+
+def _prefect_parameter_schema() -> None:
+    import prefect
+
+    @prefect.flow
+    def probe(pipeline: str = "a") -> None:
+        """A flow to build a deployment from."""
+
+    deployment = probe.to_deployment(name="probe")
+    deployment._parameter_openapi_schema.properties["pipeline"]["enum"] = ["a", "b"]
+    # RunnerDeployment.apply() sends this dump as the deployment's parameter_openapi_schema
+    sent = deployment._parameter_openapi_schema.model_dump(exclude_unset=True)
+    assert sent["properties"]["pipeline"]["enum"] == ["a", "b"], sent
+
+
+def _torch_log_softmax_backward() -> None:
+    import torch
+
+    z = torch.randn(3, 7, requires_grad=True)
+    log_p = torch.log_softmax(z, dim=-1)
+    g = torch.randn(3, 7)
+    (expected,) = torch.autograd.grad(log_p, z, g)
+    got = torch._log_softmax_backward_data(g, log_p.detach(), -1, log_p.dtype)
+    assert torch.equal(got, expected)
+
+
+def _trl_fused_lm_head() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+    assert callable(vars(model).get("forward")), "TRL no longer sets the fused forward on the instance"
+    ids = torch.randint(0, 32, (1, 5))
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert isinstance(out, FusedCausalLMOutput)
+    for field in ("loss", "label_mask", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"):
+        assert field in FusedCausalLMOutput.__dataclass_fields__, field
+
+
+# One check per entry: it fails when the private thing no longer exists as relied upon.
+CHECKS = {
+    "prefect.deployments.runner.RunnerDeployment._parameter_openapi_schema": _prefect_parameter_schema,
+    "torch._log_softmax_backward_data": _torch_log_softmax_backward,
+    "trl.trainer.utils.add_fused_lm_head": _trl_fused_lm_head,
+}
 
 
 def test_every_entry_has_a_reason_and_a_check():
