@@ -176,7 +176,7 @@ def int8_speed(workdir: str, rows: int = 64, repeats: int = 3) -> dict:
     from a kernel's speed.
     """
     from alignpipe.config import load_pipeline
-    from alignpipe.tasks.evaluate import evaluate_model
+    from alignpipe.tasks.evaluate import ModelSpec, evaluate_model, job_for
 
     cfg = load_pipeline(ROOT / "pipelines.yaml", "demo", {"workdir": workdir}, env={})
     [merged] = Path(workdir).glob("stages/quantize/*/merged")
@@ -185,15 +185,14 @@ def int8_speed(workdir: str, rows: int = 64, repeats: int = 3) -> dict:
         next(Path(workdir).glob("stages/validate/*/*eval*.jsonl"))
     out = {}
     for bs, n in ((16, rows), (1, 8)):
-        settings = {**cfg.evaluate.model_dump(), "limit": n, "batch_size": bs, "perplexity_rows": 1, "threads": 2,
-                    "json_targets": True, "system_prompt": cfg.model.system_prompt, "dtype": "float32",
-                    **cfg.quantize.cpu_runtime(cfg.compute.kernels), "preference_eval_path": None, "beta": 0.1}
-        specs = (("fp32", {"label": "fp32", "base_path": str(merged), "adapter_dir": None}),
-                 ("int8", {"label": "int8", "base_path": str(merged), "adapter_dir": None, "quantized_dir": str(quant)}))
+        job = job_for(cfg, threads=2).model_copy(update={"dtype": "float32", "evaluate": cfg.evaluate.model_copy(
+            update={"limit": n, "batch_size": bs, "perplexity_rows": 1})})
+        specs = (("fp32", ModelSpec(label="fp32", base_path=str(merged))),
+                 ("int8", ModelSpec(label="int8", base_path=str(merged), quantized_dir=str(quant))))
         runs = {label: [] for label, _ in specs}
         for _ in range(repeats):
             for label, spec in specs:
-                runs[label].append(evaluate_model(spec, str(eval_path), settings)["metrics"])
+                runs[label].append(evaluate_model(spec, str(eval_path), job)["metrics"])
         for label, metrics in runs.items():  # greedy decoding: exact match is the same in every run
             out[f"{label}_tokens_per_s_bs{bs}_runs"] = [m["tokens_per_s"] for m in metrics]
             out[f"{label}_tokens_per_s_bs{bs}"] = max(m["tokens_per_s"] for m in metrics)

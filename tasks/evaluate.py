@@ -20,6 +20,8 @@ from pydantic import BaseModel
 
 from alignpipe import cascade, chat, models, ray_runner, tracking
 from alignpipe.config import PipelineConfig
+from alignpipe.config.evaluate import EvaluateConfig
+from alignpipe.config.quantize import QuantizeConfig
 from alignpipe.data.formats import load_canonical
 from alignpipe.kernels import int8_cpu
 from alignpipe.merge import load_with_adapter
@@ -46,6 +48,27 @@ class EvalOutput(BaseModel):
     table_path: str
     mlflow_run_id: str
     cascade: dict[str, Any] | None = None  # best operating point and both ends, when a quantized artifact ran
+
+
+class EvalJob(BaseModel):
+    """What each artifact's Ray task gets: the evaluate section itself and what it borrows from the others."""
+
+    evaluate: EvaluateConfig
+    quantize: QuantizeConfig = QuantizeConfig()  # how an int8_dynamic artifact runs on CPU
+    kernels: str = "auto"                        # compute.kernels
+    dtype: str                                   # resolved on the driver: every model of a run in the same dtype
+    threads: int = 1
+    json_targets: bool = False
+    system_prompt: str | None = None
+    preference_eval_path: str | None = None
+    beta: float = 0.1                            # align.beta: the DPO reward margin's scale
+
+
+def job_for(cfg: PipelineConfig, threads: int, preference_eval_path: str | None = None) -> EvalJob:
+    return EvalJob(evaluate=cfg.evaluate, quantize=cfg.quantize, kernels=cfg.compute.kernels,
+                   dtype=models.dtype_for(cfg.evaluate.precision), threads=threads,
+                   json_targets=cfg.data.json_targets, system_prompt=cfg.model.system_prompt,
+                   preference_eval_path=preference_eval_path, beta=cfg.align.beta)
 
 
 def comparison_table(results: dict[str, dict[str, float]]) -> tuple[str, list[list[str]]]:
@@ -179,12 +202,8 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
         tracking.log_params(ctx.tracking_uri, run_id, cfg.evaluate.model_dump(mode="json"), prefix="evaluate")
         ray_runner.ensure_ray(cfg.compute)
         cpus = ray_runner.task_cpus(cfg.evaluate.cpus)
-        settings = {**cfg.evaluate.model_dump(), "threads": max(1, int(cpus)), "json_targets": cfg.data.json_targets,
-                    "system_prompt": cfg.model.system_prompt, "dtype": models.dtype_for(cfg.evaluate.precision),
-                    **cfg.quantize.cpu_runtime(cfg.compute.kernels),
-                    "preference_eval_path": preference_eval_path, "beta": cfg.align.beta}
-        # ^ resolved here, once, so every model of the run is scored in the same dtype
-        tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.eval_dtype", settings["dtype"])
+        job = job_for(cfg, max(1, int(cpus)), preference_eval_path)
+        tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.eval_dtype", job.dtype)
         # max_calls=1: each model gets a fresh worker process, so one model's peak RSS cannot hide another's.
         remote = ray.remote(num_cpus=cpus, max_calls=1)(evaluate_model)
         results, rows, logps = {}, {}, {}
@@ -194,8 +213,7 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
             tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.lm_eval", note[:5000])
         for spec in specs:  # one at a time: concurrent runs would share the same cores and skew tokens/s
             print(f"evaluate: {spec.label} on {eval_path}")
-            reuse = {"reference_logps": logps[spec.reference_label]} if spec.reference_label in logps else {}
-            res = ray_runner.get(remote.remote(spec.model_dump(), eval_path, {**settings, **reuse}))
+            res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label)))
             logps[spec.label] = res.pop("pair_logps")
             if cfg.evaluate.lm_eval_tasks and not note:
                 res["metrics"].update(_run_lm_eval(spec, cfg.evaluate.lm_eval_tasks))
@@ -246,32 +264,36 @@ def score(predictions: list[str], references: list[str], json_targets: bool) -> 
     return out
 
 
-def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Load one model, generate greedily for every held-out prompt, score it. Runs inside a Ray task."""
-    ray_runner.set_worker_threads(settings["threads"])
-    if spec.get("quantized_dir"):  # a saved quantized folder: transformers rebuilds it from its quantization_config
-        fused = (int8_cpu.resolve_cpu_kernel(settings["int8_cpu_kernel"], settings["kernels"]) == "fbgemm"
-                 and int8_cpu.is_int8_dynamic(spec["quantized_dir"]))
-        model = models.load_model(spec["quantized_dir"], dtype="float32" if fused else settings["dtype"])
-        tokenizer = models.load_tokenizer(spec["quantized_dir"])
+def evaluate_model(spec: ModelSpec, eval_path: str, job: EvalJob,
+                   reference_logps: dict | None = None) -> dict[str, Any]:
+    """Load one model, generate greedily for every held-out prompt, score it. Runs inside a Ray task.
+
+    `reference_logps`: the pair log-probs of `spec.reference_label`, when the suite scored that model already.
+    """
+    e = job.evaluate
+    ray_runner.set_worker_threads(job.threads)
+    if spec.quantized_dir:  # a saved quantized folder: transformers rebuilds it from its quantization_config
+        fused = (int8_cpu.resolve_cpu_kernel(job.quantize.cpu_kernel, job.kernels) == "fbgemm"
+                 and int8_cpu.is_int8_dynamic(spec.quantized_dir))
+        model = models.load_model(spec.quantized_dir, dtype="float32" if fused else job.dtype)
+        tokenizer = models.load_tokenizer(spec.quantized_dir)
         if fused:
-            int8_cpu.use_fbgemm_linears(model, settings.get("int8_per_token_modules", int8_cpu.PER_TOKEN_MODULES))
-    elif spec["adapter_dir"]:  # merged in memory where possible: same outputs, faster decoding
-        model, tokenizer = load_with_adapter(spec["base_path"], spec["adapter_dir"], settings["dtype"])
+            int8_cpu.use_fbgemm_linears(model, job.quantize.per_token_modules)
+    elif spec.adapter_dir:  # merged in memory where possible: same outputs, faster decoding
+        model, tokenizer = load_with_adapter(spec.base_path, spec.adapter_dir, job.dtype)
     else:
-        model, tokenizer = models.load_model(spec["base_path"], dtype=settings["dtype"]), \
-            models.load_tokenizer(spec["base_path"])
+        model, tokenizer = models.load_model(spec.base_path, dtype=job.dtype), models.load_tokenizer(spec.base_path)
     tokenizer.padding_side = "left"
     model.eval()
-    rows = load_canonical(eval_path)[: settings["limit"]]
-    convs = [chat.split_prompt_answer(chat.with_system(r["messages"], settings["system_prompt"])) for r in rows]
+    rows = load_canonical(eval_path)[: e.limit]
+    convs = [chat.split_prompt_answer(chat.with_system(r["messages"], job.system_prompt)) for r in rows]
     prompts = [chat.render(tokenizer, msgs, add_generation_prompt=True) for msgs, _ in convs]
     references = [ref for _, ref in convs]
 
-    predictions, logprobs, gen_tokens, gen_time, latencies = _generate(model, tokenizer, prompts, settings)
-    metrics = score(predictions, references, settings["json_targets"])
-    n_ppl = settings["perplexity_rows"] or len(prompts)
-    metrics["perplexity"] = _perplexity(model, tokenizer, prompts[:n_ppl], references[:n_ppl], settings["batch_size"])
+    predictions, logprobs, gen_tokens, gen_time, latencies = _generate(model, tokenizer, prompts, e)
+    metrics = score(predictions, references, job.json_targets)
+    n_ppl = e.perplexity_rows or len(prompts)
+    metrics["perplexity"] = _perplexity(model, tokenizer, prompts[:n_ppl], references[:n_ppl], e.batch_size)
     metrics["tokens_per_s"] = gen_tokens / gen_time if gen_time else 0.0
     metrics["latency_p50_ms"] = _percentile(latencies, 0.50) * 1000
     metrics["latency_p95_ms"] = _percentile(latencies, 0.95) * 1000
@@ -279,20 +301,20 @@ def evaluate_model(spec: dict, eval_path: str, settings: dict[str, Any]) -> dict
     metrics["size_mb"] = size_on_disk(spec) / 1e6
     metrics["rows"] = len(rows)
     pair_logps = None
-    if settings.get("preference_eval_path"):
-        preference, pair_logps = _preference_metrics(model, tokenizer, spec, settings)
+    if job.preference_eval_path:
+        preference, pair_logps = _preference_metrics(model, tokenizer, spec, job, reference_logps)
         metrics.update(preference)
-    return {"label": spec["label"], "metrics": metrics, "pair_logps": pair_logps,
+    return {"label": spec.label, "metrics": metrics, "pair_logps": pair_logps,
             "predictions": [{"prompt": p, "reference": r, "prediction": y, "mean_logprob": lp,
                              "correct": y.strip() == r.strip()}
                             for (p, _), r, y, lp in zip(convs, references, predictions, logprobs)]}
 
 
-def size_on_disk(spec: dict) -> int:
+def size_on_disk(spec: ModelSpec) -> int:
     """Bytes of the weights an artifact is served from: the quantized folder, or base (+ adapter) weights."""
     from pathlib import Path
 
-    folders = [spec["quantized_dir"]] if spec.get("quantized_dir") else [spec["base_path"], spec["adapter_dir"]]
+    folders = [spec.quantized_dir] if spec.quantized_dir else [spec.base_path, spec.adapter_dir]
     return sum(f.stat().st_size for d in folders if d and Path(d).is_dir()
                for f in Path(d).iterdir() if f.suffix in (".safetensors", ".bin"))
 
@@ -305,27 +327,27 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def _preference_metrics(model, tokenizer, spec: dict, settings: dict[str, Any]):
+def _preference_metrics(model, tokenizer, spec: ModelSpec, job: EvalJob, reference: dict | None):
     """Held-out preference accuracy; with a reference, also the mean DPO reward margin against it.
 
-    The reference's log-probs come from `settings["reference_logps"]` when the suite already scored that model
-    (the sft artifact, for aligned), else from `spec["reference_path"]` loaded here. Returns (metrics, the
+    The reference's log-probs are `reference` when the suite already scored that model (the sft artifact, for
+    aligned), else computed from `spec.reference_path` loaded here. Returns (metrics, the
     policy's own pair log-probs, for a later artifact that uses this one as its reference).
     """
     from alignpipe.preference import metrics_from_logps, pair_logps
 
-    caps = [n for n in (settings["limit"], settings.get("preference_rows")) if n]
-    pairs = load_canonical(settings["preference_eval_path"])[: min(caps) if caps else None]
-    policy = pair_logps(model, tokenizer, pairs, settings["system_prompt"], settings["batch_size"])
-    reference = settings.get("reference_logps")
-    if reference is None and spec.get("reference_path"):
-        ref_model = models.load_model(spec["reference_path"], dtype=settings["dtype"]).eval()
-        reference = pair_logps(ref_model, tokenizer, pairs, settings["system_prompt"], settings["batch_size"])
+    e = job.evaluate
+    caps = [n for n in (e.limit, e.preference_rows) if n]
+    pairs = load_canonical(job.preference_eval_path)[: min(caps) if caps else None]
+    policy = pair_logps(model, tokenizer, pairs, job.system_prompt, e.batch_size)
+    if reference is None and spec.reference_path:
+        ref_model = models.load_model(spec.reference_path, dtype=job.dtype).eval()
+        reference = pair_logps(ref_model, tokenizer, pairs, job.system_prompt, e.batch_size)
         del ref_model
-    return {**metrics_from_logps(policy, settings["beta"], reference), "preference_pairs": len(pairs)}, policy
+    return {**metrics_from_logps(policy, job.beta, reference), "preference_pairs": len(pairs)}, policy
 
 
-def _generate(model, tokenizer, prompts: list[str], settings: dict[str, Any]):
+def _generate(model, tokenizer, prompts: list[str], e: EvaluateConfig):
     """Batched greedy decoding with the KV cache; prompts sorted by length so batches pad little.
 
     Returns answers, each answer's mean token log-prob (its own confidence: the cascade's signal), generated
@@ -338,13 +360,13 @@ def _generate(model, tokenizer, prompts: list[str], settings: dict[str, Any]):
     logprobs: list[float] = [0.0] * len(prompts)
     total_tokens, total_time, latencies = 0, 0.0, []
     eos = tokenizer.eos_token_id
-    bs = settings["batch_size"]
+    bs = e.batch_size
     for start in range(0, len(order), bs):
         idx = order[start : start + bs]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=settings["max_new_tokens"], do_sample=False,
+            out = model.generate(**enc, max_new_tokens=e.max_new_tokens, do_sample=False,
                                  eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True,
                                  output_logits=True, return_dict_in_generate=True)
         elapsed = time.perf_counter() - t0
