@@ -9,6 +9,7 @@ tokens/s does not, hence the interleaving and medians.
     .venv/bin/python bench/ray_overhead.py --rounds 1 --steps 20 --load 0.4   # beside a 40%-of-a-core load
     .venv/bin/python bench/ray_overhead.py --rounds 2 --steps 30 --cpus 1     # one torch thread, a core to spare
     .venv/bin/python bench/ray_overhead.py --one ray --steps 120 --pause 15   # Ray's daemons stopped 15 s in 30
+    .venv/bin/python bench/ray_overhead.py --against ../before --rounds 5 --steps 30   # this checkout vs another
 
 `--load` runs, beside every trial, a process at nice 0 that keeps one core busy that share of each 50 ms (the
 kind of load a flow process, Prefect's API or a browser puts on a laptop). Ray starts its workers at nice 15
@@ -336,6 +337,34 @@ while True:
 """
 
 
+def compare_checkouts(other: Path, args) -> None:
+    """Ray SFT tokens/s of this checkout ("after") against another one ("before"), interleaved in pairs (before,
+    after, after, before, ...), each trial a fresh process running its own checkout's code (Ray workers included,
+    through PYTHONPATH). Prints every trial, each side's median and the median of the per-pair after ÷ before."""
+    sides = {"before": other, "after": ROOT}
+    tokens: dict[str, list[float]] = {"before": [], "after": []}
+    for r in range(args.rounds):
+        for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
+            root = sides[side]
+            out = Path(tempfile.mkdtemp(prefix="rayoh-")) / "trial.json"
+            cmd = [sys.executable, str(root / "bench" / "ray_overhead.py"), "--one", "ray", "--out", str(out),
+                   "--steps", str(args.steps), "--rows", str(args.rows)] + (["--model", args.model] if args.model else [])
+            proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(root)})
+            if proc.returncode:
+                sys.exit(f"{side} trial failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            tokens[side].append(json.loads(out.read_text())["tokens_per_s"])
+            print(f"pair {r} {side}: {tokens[side][-1]:.1f} tokens/s", flush=True)
+    ratios = [a / b for a, b in zip(tokens["after"], tokens["before"])]
+    result = {"before": tokens["before"], "after": tokens["after"], "pair_ratios": ratios,
+              "median_pair_ratio": statistics.median(ratios),
+              "median_before": statistics.median(tokens["before"]), "median_after": statistics.median(tokens["after"])}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"after ÷ before per pair: {', '.join(f'{x:.3f}' for x in ratios)}; median {result['median_pair_ratio']:.3f} "
+          f"(medians {result['median_after']:.1f} / {result['median_before']:.1f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--one", choices=["ray", "inproc"], help="run a single trial in this process")
@@ -345,6 +374,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--model", help="a local model folder (default: the embedded model under .alignpipe/models)")
     ap.add_argument("--json", help="write all trials here")
+    ap.add_argument("--against", help="another checkout: compare its Ray SFT tokens/s with this one's, in pairs")
     ap.add_argument("--cpus", type=int, help="compute.cpus_per_worker (torch threads on both sides; default: the "
                     "demo's). Below the machine's cores, Ray's own processes get a core the trainer does not use")
     ap.add_argument("--pause", type=float, default=0.0,
@@ -364,6 +394,8 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(res))
         print(json.dumps({k: v for k, v in res.items() if k != "cpu"}))
         return
+    if args.against:
+        return compare_checkouts(Path(args.against).resolve(), args)
     trials = []
     for r in range(args.rounds):
         for mode in (("ray", "inproc") if r % 2 == 0 else ("inproc", "ray")):  # A B B A: cancels drift

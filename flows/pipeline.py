@@ -11,7 +11,7 @@ from prefect import Task, flow
 from prefect.runtime import flow_run
 
 from alignpipe import models, ray_runner, secrets, tracking
-from alignpipe.caching import cached
+from alignpipe.flows.caching import cached
 from alignpipe.config import load_checked
 from alignpipe.flows import stages
 from alignpipe.runs import RunContext, config_digest, git_commit, save_summary
@@ -51,7 +51,7 @@ class StageClock:
 
 
 def _stage(name: str, cfg):
-    """A stage's Prefect task, content-keyed by its module's own `cache_key` (see alignpipe/caching.py)."""
+    """A stage's Prefect task, content-keyed by its module's own `cache_key` (see flows/caching.py)."""
     return cached(getattr(stages, name), stages.STAGE_MODULES[name].cache_key, cfg.cache, cfg.workdir)
 
 

@@ -2,7 +2,7 @@
 
 The stage modules stay free of Prefect (Ray workers import them); retries, caching and names live here, where the
 flow is composed. Caching is explicit: `flows.pipeline` gives each stage a content-keyed policy built from the
-stage's own `cache_key` (see `alignpipe.caching`); registration is never cached.
+stage's own `cache_key` (see `alignpipe.flows.caching`); registration is never cached.
 """
 
 from __future__ import annotations

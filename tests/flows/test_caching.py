@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from alignpipe.caching import cached, storage_for
+from alignpipe.flows.caching import cached, storage_for
 from alignpipe.config.cache import CacheConfig
 
 CALLS: list[int] = []
