@@ -15,6 +15,9 @@ ALLOWED: dict[str, str] = {
     "torch._log_softmax_backward_data":
         "kernels/lm_head.py: the log-softmax backward kernel itself, so the compact head's gradients equal the "
         "plain ops' bit for bit",
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner (logger name)":
+        "ray_runner.py: quiets the logger of Ray Train's placement-group cleaner on the in-process Ray, whose state "
+        "API queries fail every second without a dashboard; no setting turns the cleaner off",
     "trl.trainer.utils.add_fused_lm_head":
         "kernels/lm_head.py: wraps the forward TRL's fused LM head installs on the model instance "
         "(`vars(model)['forward']`), an undocumented detail of trl.trainer.utils",

@@ -132,7 +132,10 @@ def ensure_ray(compute: ComputeConfig) -> None:
     env = dict(WORKER_ENV)
     if library := malloc_library(compute):
         env["LD_PRELOAD"] = library
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "runtime_env": {"env_vars": env}}
+    runtime_env: dict[str, Any] = {"env_vars": env}
+    if not compute.ray_address:
+        runtime_env["worker_process_setup_hook"] = "alignpipe.ray_runner.quiet_local_workers"
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "runtime_env": runtime_env}
     # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (Prefect's, which turns a
     # runner's SIGTERM into a Cancelled flow run instead of a Crashed one). Ray's atexit shutdown still runs.
     sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
@@ -142,6 +145,24 @@ def ensure_ray(compute: ComputeConfig) -> None:
         ray.init(num_cpus=os.cpu_count(), **kwargs)
     if sigterm is not None:
         signal.signal(signal.SIGTERM, sigterm)
+
+
+# Ray Train's placement-group cleaner asks the state API every second whether the run's controller is alive. The
+# in-process Ray runs without the dashboard that serves that API, so every ask fails and the cleaner logs a
+# warning each second, forwarded to the console for the whole of training. Its logger is quieted there.
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_local_workers() -> None:
+    """Runs as every in-process Ray worker process starts (the runtime env's `worker_process_setup_hook`)."""
+    import logging
+
+    import ray
+
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    # With several Rays on one machine (two pipelines, test workers), a state-API client that looks for "the"
+    # local cluster finds many and raises; point it at this one.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def storage_path(compute: ComputeConfig, workdir: str) -> str:

@@ -145,3 +145,24 @@ def test_kernels_switch_and_int8_cpu_kernel_default_to_auto(tmp_path):
     for bad in ("    compute: {kernels: on}\n", "    quantize: {cpu_kernel: onednn}\n"):
         msg = str(pytest.raises(ConfigError, load_pipeline, write(tmp_path, BASE + bad), "p").value)
         assert "pipelines.p.compute.kernels" in msg or "pipelines.p.quantize.cpu_kernel" in msg
+
+
+def test_a_pipeline_is_checked_once_per_process_for_the_same_file_and_overrides(tmp_path, monkeypatch):
+    """`alignpipe run` checks the config; the flow it then runs gets that result instead of checking again."""
+    from alignpipe.config import load_checked, loader
+
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    (tmp_path / "eval.jsonl").write_text("{}\n")
+    path = write(tmp_path, BASE)
+    first = load_checked(path, "p", {"sft.max_steps": 3}, env={})
+    calls = []
+    real = loader.load_pipeline
+    monkeypatch.setattr(loader, "load_pipeline", lambda *a, **k: calls.append(a) or real(*a, **k))
+    again = load_checked(path, "p", {"sft.max_steps": 3}, env={})
+    assert calls == [] and again == first and again is not first  # a copy: a caller's edit stays its own
+    load_checked(path, "p", {"sft.max_steps": 4}, env={})          # other overrides: checked again
+    path.write_text(path.read_text() + "\n# edited\n")
+    load_checked(path, "p", {"sft.max_steps": 3}, env={})          # the file changed: checked again
+    assert len(calls) == 2
+    with pytest.raises(ConfigError, match="does not exist"):       # preflight's problems are raised
+        load_checked(path, "p", {"data.sft.path": str(tmp_path / "missing.jsonl")}, env={})

@@ -20,11 +20,13 @@ def _cfg(smoke_cfg):
     return cfg
 
 
-def test_sft_lowers_loss_and_logs_everything(smoke_cfg, tiny_model, ray_local, tmp_path):
+def test_sft_lowers_loss_and_logs_everything(smoke_cfg, tiny_model, ray_local, tmp_path, capfd):
     cfg = _cfg(smoke_cfg)
     ctx = run_context(cfg, tiny_model)
     train_path, digest = canonical_split(cfg, "sft", tmp_path)
     out = run_sft(cfg, ctx, train_path, digest)
+    # the in-process Ray has no state API: its placement-group cleaner's failing checks stay off the console
+    assert "PlacementGroupCleaner" not in capfd.readouterr().err
 
     client = tracking.client_for(ctx.tracking_uri)
     run = client.get_run(out.mlflow_run_id)
