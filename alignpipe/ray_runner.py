@@ -195,7 +195,7 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={**loop_config, "threads": max(1, int(compute.cpus_per_worker))},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if compute.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
                                      resources_per_worker=resources),

@@ -68,9 +68,8 @@ def sft_throughput(steps: int, rows: int, rounds: int) -> dict:
         return tracking.start_run(uri, exp, name, {})
 
     # 1-2. The pipeline's own path (run_sft: Ray Train TorchTrainer, one worker with 2 CPUs) and the same trainer in
-    # a plain process, taking turns (A B B A ...), each trial a fresh process (bench/ray_overhead.py). This host's
-    # speed drifts by 10-20% within minutes: one Ray run then one in-process run read 0.82 in two sittings whose
-    # interleaved trials read 0.87-1.07 pair by pair.
+    # a plain process, taking turns (A B B A ...), each trial a fresh process (bench/ray_overhead.py): the host's
+    # speed drifts within minutes, and a pair run back to back is read at one speed.
     trials = work / "ray_vs_inprocess.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ray_overhead.py"), "--rounds", str(rounds),
                            "--steps", str(steps), "--rows", str(rows), "--model", base, "--json", str(trials)],
@@ -171,9 +170,8 @@ def demo_run(rlhf: bool = True) -> dict:
 def int8_speed(workdir: str, rows: int = 64, repeats: int = 3) -> dict:
     """Generation tokens/s of the merged fp32 aligned model vs its int8 copy, at batch 16 and batch 1, in this process.
 
-    fp32 and int8 take turns, `repeats` times each, and each keeps its best run: this host's speed drifts by 20%
-    over minutes (a 2048^2 matmul measured 118-186 GFLOP/s on 2026-12-01), which one back-to-back pair can't tell
-    from a kernel's speed.
+    fp32 and int8 take turns, `repeats` times each, and each keeps its best run: the host's speed drifts over
+    minutes, which one back-to-back pair can't tell from a kernel's speed.
     """
     from alignpipe.config import load_pipeline
     from alignpipe.tasks.evaluate import ModelSpec, evaluate_model, job_for
@@ -295,9 +293,9 @@ def _pair_ratios(r: dict) -> list[float]:
 def ray_over_inprocess(r: dict) -> float:
     """The reading the targets are checked on: the median of the per-pair ratios of the interleaved trials.
 
-    Each pair runs back to back (A B B A …), so its ratio is taken at one host speed; this host's speed drifts by
-    10-20% within minutes, and the ratio of the two sides' medians mixes trials from different speeds (the README
-    lists both readings for the runs of 2026-12-03). Without pairs, the ratio of medians."""
+    Each pair runs back to back (A B B A …), so its ratio is taken at one host speed; the host's speed drifts
+    within minutes, and the ratio of the two sides' medians mixes trials from different speeds. Without pairs, the
+    ratio of medians."""
     pairs = _pair_ratios(r)
     if len(pairs) > 1:
         return statistics.median(pairs)
@@ -520,9 +518,8 @@ def main() -> None:
                     "full fine-tuning run): 10 gave Ray ÷ in-process 0.91 and 0.98 in two runs of the same code")
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--sft-rounds", type=int, default=5,
-                    help="Ray / in-process SFT trial pairs, taking turns (each trial a fresh process); single trials "
-                         "of either side ranged 592-693 tokens/s within 5 minutes (2026-12-03), so 3 pairs let one "
-                         "slow trial move the median ratio by ~0.1")
+                    help="Ray / in-process SFT trial pairs, taking turns (each trial a fresh process): single trials "
+                         "vary with the host's speed, and with few pairs one slow trial moves the median ratio")
     ap.add_argument("--skip-demo", action="store_true", help="reuse the demo numbers from the last results.json")
     ap.add_argument("--int8-speed", action="store_true",
                     help="with --skip-demo: measure int8 vs fp32 speed again on the last demo's artifacts")
