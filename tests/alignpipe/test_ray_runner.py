@@ -42,7 +42,7 @@ def test_training_worker_starts_with_its_cpus_as_threads_in_a_plain_torch_proces
     from alignpipe.ray_runner import fit, malloc_library
 
     before = set(actors())
-    result = fit(_worker_probe, {}, ComputeConfig(cpus_per_worker=2, max_failures=0), name="probe",
+    result = fit(_worker_probe, {"threads": 2}, ComputeConfig(cpus_per_worker=2, max_failures=0), name="probe",
                  storage=str(tmp_path))
     # OpenMP is sized by the process environment, before torch creates its pool; torch then uses the same count.
     # ... at the driver's priority, not Ray's default nice 15, which yields the cores to anything else awake, and
