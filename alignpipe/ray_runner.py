@@ -190,7 +190,7 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources = {"CPU": compute.cpus_per_worker}
+    resources = {"CPU": compute.cpus_per_worker, **compute.resources}
     if compute.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
@@ -208,6 +208,13 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
         ),
     )
     return trainer.fit()
+
+
+def task_options(compute: ComputeConfig, cpus: float) -> dict[str, Any]:
+    """`ray.remote` options of a heavy task (merge, quantize, evaluate): its CPUs, a GPU with `use_gpu`, the custom
+    resources of `compute.resources`, and a fresh worker process per call (a model's memory goes with it)."""
+    return {"num_cpus": cpus, "num_gpus": 1 if compute.use_gpu else 0, "resources": dict(compute.resources),
+            "max_calls": 1}
 
 
 def get(ref):
@@ -256,14 +263,17 @@ def ranks_in_sync(model) -> bool:
     return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
 
-def task_cpus(requested: float) -> float:
-    """`requested` capped at the largest alive node's CPUs: one task runs on one node, so more can never schedule.
+def task_cpus(requested: float, resources: dict[str, float] | None = None) -> float:
+    """`requested` capped at the CPUs of the largest alive node that has `resources` (compute.resources): one task
+    runs on one node, so more can never schedule.
 
     (Capping at the cluster total is not enough: on two 1-CPU nodes a 2-CPU task would wait forever.)
     """
     import ray
 
-    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    eligible = [r for r in nodes if all(r.get(k, 0.0) >= v for k, v in (resources or {}).items())] or nodes
+    largest = max((r.get("CPU", 0.0) for r in eligible), default=1.0)
     return min(requested, largest) or 1.0
 
 

@@ -11,15 +11,28 @@ ALLOCATORS = ("auto", "system", "tcmalloc", "jemalloc")
 
 class ComputeConfig(Section):
     ray_address: str | None = Field(
-        None, description="Ray cluster address (`ray://host:10001`, `auto`); empty = start Ray in-process."
+        None, description="Ray cluster to run on: its GCS address `<head>:6379` from a driver inside the cluster's "
+        "network, or `auto` (the cluster this process runs on, e.g. a Ray Job). Not Ray Client (`ray://`), which Ray "
+        "Train does not support. Empty = start Ray in-process, sized to what the pipeline asks for."
     )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP across them).")
-    use_gpu: bool = Field(False, description="One GPU per training worker.")
+    use_gpu: bool = Field(False, description="One GPU per training worker and per heavy task (merge, quantize, "
+                          "evaluate); every model then runs on CUDA.")
     cpus_per_worker: float = Field(2, gt=0, description="CPUs per training worker; also its torch thread count.")
     max_failures: int = Field(2, ge=-1, description="Worker failures survived by restarting from the last checkpoint.")
     checkpoints_to_keep: int = Field(2, ge=1, description="Ray Train checkpoints kept per training stage.")
     storage_path: str | None = Field(
-        None, description="Ray Train storage (shared by all nodes on a cluster); default <workdir>/ray_results."
+        None, description="Where everything a Ray worker reads or writes lives (Ray Train checkpoints, data, models, "
+        "adapters, predictions): a local folder, or `s3://bucket/prefix` on any S3-compatible store (credentials from "
+        "the standard AWS variables). Default: the workdir, which suits one machine only."
+    )
+    storage_endpoint: str | None = Field(
+        None, description="Endpoint URL of an S3-compatible store (MinIO, moto, Ceph ...); default "
+        "`AWS_ENDPOINT_URL`, else AWS itself."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources every training worker and heavy task asks for, "
+        "e.g. `{trainer: 1}` to keep the work on nodes started with `--resources='{\"trainer\": 4}'`."
     )
     allocator: str = Field(
         "auto", description="malloc of every Ray worker: `auto` (tcmalloc where Ray runs on this machine and "
