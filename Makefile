@@ -10,7 +10,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test check bench demo-data clean up down status browser malloc
+.PHONY: setup demo test check bench gpu-check demo-data clean up down status browser malloc
 
 setup: $(STAMP)
 
@@ -71,3 +71,11 @@ clean:
 
 bench: setup malloc
 	$(BIN)/python bench/run.py
+
+# The GPU paths (QLoRA on an nf4 base, DPO, bnb_nf4 and int8_dynamic quantization, evaluation on CUDA, NCCL DDP with
+# two GPUs) through the stage functions, on the tiny model: no Prefect, Ray or MLflow, and no `setup`, so it runs on
+# a bare GPU machine with its own torch (bench/gpu_check.py lists what else it needs). This venv's python where
+# there is one, else python3; GPU_PYTHON=... picks another.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py

@@ -30,6 +30,7 @@ from alignpipe.serving import CHAT_MODEL_CODE
 
 DEFAULT_EXAMPLE = "Ana Lima is 34 and lives in Porto."
 NOT_TAGS = {"input_example"}  # lineage keys that are inputs to this stage, not lineage
+QUANT_PACKAGES = {"torchao": ("torchao",), "bitsandbytes": ("bitsandbytes", "accelerate")}  # by quant_method
 READY_TIMEOUT_S = 300
 DESCRIPTION_MAX = 4900        # the registry stores at most 5000 characters of description
 _FLUENT = threading.RLock()   # the global tracking URI is process-wide: one fluent run at a time per process
@@ -196,7 +197,9 @@ def _artifact(cfg: PipelineConfig, ctx: RunContext, key: str, base_path: str, ad
     if quantized_dir:
         qcfg = json.loads((Path(quantized_dir) / "config.json").read_text()).get("quantization_config") or {}
         method = str(qcfg.get("quant_method", "")).lower()
-        extra = [_pin("torchao")] if method == "torchao" else []
+        # the serving host rebuilds the layers from the quantization_config: pin the library that wrote them
+        # (bitsandbytes loads through accelerate, which transformers does not require)
+        extra = [_pin(package) for package in QUANT_PACKAGES.get(method, ())]
         runtime, code = {}, []
         if cfg.quantize.cpu_kernel != "torchao" and int8_cpu.is_int8_dynamic(quantized_dir, here=False):
             # served on CPU as evaluate scored it: the serving host resolves the kernel (int8_cpu.py ships along)

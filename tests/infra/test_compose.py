@@ -189,6 +189,25 @@ def test_dockerfile_installs_pinned_torch_then_the_lock_then_the_project():
     assert "ARG BASE_IMAGE=rayproject/ray:2.60.0-py311-cpu" in text
     torch = text.index("pip install torch==2.13.0 --index-url")
     lock = text.index("pip install -r requirements.lock")
-    project = text.index("pip install --no-deps .")
+    project = text.index('case "${TORCH_INDEX}" in')
     assert torch < lock < project
     assert "apt-get install -y --no-install-recommends libtcmalloc-minimal4" in text  # compute.allocator: tcmalloc
+
+
+def _project_install(torch_index: str) -> str:
+    """The pip command the Dockerfile's project install runs for this TORCH_INDEX (its RUN line, pip stubbed)."""
+    text = (INFRA / "Dockerfile").read_text().replace("\\\n", " ")
+    run = next(line for line in text.splitlines() if line.startswith("RUN ") and "${TORCH_INDEX}" in line
+               and "torch==" not in line)
+    script = f'pip() {{ echo pip "$@"; }}; TORCH_INDEX={torch_index}; {run.removeprefix("RUN ")}'
+    return subprocess.run(["sh", "-c", script], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_gpu_image_installs_the_gpu_extra_and_the_cpu_image_only_the_project():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("bitsandbytes") for req in extras["gpu"])
+    assert _project_install("https://download.pytorch.org/whl/cpu") == "pip install --no-deps ."
+    # the GPU build of infra/README.md: the extra, with every pin of the lock file held as a constraint
+    assert _project_install("https://download.pytorch.org/whl/cu128") == "pip install -c requirements.lock .[gpu]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import os
@@ -265,6 +266,32 @@ def test_quantized_folder_pins_torchao_only_when_its_config_needs_it(smoke_cfg, 
     assert [Path(p).name for p in art.code_paths] == ["int8_cpu.py"]
     smoke_cfg.quantize.cpu_kernel = "torchao"
     assert _artifact(smoke_cfg, ctx, "k", "unused", None, quant).code_paths == []
+
+
+def test_bitsandbytes_folder_pins_bitsandbytes_and_accelerate(smoke_cfg, ctx, merged, tmp_path, monkeypatch):
+    from importlib.metadata import version
+
+    from transformers import BitsAndBytesConfig
+
+    quant = model_variant(merged, tmp_path / "q", 4)
+    config = json.loads(Path(quant, "config.json").read_text())
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    config["quantization_config"] = json.loads(nf4.to_json_string(use_diff=False))  # as save_pretrained writes it
+    Path(quant, "config.json").write_text(json.dumps(config))
+    if importlib.util.find_spec("bitsandbytes") is None:
+        # not installed here (a CPU machine): registering says what to install instead of logging an unloadable model
+        with pytest.raises(AlignpipeError, match="needs bitsandbytes.*pip install bitsandbytes"):
+            _artifact(smoke_cfg, ctx, "k", "unused", None, quant)
+        # the pin itself: an installed distribution's metadata (what `_pin` reads) stands in for the package
+        dist = tmp_path / "site" / "bitsandbytes-0.50.2.dist-info"
+        dist.mkdir(parents=True)
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: bitsandbytes\nVersion: 0.50.2\n")
+        monkeypatch.syspath_prepend(str(dist.parent))
+    art = _artifact(smoke_cfg, ctx, "k", "unused", None, quant)
+    # accelerate: transformers loads bitsandbytes layers through it, and does not require it itself
+    assert art.requirements_extra == [f"bitsandbytes=={version('bitsandbytes')}", f"accelerate=={version('accelerate')}"]
+    assert art.model_config_extra == {} and art.code_paths == []  # no int8 CPU kernel for a bitsandbytes model
+    assert art.description == "Quantized weights (bitsandbytes)."
 
 
 def test_unmergeable_adapter_fails_the_stage_run_and_registers_nothing(smoke_cfg, ctx, tiny_model, tmp_path, ray_local):
