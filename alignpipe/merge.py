@@ -1,16 +1,20 @@
 """Fold a PEFT adapter into its base model: one plain safetensors folder that loads without peft.
 
 Reads the base model folder and the adapter folder written by `sft`; writes the merged weights, the
-tokenizer (with its chat template) and a generation config that stops at the end of a turn.
+tokenizer (with its chat template) and a generation config that stops at the end of a turn. On Ray
+(`merge_on_ray`) both come from storage and the merged folder is published there.
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 from alignpipe import models
+from alignpipe.config.compute import ComputeConfig
 from alignpipe.errors import AlignpipeError
+from alignpipe.storage import Storage
 
 MERGEABLE = ("LORA", "IA3")  # methods whose weights fold into the base linear layers
 
@@ -57,17 +61,29 @@ def merge_adapter(base_path: str, adapter_dir: str, out_dir: str, dtype: str = "
     return str(out)
 
 
-def merge_on_ray(base_path: str, adapter_dir: str, out_dir: Path) -> str:
-    """`merge_adapter` as a Ray task (loading and merging a model is heavy work: the flow process stays light);
-    a finished `out_dir` is reused. Call after `ray_runner.ensure_ray`."""
+def merge_on_ray(storage: Storage, base_path: str, adapter_dir: str, out_uri: str,
+                 compute: ComputeConfig) -> str:
+    """`merge_adapter` as a Ray task (loading and merging a model is heavy work: the flow process stays light), from
+    and to storage URIs; a merged model already published at `out_uri` is reused. Call after `ray_runner.ensure_ray`."""
     import ray
 
     from alignpipe import ray_runner
 
-    if (Path(out_dir) / "config.json").is_file():
-        return str(out_dir)
-    merge = ray.remote(num_cpus=1, max_calls=1)(merge_adapter)
-    return ray_runner.get(merge.remote(base_path, adapter_dir, str(out_dir)))
+    if storage.exists(out_uri):
+        return out_uri
+    merge = ray.remote(**ray_runner.task_options(compute, 1))(merge_in_storage)
+    return ray_runner.get(merge.remote(storage, base_path, adapter_dir, out_uri))
+
+
+def merge_in_storage(storage: Storage, base_path: str, adapter_dir: str, out_uri: str) -> str:
+    """In the Ray task: fetch base and adapter to this node, merge, publish the merged folder at `out_uri`.
+
+    The merge itself runs on CPU in fp32 even on a GPU node: it is an exact weight update, not a model run."""
+    if not storage.remote:  # a local folder: merge straight into place (merge_adapter renames a finished folder in)
+        return merge_adapter(base_path, adapter_dir, out_uri)
+    with tempfile.TemporaryDirectory(prefix="merge-") as tmp:
+        merged = merge_adapter(storage.fetch(base_path), storage.fetch(adapter_dir), str(Path(tmp) / "merged"))
+        return storage.publish(merged, out_uri)
 
 
 def load_with_adapter(base_path: str, adapter_dir: str, dtype: str = "float32"):

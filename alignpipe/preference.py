@@ -54,6 +54,7 @@ def _batch_logps(model, batch: list[tuple[list[int], list[int]]], pad: int) -> l
         ids[j, :n] = torch.tensor(p + a)
         attention[j, :n] = 1
         labels[j, len(p) : n] = torch.tensor(a)
+    ids, attention, labels = (t.to(model.device) for t in (ids, attention, labels))  # CUDA where the model is
     target = labels[:, 1:]                       # logits at position t predict the token at t + 1
     keep = (target != -100).any(0).nonzero().squeeze(-1)
     with torch.inference_mode():

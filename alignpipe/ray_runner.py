@@ -165,13 +165,6 @@ def quiet_local_workers() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
-def storage_path(compute: ComputeConfig, workdir: str) -> str:
-    path = compute.storage_path or str(Path(workdir) / "ray_results")
-    if "://" not in path:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def worker_env(compute: ComputeConfig) -> dict[str, str]:
     """Environment of each training worker process: OpenMP sized to the CPUs it reserved from the start, as
     torch reads OMP_NUM_THREADS when it first initialises its thread pool (`set_worker_threads` only resizes it)."""
@@ -180,8 +173,10 @@ def worker_env(compute: ComputeConfig) -> dict[str, str]:
 
 
 def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute: ComputeConfig, name: str,
-        storage: str):
+        storage: str, filesystem=None):
     """Run `train_loop` on `compute.num_workers` Ray Train workers; returns the Ray `Result`.
+
+    Checkpoints go to `storage` (a local folder, or `bucket/prefix` on `filesystem`, a pyarrow S3 filesystem).
 
     Plain `TorchTrainer` and `TorchConfig` (gloo on CPU, NCCL on GPU), public API only: every run gets a process
     group, a single worker too, so the HF Trainer wraps the model in DDP on a world of one. Ray Train's default
@@ -202,6 +197,7 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
         run_config=RunConfig(
             name=name,
             storage_path=storage,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=compute.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=compute.checkpoints_to_keep),
             worker_runtime_env={"env_vars": worker_env(compute)},

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
 import alignpipe
 from alignpipe.secrets import redact
+from alignpipe.storage import Storage
 
 NOT_CORE = ("tasks", "flows", "cli")  # subpackages of the installed wheel that are not the core
 
@@ -24,13 +25,28 @@ class RunContext(BaseModel):
     experiment_id: str
     parent_run_id: str         # the MLflow parent run
     workdir: str
-    base_model: str            # resolved folder (or hub id) of the base model
+    base_model: str            # the base model's URI in storage (a local folder by default), or a hub id
+    storage: Storage | None = None  # where Ray workers read and write (compute.storage_path); default: the workdir
+
+    @model_validator(mode="after")
+    def _local_by_default(self):
+        if self.storage is None:
+            self.storage = Storage.of(None, self.workdir)
+        return self
 
     def stage_dir(self, stage: str, key: str) -> Path:
-        """Content-addressed output folder of a stage: the same work lands in the same place."""
+        """Content-addressed output folder of a stage on the driver: the same work lands in the same place."""
         path = Path(self.workdir) / "stages" / stage / key
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def stage_uri(self, stage: str, key: str, *parts: str) -> str:
+        """The same folder in storage, where workers read and write (it is `stage_dir` on default storage)."""
+        return self.storage.uri("stages", stage, key, *parts)
+
+    def local(self, uri: str) -> str:
+        """A copy of `uri` the driver can read (the path itself on local storage), kept in the workdir."""
+        return self.storage.fetch(uri, Path(self.workdir) / "storage_cache")
 
 
 def file_digest(path: str | Path) -> str:
@@ -51,6 +67,17 @@ def dir_digest(path: str | Path) -> str:
             h.update(str(p.relative_to(root)).encode())
             h.update(file_digest(p).encode())
     return h.hexdigest()
+
+
+def publish_model(storage: Storage, folder: str) -> str:
+    """The base model where every worker can read it: a folder under the storage root as it is, else published once
+    under `<root>/models/<name>-<digest>` (a hub id stays a hub id: each worker fetches it itself)."""
+    if not Path(folder).is_dir() or (not storage.remote and Path(folder).resolve().is_relative_to(storage.root)):
+        return folder
+    uri = storage.uri("models", f"{Path(folder).name}-{dir_digest(folder)[:16]}")
+    if not storage.exists(uri):
+        storage.publish(folder, uri)
+    return uri
 
 
 def code_files(stage: str) -> list[Path]:

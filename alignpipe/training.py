@@ -15,13 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from transformers import TrainerCallback
 
 from alignpipe import kernels, ray_runner, tracking
 from alignpipe.config.compute import ComputeConfig
 from alignpipe.config.training import PeftConfig, TrainingConfig
 from alignpipe.metric_buffer import MetricBuffer, spool_path
+from alignpipe.storage import Storage, join
 
 FINAL_MARKER = "final.json"  # in the last checkpoint: the finished work's summary (its presence means "done")
 
@@ -31,6 +32,8 @@ class TrainJob(BaseModel):
     validated again on the worker (`Job.model_validate(config)`)."""
 
     compute: ComputeConfig
+    # where the job's URIs point (compute.storage_path); default: local paths, as a test or benchmark passes them
+    storage: Storage = Field(default_factory=lambda: Storage.of(None, "."))
     system_prompt: str | None = None
     tracking_uri: str | None = None     # None: no MLflow run (benchmarks, tests building a trainer directly)
     mlflow_run_id: str | None = None
@@ -186,16 +189,20 @@ class WorkerRun:
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def fit(train_loop: Callable[[dict], None], job: TrainJob, compute: ComputeConfig, name: str, storage: str,
-        out_dir: Path, folders: tuple[str, ...] = ("adapter",)) -> dict[str, float]:
-    """Driver side: run `train_loop` on Ray Train and copy the finished `folders` from the last checkpoint into
-    `out_dir`; returns the workers' final summary."""
-    ray_runner.ensure_ray(compute)
-    result = ray_runner.fit(train_loop, job.model_dump(mode="json"), compute, name=name, storage=storage)
+def fit(train_loop: Callable[[dict], None], job: TrainJob, name: str, out_dir: Path, out_uri: str,
+        folders: tuple[str, ...] = ("adapter",)) -> dict[str, float]:
+    """Driver side: run `train_loop` on Ray Train (checkpoints in the job's storage), copy the finished `folders`
+    from the last checkpoint into `out_dir` (for MLflow) and publish them under `out_uri` (for later stages' workers;
+    the same folder on default storage). Returns the workers' final summary."""
+    ray_runner.ensure_ray(job.compute)
+    path, filesystem = job.storage.ray_storage()
+    result = ray_runner.fit(train_loop, job.model_dump(mode="json"), job.compute, name=name, storage=path,
+                            filesystem=filesystem)
     with result.checkpoint.as_directory() as ckpt:
         for folder in folders:
             shutil.rmtree(out_dir / folder, ignore_errors=True)
             shutil.copytree(Path(ckpt) / folder, out_dir / folder)
+            job.storage.publish(out_dir / folder, join(out_uri, folder))
         return json.loads((Path(ckpt) / FINAL_MARKER).read_text())
 
 

@@ -14,7 +14,8 @@ from alignpipe import models, ray_runner, secrets, tracking
 from alignpipe.flows.caching import cached
 from alignpipe.config import load_checked
 from alignpipe.flows import stages
-from alignpipe.runs import RunContext, config_digest, git_commit, save_summary
+from alignpipe.runs import RunContext, config_digest, git_commit, publish_model, save_summary
+from alignpipe.storage import Storage
 from alignpipe.tasks.evaluate import ModelSpec
 
 DEFAULT_CONFIG = "pipelines.yaml"
@@ -50,6 +51,12 @@ class StageClock:
         return result
 
 
+def prepare(cfg, storage: Storage) -> str:
+    """The base model: resolved (the embedded and tiny models are built on first use) and published to storage,
+    where the workers read it."""
+    return publish_model(storage, models.resolve_model(cfg.model.name, Path(cfg.workdir) / "models"))
+
+
 def _stage(name: str, cfg):
     """A stage's Prefect task, content-keyed by its module's own `cache_key` (see flows/caching.py)."""
     return cached(getattr(stages, name), stages.STAGE_MODULES[name].cache_key, cfg.cache, cfg.workdir)
@@ -73,13 +80,14 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
     cfg = load_checked(config_file, pipeline, overrides, env=os.environ)  # `alignpipe run` checked it already
     run_id = str(flow_run.id or f"local-{int(time.time())}")
     clock = StageClock()
-    base = clock.run("prepare", models.resolve_model, cfg.model.name, Path(cfg.workdir) / "models")
+    storage = Storage.for_compute(cfg.compute, cfg.workdir)
+    base = clock.run("prepare", prepare, cfg, storage)
     lineage = {"config_digest": config_digest(cfg), "git_commit": git_commit(Path(config_file).resolve().parent),
                "flow_run_id": run_id, "base_model": cfg.model.name}
     with tracking.parent_run(cfg, run_id, {k: v for k, v in lineage.items() if k != "flow_run_id"}) as (uri, exp, parent):
         tracking.log_params(uri, parent, cfg.model_dump(mode="json", by_alias=True))
         ctx = RunContext(run_id=run_id, pipeline=cfg.name, tracking_uri=uri, experiment_id=exp,
-                         parent_run_id=parent, workdir=cfg.workdir, base_model=base)
+                         parent_run_id=parent, workdir=cfg.workdir, base_model=base, storage=storage)
         data = clock.run("validate", _stage("validate", cfg), cfg, ctx)
         tuned = clock.run("sft", _stage("sft", cfg), cfg, ctx, data.train_path, data.digests["sft"])
         aligned = None

@@ -1,17 +1,17 @@
 """Align stage: preference tuning of the SFT model with TRL inside Ray Train (DPO, ORPO, KTO or RLHF).
 
-Reads the SFT adapter and the canonical preference pairs written by `validate`. The SFT adapter is first merged
-into the base (a Ray task) and saved: that folder is the reference policy, and a NEW adapter is trained on top of
-it, so "adapter disabled" is exactly the SFT model. Writes the merged folder and the alignment adapter to the
-stage's content-addressed output dir; streams curves to the nested `align` run. The driver side (`run_align`) and
-what each Ray Train worker runs (`train_loop`) are both here; what they share with `sft` is `alignpipe.training`.
+Reads the SFT adapter and the canonical preference pairs written by `validate`, from storage. The SFT adapter is
+first merged into the base (a Ray task) and published: that folder is the reference policy, and a NEW adapter is
+trained on top of it, so "adapter disabled" is exactly the SFT model. Publishes the merged folder and the alignment
+adapter under the stage's content-addressed folder in storage; streams curves to the nested `align` run. The
+driver side (`run_align`) and what each Ray Train worker runs (`train_loop`) are both here; what they share with
+`sft` is `alignpipe.training`.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ RLHF_CURVES = ("reward_model/loss", "reward_model/accuracy", "reward_model/eval_
 
 class AlignOutput(BaseModel):
     method: str
-    base_path: str              # the SFT adapter merged into the base model: the reference policy
-    adapter_dir: str            # the alignment adapter (+ tokenizer), trained on top of base_path
+    base_path: str              # URI of the SFT adapter merged into the base model: the reference policy
+    adapter_dir: str            # URI of the alignment adapter (+ tokenizer), trained on top of base_path
     content_key: str
     mlflow_run_id: str
     metrics: dict[str, float]   # final training metrics; rlhf adds reward_model/accuracy, policy/reward_start|end
@@ -45,7 +45,7 @@ class AlignJob(training.TrainJob):
     reference_path: str
     preference_path: str
     preference_eval_path: str | None = None
-    reward_adapter_dir: str | None = None  # rlhf: where the reward model's adapter is kept across restarts
+    reward_adapter_dir: str | None = None  # rlhf: URI where the reward model's adapter is kept across restarts
 
 
 # --- driver side -------------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ def cache_key(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, prefer
               preference_digest: str, preference_eval_path: str | None = None) -> str:
     """The align and model sections, the worker count, the pairs' digest and the SFT adapter's digest."""
     return content_key("align", {"align": cfg.align, "model": cfg.model, "compute": cfg.compute.num_workers},
-                       {"preference": preference_digest, "sft_adapter": dir_digest(sft_adapter_dir),
+                       {"preference": preference_digest, "sft_adapter": dir_digest(ctx.local(sft_adapter_dir)),
                         "base_model": ctx.base_model, "preference_eval": str(preference_eval_path)})
 
 
@@ -68,13 +68,14 @@ def run_align(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, prefer
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "align", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, a.model_dump(mode="json"), prefix="align")
         ray_runner.ensure_ray(cfg.compute)
-        reference = merge.merge_on_ray(ctx.base_model, sft_adapter_dir, out_dir / "sft_merged")
-        job = AlignJob(align=a, compute=cfg.compute, system_prompt=cfg.model.system_prompt, reference_path=reference,
-                       preference_path=preference_path, preference_eval_path=preference_eval_path,
-                       reward_adapter_dir=str(out_dir / "reward_adapter") if a.method == "rlhf" else None,
+        reference = merge.merge_on_ray(ctx.storage, ctx.base_model, sft_adapter_dir,
+                                       ctx.stage_uri("align", key, "sft_merged"), cfg.compute)
+        job = AlignJob(align=a, compute=cfg.compute, storage=ctx.storage, system_prompt=cfg.model.system_prompt,
+                       reference_path=reference, preference_path=preference_path,
+                       preference_eval_path=preference_eval_path,
+                       reward_adapter_dir=ctx.stage_uri("align", key, "reward_adapter") if a.method == "rlhf" else None,
                        tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id)
-        metrics = training.fit(train_loop, job, cfg.compute, f"align-{key}",
-                               ray_runner.storage_path(cfg.compute, ctx.workdir), out_dir, folders[:1])
+        metrics = training.fit(train_loop, job, f"align-{key}", out_dir, ctx.stage_uri("align", key), folders)
         tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.reference_path", reference)
         panels = ([(f"{a.method}: loss", tuple(k for k in RLHF_CURVES if "loss" in k)),
                    (f"{a.method}: reward model accuracy / policy reward", tuple(k for k in RLHF_CURVES if "loss" not in k))]
@@ -83,7 +84,8 @@ def run_align(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, prefer
         training.log_result(ctx.tracking_uri, run_id, metrics, out_dir, folders, panels, "plots/align_curves.png")
     print(f"align ({a.method}): {metrics.get('global_step', 0):.0f} steps, "
           f"train loss {metrics.get('train_loss', float('nan')):.4f}")
-    return AlignOutput(method=a.method, base_path=reference, adapter_dir=str(out_dir / "adapter"), content_key=key,
+    return AlignOutput(method=a.method, base_path=reference, adapter_dir=ctx.stage_uri("align", key, "adapter"),
+                       content_key=key,
                        mlflow_run_id=run_id, metrics=metrics)
 
 
@@ -96,9 +98,11 @@ def train_loop(config: dict) -> None:
     run = training.WorkerRun(job, "align")
     if run.finished:
         return
+    extra = None
     if a.method == "rlhf":
-        reward_model = _reward_model(job, run)
+        reward_model, reward_dir = _reward_model(job, run)
         trainer, tokenizer = build_policy_trainer(job, reward_model, run.scratch, run.callbacks)
+        extra = {"reward_adapter": reward_dir}  # rank 0's copy goes into the final checkpoint
     else:
         trainer, tokenizer = build_trainer(job, run.scratch, run.callbacks)
     trainer = run.prepare(trainer)
@@ -110,17 +114,18 @@ def train_loop(config: dict) -> None:
         if policy_eval:
             run.summary["policy/reward_end"] = policy_reward(trainer, a.seed)
     tokenizer.padding_side = "right"
-    run.finish(trainer, tokenizer, {"reward_adapter": job.reward_adapter_dir} if job.reward_adapter_dir else None)
+    run.finish(trainer, tokenizer, extra if run.rank0 else None)
 
 
 def build_trainer(job: AlignJob, output_dir: str, callbacks: list):
     """The TRL trainer of `align.method` (dpo, orpo or kto) on the merged SFT model; rlhf has its own two."""
     a, use_gpu = job.align, job.compute.use_gpu
     dtype = models.dtype_for(a.precision)
-    tokenizer = models.load_tokenizer(job.reference_path)
-    model = models.load_model(job.reference_path, dtype=dtype)
+    reference = job.storage.fetch(job.reference_path)
+    tokenizer = models.load_tokenizer(reference)
+    model = models.load_model(reference, dtype=dtype)
     model.set_attn_implementation(models.training_attention(a.attention, use_gpu, a.max_length))
-    rows = load_canonical(job.preference_path)
+    rows = load_canonical(job.storage.fetch(job.preference_path))
     common = training.trainer_args(a, output_dir, use_gpu, dtype)
     peft = training.peft_config(a.peft)
     if a.method == "dpo":
@@ -173,10 +178,11 @@ def train_reward_model(job: AlignJob, output_dir: str, callbacks: list) -> tuple
 
     a, r = job.align, job.align.rlhf
     dtype = models.dtype_for(a.precision)
-    tokenizer = models.load_tokenizer(job.reference_path)
-    model = _scorer(job.reference_path, dtype, tokenizer)
-    rows = load_canonical(job.preference_path)
-    held = load_canonical(job.preference_eval_path) if job.preference_eval_path else None
+    reference = job.storage.fetch(job.reference_path)
+    tokenizer = models.load_tokenizer(reference)
+    model = _scorer(reference, dtype, tokenizer)
+    rows = load_canonical(job.storage.fetch(job.preference_path))
+    held = load_canonical(job.storage.fetch(job.preference_eval_path)) if job.preference_eval_path else None
     if held is None:  # no held-out pairs configured: hold back a slice of the training pairs
         rows = rows[:]
         random.Random(a.seed).shuffle(rows)
@@ -202,17 +208,19 @@ def build_policy_trainer(job: AlignJob, reward_model, output_dir: str, callbacks
 
     a, r = job.align, job.align.rlhf
     dtype = models.dtype_for(a.precision)
-    tokenizer = models.load_tokenizer(job.reference_path)
+    reference = job.storage.fetch(job.reference_path)
+    tokenizer = models.load_tokenizer(reference)
     tokenizer.padding_side = "left"  # generation pads on the left
-    model = models.load_model(job.reference_path, dtype=dtype)
+    model = models.load_model(reference, dtype=dtype)
     model.set_attn_implementation(models.training_attention(a.attention, job.compute.use_gpu, a.max_length))
 
     def prompts_of(rows):
         return Dataset.from_list([{"prompt": as_conversations(row, job.system_prompt)["prompt"]} for row in rows])
 
-    prompts = prompts_of(load_canonical(job.preference_path)).shuffle(seed=a.seed)
+    prompts = prompts_of(load_canonical(job.storage.fetch(job.preference_path))).shuffle(seed=a.seed)
     # policy/reward_start and _end: the same prompts (held-out pairs' where configured) answered before and after
-    fixed = prompts_of(load_canonical(job.preference_eval_path)) if job.preference_eval_path else prompts
+    fixed = (prompts_of(load_canonical(job.storage.fetch(job.preference_eval_path))) if job.preference_eval_path
+             else prompts)
     eval_prompts = fixed.select(range(min(r.eval_prompts, len(fixed)))) if r.eval_prompts else None
     k = r.num_generations
     phase = a.model_copy(update={"max_steps": r.policy_steps, "learning_rate": r.policy_learning_rate,
@@ -245,28 +253,31 @@ def policy_reward(trainer, seed: int) -> float:
 
 
 def _reward_model(job: AlignJob, run: training.WorkerRun):
-    """rlhf phase 1, done once: reuse the saved reward adapter when a restarted run finds it, else train it.
+    """rlhf phase 1, done once: reuse the reward adapter published in storage when a restarted run finds it, else
+    train it (rank 0 publishes it). Returns the merged reward model and a local copy of its adapter.
 
     Its curves go through the run's stream buffer (one buffer and spool file per run and worker), prefixed.
     """
     from peft import PeftModel
 
-    saved = Path(job.reward_adapter_dir)
-    if (saved / REWARD_MARKER).is_file():
-        tokenizer = models.load_tokenizer(job.reference_path)
-        base = _scorer(job.reference_path, models.dtype_for(job.align.precision), tokenizer)
-        run.summary.update(json.loads((saved / REWARD_MARKER).read_text()))
-        return PeftModel.from_pretrained(base, str(saved)).merge_and_unload().eval()
+    if job.storage.exists(job.reward_adapter_dir):
+        saved = Path(job.storage.fetch(job.reward_adapter_dir))
+        if (saved / REWARD_MARKER).is_file():
+            reference = job.storage.fetch(job.reference_path)
+            base = _scorer(reference, models.dtype_for(job.align.precision), models.load_tokenizer(reference))
+            run.summary.update(json.loads((saved / REWARD_MARKER).read_text()))
+            return PeftModel.from_pretrained(base, str(saved)).merge_and_unload().eval(), str(saved)
     prefixed = training.MlflowStream(job.tracking_uri, job.mlflow_run_id, buffer=run.stream.buffer,
                                      prefix="reward_model/")
     trainer, _, scores = train_reward_model(job, str(Path(run.scratch) / "reward"), [prefixed])
     run.summary.update(scores)  # evaluate() above already streamed them as reward_model/eval_accuracy, ...
+    saved = Path(run.scratch) / "reward_adapter"
     if run.rank0:
-        shutil.rmtree(saved, ignore_errors=True)
         trainer.save_model(str(saved))
         (saved / REWARD_MARKER).write_text(json.dumps(scores))
+        job.storage.publish(saved, job.reward_adapter_dir)
     model = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
-    return model.eval()
+    return model.eval(), str(saved)
 
 
 def _scorer(path: str, dtype: str, tokenizer):

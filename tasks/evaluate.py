@@ -1,10 +1,11 @@
 """Evaluate stage: one suite over every artifact (base, sft, aligned, quantized), each in its own Ray task.
 
-Reads the canonical held-out JSONL and each artifact (base folder, adapter, quantized folder); every artifact
-gets the same rows and the same greedy decoding. Writes per-row predictions (with each answer's mean token
-log-prob), a side-by-side table (markdown and CSV), charts and the cascade report (`alignpipe.cascade`), all
-logged to the stage's nested MLflow run. Every rate is a fraction in [0, 1]. The driver side (`run_evaluate`)
-and what each artifact's Ray task runs (`evaluate_model`) are both here.
+Reads the canonical held-out JSONL and each artifact (base folder, adapter, quantized folder) from storage; every
+artifact gets the same rows and the same greedy decoding, on CUDA with `compute.use_gpu`. Writes per-row
+predictions (with each answer's mean token log-prob; also published to storage), a side-by-side table (markdown and
+CSV), charts and the cascade report (`alignpipe.cascade`), all logged to the stage's nested MLflow run. Every rate is
+a fraction in [0, 1]. The driver side (`run_evaluate`) and what each artifact's Ray task runs (`evaluate_model`) are
+both here.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ import resource
 import time
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from alignpipe import cascade, chat, models, ray_runner, tracking
 from alignpipe.config import PipelineConfig
 from alignpipe.config.evaluate import EvaluateConfig
 from alignpipe.config.quantize import QuantizeConfig
 from alignpipe.data.formats import load_canonical
+from alignpipe.errors import ConfigError
 from alignpipe.kernels import int8_cpu
 from alignpipe.merge import load_with_adapter
 from alignpipe.runs import RunContext, content_key
+from alignpipe.storage import Storage
 
 HEADLINE = ("exact_match", "json_validity", "field_accuracy")
 EFFICIENCY = {"tokens_per_s": "tokens/s (higher is better)", "latency_p95_ms": "latency p95 per request (ms)",
@@ -62,13 +65,18 @@ class EvalJob(BaseModel):
     system_prompt: str | None = None
     preference_eval_path: str | None = None
     beta: float = 0.1                            # align.beta: the DPO reward margin's scale
+    use_gpu: bool = False                        # compute.use_gpu: every model runs on CUDA
+    # where the URIs of the specs and paths point (compute.storage_path); default: local paths
+    storage: Storage = Field(default_factory=lambda: Storage.of(None, "."))
 
 
-def job_for(cfg: PipelineConfig, threads: int, preference_eval_path: str | None = None) -> EvalJob:
+def job_for(cfg: PipelineConfig, threads: int, preference_eval_path: str | None = None,
+            storage: Storage | None = None) -> EvalJob:
     return EvalJob(evaluate=cfg.evaluate, quantize=cfg.quantize, kernels=cfg.compute.kernels,
                    dtype=models.dtype_for(cfg.evaluate.precision), threads=threads,
                    json_targets=cfg.data.json_targets, system_prompt=cfg.model.system_prompt,
-                   preference_eval_path=preference_eval_path, beta=cfg.align.beta)
+                   preference_eval_path=preference_eval_path, beta=cfg.align.beta, use_gpu=cfg.compute.use_gpu,
+                   **({"storage": storage} if storage else {}))
 
 
 def comparison_table(results: dict[str, dict[str, float]]) -> tuple[str, list[list[str]]]:
@@ -201,11 +209,11 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "evaluate", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.evaluate.model_dump(mode="json"), prefix="evaluate")
         ray_runner.ensure_ray(cfg.compute)
-        cpus = ray_runner.task_cpus(cfg.evaluate.cpus)
-        job = job_for(cfg, max(1, int(cpus)), preference_eval_path)
+        cpus = ray_runner.task_cpus(cfg.evaluate.cpus, cfg.compute.resources)
+        job = job_for(cfg, max(1, int(cpus)), preference_eval_path, ctx.storage)
         tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.eval_dtype", job.dtype)
         # max_calls=1: each model gets a fresh worker process, so one model's peak RSS cannot hide another's.
-        remote = ray.remote(num_cpus=cpus, max_calls=1)(evaluate_model)
+        remote = ray.remote(**ray_runner.task_options(cfg.compute, cpus))(evaluate_model)
         results, rows, logps = {}, {}, {}
         note = lm_eval_notes(cfg.evaluate.lm_eval_tasks)
         if note:
@@ -220,6 +228,7 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
             results[spec.label], rows[spec.label] = res["metrics"], res["predictions"]
             pred_file = out_dir / f"predictions_{spec.label}.jsonl"
             pred_file.write_text("".join(json.dumps(p) + "\n" for p in res["predictions"]))
+            ctx.storage.publish(pred_file, ctx.stage_uri("evaluate", key, pred_file.name))
             tracking.client_for(ctx.tracking_uri).log_artifact(run_id, str(pred_file), "predictions")
             tracking.log_metrics(ctx.tracking_uri, run_id, {f"{spec.label}/{k}": v for k, v in res["metrics"].items()})
         md, csv_rows = comparison_table(results)
@@ -272,10 +281,14 @@ def evaluate_model(spec: ModelSpec, eval_path: str, job: EvalJob,
     """
     e = job.evaluate
     ray_runner.set_worker_threads(job.threads)
+    device = _device(job.use_gpu)
+    spec = local_spec(spec, job.storage)  # every folder it names, fetched to this node
     if spec.quantized_dir:  # a saved quantized folder: transformers rebuilds it from its quantization_config
-        fused = (int8_cpu.resolve_cpu_kernel(job.quantize.cpu_kernel, job.kernels) == "fbgemm"
+        fused = (device == "cpu" and int8_cpu.resolve_cpu_kernel(job.quantize.cpu_kernel, job.kernels) == "fbgemm"
                  and int8_cpu.is_int8_dynamic(spec.quantized_dir))
-        model = models.load_model(spec.quantized_dir, dtype="float32" if fused else job.dtype)
+        # bitsandbytes places its layers while loading; on a GPU every quantized folder loads straight onto it
+        model = models.load_model(spec.quantized_dir, dtype="float32" if fused else job.dtype,
+                                  device_map={"": device} if device != "cpu" else None)
         tokenizer = models.load_tokenizer(spec.quantized_dir)
         if fused:
             int8_cpu.use_fbgemm_linears(model, job.quantize.per_token_modules)
@@ -283,9 +296,11 @@ def evaluate_model(spec: ModelSpec, eval_path: str, job: EvalJob,
         model, tokenizer = load_with_adapter(spec.base_path, spec.adapter_dir, job.dtype)
     else:
         model, tokenizer = models.load_model(spec.base_path, dtype=job.dtype), models.load_tokenizer(spec.base_path)
+    if not spec.quantized_dir:
+        model.to(device)
     tokenizer.padding_side = "left"
     model.eval()
-    rows = load_canonical(eval_path)[: e.limit]
+    rows = load_canonical(job.storage.fetch(eval_path))[: e.limit]
     convs = [chat.split_prompt_answer(chat.with_system(r["messages"], job.system_prompt)) for r in rows]
     prompts = [chat.render(tokenizer, msgs, add_generation_prompt=True) for msgs, _ in convs]
     references = [ref for _, ref in convs]
@@ -308,6 +323,25 @@ def evaluate_model(spec: ModelSpec, eval_path: str, job: EvalJob,
             "predictions": [{"prompt": p, "reference": r, "prediction": y, "mean_logprob": lp,
                              "correct": y.strip() == r.strip()}
                             for (p, _), r, y, lp in zip(convs, references, predictions, logprobs)]}
+
+
+def local_spec(spec: ModelSpec, storage: Storage) -> ModelSpec:
+    """`spec` with every folder it names fetched from storage to this node (unchanged on local storage)."""
+    fields = ("base_path", "adapter_dir", "reference_path", "quantized_dir")
+    return spec.model_copy(update={f: storage.fetch(v) for f in fields if (v := getattr(spec, f))})
+
+
+def _device(use_gpu: bool) -> str:
+    """`cuda` with compute.use_gpu (said plainly when this worker has no CUDA), else `cpu`."""
+    import torch
+
+    if not use_gpu:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError(f"compute.use_gpu is true, but this Ray worker sees no CUDA device (torch "
+                          f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none: a CPU-only build'}); "
+                          "run evaluation on a GPU node, or set compute.use_gpu=false")
+    return "cuda"
 
 
 def size_on_disk(spec: ModelSpec) -> int:
@@ -341,7 +375,7 @@ def _preference_metrics(model, tokenizer, spec: ModelSpec, job: EvalJob, referen
     pairs = load_canonical(job.preference_eval_path)[: min(caps) if caps else None]
     policy = pair_logps(model, tokenizer, pairs, job.system_prompt, e.batch_size)
     if reference is None and spec.reference_path:
-        ref_model = models.load_model(spec.reference_path, dtype=job.dtype).eval()
+        ref_model = models.load_model(spec.reference_path, dtype=job.dtype).to(model.device).eval()
         reference = pair_logps(ref_model, tokenizer, pairs, job.system_prompt, e.batch_size)
         del ref_model
     return {**metrics_from_logps(policy, job.beta, reference), "preference_pairs": len(pairs)}, policy
@@ -363,7 +397,8 @@ def _generate(model, tokenizer, prompts: list[str], e: EvaluateConfig):
     bs = e.batch_size
     for start in range(0, len(order), bs):
         idx = order[start : start + bs]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=e.max_new_tokens, do_sample=False,
@@ -398,7 +433,7 @@ def _perplexity(model, tokenizer, prompts: list[str], references: list[str], bat
         ps, rs = prompts[start : start + batch_size], references[start : start + batch_size]
         answers = [len(tokenizer(r + end, add_special_tokens=False)["input_ids"]) for r in rs]
         enc = tokenizer([p + r + end for p, r in zip(ps, rs)], return_tensors="pt", padding=True,
-                        add_special_tokens=False)
+                        add_special_tokens=False).to(model.device)
         keep = max(answers) + 1
         labels = enc["input_ids"][:, -keep:].clone()
         for j, n in enumerate(answers):

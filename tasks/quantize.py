@@ -1,16 +1,17 @@
 """Quantize stage: merge the last trained adapter into its base, quantize the merged model, save both.
 
-Reads the base model folder and the adapter folder of the last training stage (sft, or align when it runs);
-writes `<stage>/merged` (plain fp32 safetensors + tokenizer + chat template: loads with transformers alone) and
-`<stage>/quantized` (a transformers folder with a `quantization_config`: `AutoModelForCausalLM.from_pretrained`
-loads it in a fresh process, with torchao or bitsandbytes installed). The work runs as one Ray task with resource
-requests (`quantize_model`, below the driver side).
+Reads the base model folder and the adapter folder of the last training stage (sft, or align when it runs) from
+storage; publishes `<stage>/merged` (plain fp32 safetensors + tokenizer + chat template: loads with transformers
+alone) and `<stage>/quantized` (a transformers folder with a `quantization_config`: `from_pretrained` loads it in a
+fresh process, with torchao or bitsandbytes installed) under the stage's folder in storage. The work
+runs as one Ray task with resource requests (`quantize_model`, below the driver side).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,14 @@ from alignpipe.config.quantize import GPU_ONLY, QuantizeConfig
 from alignpipe.errors import AlignpipeError, ConfigError
 from alignpipe.merge import merge_adapter
 from alignpipe.runs import RunContext, content_key
+from alignpipe.storage import Storage, join
 
 RESULT = "quantize.json"  # written last: its presence means the stage's outputs are complete
 
 
 class QuantizeOutput(BaseModel):
-    model_dir: str               # quantized model folder (from_pretrained-loadable)
-    merged_dir: str              # plain fp32 merged model: the full-precision export
+    model_dir: str               # URI of the quantized model folder (from_pretrained-loadable)
+    merged_dir: str              # URI of the plain fp32 merged model: the full-precision export
     method: str
     size_bytes: int              # weights on disk, quantized
     fp32_size_bytes: int         # weights on disk, merged fp32
@@ -67,20 +69,22 @@ def run_quantize(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter_d
     if q.method == "none":
         raise ConfigError("quantize.method=none: the flow skips the quantize stage; nothing to do")
     key = cache_key(cfg, ctx, base_path, adapter_dir, input_digest)
-    out_dir = ctx.stage_dir("quantize", key)
+    out_uri, storage = ctx.stage_uri("quantize", key), ctx.storage
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "quantize", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, q.model_dump(mode="json"), prefix="quantize")
-        done = out_dir / RESULT
-        if done.is_file():
-            print(f"quantize: reusing {out_dir} (same config, inputs and code)")
-            res = json.loads(done.read_text())
+        done = join(out_uri, RESULT)
+        if storage.exists(done):
+            print(f"quantize: reusing {out_uri} (same config, inputs and code)")
+            res = json.loads(storage.read_text(done))
         else:
             ray_runner.ensure_ray(cfg.compute)
-            cpus = ray_runner.task_cpus(q.cpus)
-            gpus = 1 if q.method in GPU_ONLY else 0
-            remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_calls=1)(quantize_model)
-            res = ray_runner.get(remote.remote(q, base_path, adapter_dir, str(out_dir), max(1, int(cpus))))
-            done.write_text(json.dumps(res, indent=2))
+            cpus = ray_runner.task_cpus(q.cpus, cfg.compute.resources)
+            options = ray_runner.task_options(cfg.compute, cpus)
+            if q.method in GPU_ONLY:
+                options["num_gpus"] = 1
+            remote = ray.remote(**options)(quantize_model)
+            res = ray_runner.get(remote.remote(q, base_path, adapter_dir, out_uri, max(1, int(cpus)), storage))
+            storage.write_text(done, json.dumps(res, indent=2))
         client = tracking.client_for(ctx.tracking_uri)
         client.log_text(run_id, json.dumps(res["recipe"], indent=2, default=str), "quantize/recipe.json")
         output = QuantizeOutput(**{k: v for k, v in res.items() if k != "recipe"}, mlflow_run_id=run_id,
@@ -132,8 +136,23 @@ def quantization_config(method: str, embedding: bool, group_size: int):
 
 
 def quantize_model(q: QuantizeConfig, base_path: str, adapter_dir: str | None, out_dir: str,
-                   threads: int) -> dict[str, Any]:
-    """Merge, quantize, save; returns the sizes. Runs inside a Ray task (a fresh worker process)."""
+                   threads: int, storage: Storage | None = None) -> dict[str, Any]:
+    """Merge, quantize, publish under `out_dir` (a URI in `storage`; default: local paths); returns the sizes and
+    URIs. Runs inside a Ray task (a fresh worker process)."""
+    storage = storage or Storage.of(None, ".")
+    if not storage.remote:  # a local folder: write in place
+        return _quantize(q, base_path, adapter_dir, Path(out_dir), threads)
+    with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
+        res = _quantize(q, storage.fetch(base_path), storage.fetch(adapter_dir) if adapter_dir else None, Path(tmp),
+                        threads)
+        res["model_dir"] = storage.publish(res["model_dir"], join(out_dir, "quantized"))
+        res["merged_dir"] = (storage.publish(res["merged_dir"], join(out_dir, "merged")) if adapter_dir
+                             else base_path)
+    return res
+
+
+def _quantize(q: QuantizeConfig, base_path: str, adapter_dir: str | None, out: Path, threads: int) -> dict[str, Any]:
+    """Merge and quantize local folders into `out`; returns the sizes and the two local folders."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -142,7 +161,6 @@ def quantize_model(q: QuantizeConfig, base_path: str, adapter_dir: str | None, o
     if method in GPU_ONLY and not torch.cuda.is_available():
         raise ConfigError(f"quantize.method={method!r} (bitsandbytes) needs a CUDA GPU and this Ray worker has none; "
                           "use quantize.method=int8_dynamic on CPU")
-    out = Path(out_dir)
     merged = out / "merged"
     if adapter_dir:  # refuses prompt/prefix tuning adapters: nothing to fold into the weights
         merge_adapter(base_path, adapter_dir, str(merged), dtype="float32")

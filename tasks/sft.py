@@ -1,7 +1,8 @@
 """SFT stage: a PEFT adapter (LoRA by default) trained with TRL's SFTTrainer inside Ray Train.
 
-Reads the canonical training JSONL written by `validate`; writes the adapter + tokenizer folder to the stage's
-content-addressed output dir and streams curves to the stage's nested MLflow run. The driver side (`run_sft`) and
+Reads the canonical training JSONL written by `validate` and the base model, both from storage (`alignpipe.storage`:
+the workdir, or object storage on a cluster); publishes the adapter + tokenizer folder under the stage's
+content-addressed folder there and streams curves to the stage's nested MLflow run. The driver side (`run_sft`) and
 what each Ray Train worker runs (`train_loop`) are both here; what they share with `align` is `alignpipe.training`.
 """
 
@@ -19,7 +20,7 @@ from alignpipe.runs import RunContext, content_key
 
 
 class SftOutput(BaseModel):
-    adapter_dir: str            # PEFT adapter + tokenizer, loadable with PeftModel.from_pretrained(base, adapter_dir)
+    adapter_dir: str            # URI in storage of the PEFT adapter + tokenizer (PeftModel.from_pretrained(base, it))
     content_key: str
     mlflow_run_id: str
     metrics: dict[str, float]
@@ -29,11 +30,11 @@ class SftJob(training.TrainJob):
     """What a training worker gets: the `sft` section itself, the base model and the validated training rows."""
 
     sft: SftConfig
-    base_model: str
+    base_model: str             # URIs in the job's storage (or a hub id for the base)
     train_path: str
 
 
-def job_for(cfg: PipelineConfig, base_model: str, train_path: str, **run: str) -> SftJob:
+def job_for(cfg: PipelineConfig, base_model: str, train_path: str, **run) -> SftJob:
     return SftJob(sft=cfg.sft, compute=cfg.compute, system_prompt=cfg.model.system_prompt, base_model=base_model,
                   train_path=train_path, **run)
 
@@ -47,19 +48,20 @@ def cache_key(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_diges
 
 
 def run_sft(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest: str) -> SftOutput:
-    """Train on Ray, copy the adapter next to the stage's other outputs, log it all."""
+    """Train on Ray, publish the adapter in storage (and keep a copy next to the stage's other outputs), log it all."""
     key = cache_key(cfg, ctx, train_path, train_digest)
     out_dir = ctx.stage_dir("sft", key)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "sft", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.sft.model_dump(mode="json"), prefix="sft")
-        job = job_for(cfg, ctx.base_model, train_path, tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id)
-        metrics = training.fit(train_loop, job, cfg.compute, f"sft-{key}",
-                               ray_runner.storage_path(cfg.compute, ctx.workdir), out_dir)
+        job = job_for(cfg, ctx.base_model, train_path, storage=ctx.storage, tracking_uri=ctx.tracking_uri,
+                      mlflow_run_id=run_id)
+        metrics = training.fit(train_loop, job, f"sft-{key}", out_dir, ctx.stage_uri("sft", key))
         training.log_result(ctx.tracking_uri, run_id, metrics, out_dir, ("adapter",),
                             [("SFT loss", ("loss", "eval_loss"))], "plots/loss_curve.png")
     print(f"sft: {metrics.get('global_step', 0):.0f} steps, train loss {metrics.get('train_loss', float('nan')):.4f}, "
           f"{metrics['trainable_params']:.0f} trainable params ({metrics['trainable_share']:.2%})")
-    return SftOutput(adapter_dir=str(out_dir / "adapter"), content_key=key, mlflow_run_id=run_id, metrics=metrics)
+    return SftOutput(adapter_dir=ctx.stage_uri("sft", key, "adapter"), content_key=key, mlflow_run_id=run_id,
+                     metrics=metrics)
 
 
 # --- on each Ray Train worker ------------------------------------------------------------------------------------
@@ -88,13 +90,14 @@ def build_trainer(job: SftJob, output_dir: str, callbacks: list, log_progress: b
 
     s, use_gpu = job.sft, job.compute.use_gpu
     dtype = models.dtype_for(s.precision)
-    tokenizer = models.load_tokenizer(job.base_model)
-    model = models.load_model(job.base_model, dtype=dtype, quantized_base=s.quantized_base)
+    base = job.storage.fetch(job.base_model)
+    tokenizer = models.load_tokenizer(base)
+    model = models.load_model(base, dtype=dtype, quantized_base=s.quantized_base)
     if s.quantized_base:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing)
-    train_ds, eval_ds = build_datasets(tokenizer, load_canonical(job.train_path), job.system_prompt,
+    train_ds, eval_ds = build_datasets(tokenizer, load_canonical(job.storage.fetch(job.train_path)), job.system_prompt,
                                        s.max_length, s.eval_fraction, s.seed)
     longest = max((len(ids) for ids in train_ds["input_ids"]), default=0)
     model.set_attn_implementation(models.training_attention(s.attention, use_gpu, longest))

@@ -57,8 +57,8 @@ PII = {
 
 class ValidationReport(BaseModel):
     success: bool
-    train_path: str              # canonical JSONL of the SFT training data (written by this stage)
-    eval_path: str               # canonical JSONL of the held-out data
+    train_path: str              # canonical JSONL of the SFT training data (written by this stage; in storage)
+    eval_path: str               # canonical JSONL of the held-out data (in storage)
     digests: dict[str, str]      # {"sft": sha256 of the source file, "eval": ...}
     docs_dir: str                # GX Data Docs site folder (contains index.html)
     result_path: str             # the GX validation results of both splits, as JSON
@@ -364,12 +364,20 @@ def cache_key(cfg: PipelineConfig, ctx: RunContext) -> str:
     return content_key("validate", section, {**digests, "tokenizer": ctx.base_model})
 
 
+def publish_data(report: ValidationReport, ctx: RunContext, key: str) -> ValidationReport:
+    """The canonical files, in storage: what the training and evaluation workers read (the report names them)."""
+    fields = ("train_path", "eval_path", "preference_path", "preference_eval_path")
+    return report.model_copy(update={
+        f: ctx.storage.publish(path, ctx.stage_uri("validate", key, Path(path).name))
+        for f in fields if (path := getattr(report, f))})
+
+
 def run_validate(cfg: PipelineConfig, ctx: RunContext) -> ValidationReport:
     """Validate the data in a nested MLflow run; raise DataValidationError (after logging) if it fails."""
     key = cache_key(cfg, ctx)
     uri = ctx.tracking_uri
     with tracking.stage_run(uri, ctx.parent_run_id, "validate", key) as run_id:
-        report = validate_data(cfg, ctx.base_model, ctx.stage_dir("validate", key))
+        report = validate_data(cfg, ctx.local(ctx.base_model), ctx.stage_dir("validate", key))
         client = tracking.client_for(uri)
         for split, digest in report.digests.items():
             client.set_tag(run_id, f"alignpipe.data.{split}.sha256", digest)
@@ -384,6 +392,7 @@ def run_validate(cfg: PipelineConfig, ctx: RunContext) -> ValidationReport:
         if not report.success:
             raise DataValidationError("Data validation failed:\n" + "\n".join(report.failures),
                                       report_path=report.result_path)
+    report = publish_data(report, ctx, key)
     s = report.stats
     print(f"validate: passed — {s['rows_train']:.0f} train / {s['rows_eval']:.0f} held-out rows, "
           f"max {s['max_tokens_seen']:.0f} tokens, duplicate rate {s['duplicate_rate']:.3f}; "

@@ -11,12 +11,13 @@ def run_context(cfg, base_model: str, name: str = "test-parent"):
     """A RunContext backed by a real MLflow parent run in the config's (temporary) store."""
     from alignpipe import tracking
     from alignpipe.runs import RunContext
+    from alignpipe.storage import Storage
 
     uri = tracking.tracking_uri(cfg)
     exp = tracking.ensure_experiment(cfg)
     parent = tracking.start_run(uri, exp, name, {tracking.TAG_FLOW_RUN: "test", tracking.TAG_PIPELINE: cfg.name})
     return RunContext(run_id="test", pipeline=cfg.name, tracking_uri=uri, experiment_id=exp, parent_run_id=parent,
-                      workdir=cfg.workdir, base_model=base_model)
+                      workdir=cfg.workdir, base_model=base_model, storage=Storage.for_compute(cfg.compute, cfg.workdir))
 
 
 def canonical_split(cfg, which: str, out_dir):
