@@ -126,8 +126,8 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
 
     name, alias = cfg.tracking.registered_model, cfg.register_.alias
     uri = ctx.tracking_uri
-    inputs = {"base": base_path, "adapter": dir_digest(adapter_dir) if adapter_dir else "",
-              "quantized": dir_digest(quantized_dir) if quantized_dir else ""}
+    inputs = {"base": base_path, "adapter": dir_digest(ctx.local(adapter_dir)) if adapter_dir else "",
+              "quantized": dir_digest(ctx.local(quantized_dir)) if quantized_dir else ""}
     key = content_key("register", {"register": cfg.register_.model_dump(mode="json"), "registered_model": name},
                       inputs)
     client = tracking.client_for(uri)
@@ -193,8 +193,11 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
 
 def _artifact(cfg: PipelineConfig, ctx: RunContext, key: str, base_path: str, adapter_dir: str | None,
               quantized_dir: str | None) -> Artifact:
-    """Pick (and for base + adapter, build) the folder to log, its weights digest and serving settings."""
+    """Pick (and for base + adapter, build) the folder to log, its weights digest and serving settings.
+
+    The folder logged is a copy on the driver of what sits in storage: MLflow uploads it to its own artifact store."""
     if quantized_dir:
+        quantized_dir = ctx.local(quantized_dir)
         qcfg = json.loads((Path(quantized_dir) / "config.json").read_text()).get("quantization_config") or {}
         method = str(qcfg.get("quant_method", "")).lower()
         # the serving host rebuilds the layers from the quantization_config: pin the library that wrote them
@@ -208,7 +211,9 @@ def _artifact(cfg: PipelineConfig, ctx: RunContext, key: str, base_path: str, ad
                         model_config_extra=runtime, code_paths=code,
                         description=f"Quantized weights ({method or 'unknown method'}).")
     if adapter_dir and cfg.register_.adapter_only:
-        base_digest = dir_digest(base_path) if Path(base_path).is_dir() else base_path
+        adapter_dir = ctx.local(adapter_dir)
+        local_base = ctx.local(base_path)
+        base_digest = dir_digest(local_base) if Path(local_base).is_dir() else base_path
         digest = registry_digest(dir_digest(adapter_dir), base_digest)
         return Artifact(model_dir=adapter_dir, digest=digest, requirements_extra=[_pin("peft")],
                         model_config_extra={"base_model": base_path, "base_model_digest": base_digest},
@@ -216,9 +221,11 @@ def _artifact(cfg: PipelineConfig, ctx: RunContext, key: str, base_path: str, ad
                                     f"(sha256 {base_digest[:16]}): the serving host needs that base model.")
     if adapter_dir:
         ray_runner.ensure_ray(cfg.compute)
-        merged = merge_on_ray(base_path, adapter_dir, ctx.stage_dir("register", key) / "merged")
+        merged = ctx.local(merge_on_ray(ctx.storage, base_path, adapter_dir, ctx.stage_uri("register", key, "merged"),
+                                        cfg.compute))
         return Artifact(model_dir=merged, digest=dir_digest(merged),
                         description="Merged weights (adapter folded into the base model; loads without peft).")
+    base_path = ctx.local(base_path)
     return Artifact(model_dir=base_path, digest=dir_digest(base_path), description="Full model weights.")
 
 
