@@ -102,6 +102,8 @@ class Storage(BaseModel):
         if not is_dir and s3.get_file_info(_key(uri)).type != fs.FileType.File:
             raise FileNotFoundError(f"{uri}: not in object storage (or not completely written)")
         partial = Path(tempfile.mkdtemp(prefix=".fetch-", dir=_mkdir(local.parent))) / local.name
+        if is_dir:
+            partial.mkdir()  # pyarrow makes the subfolders it lists, not the destination itself
         fs.copy_files(_key(uri), str(partial), source_filesystem=s3, destination_filesystem=fs.LocalFileSystem())
         try:
             partial.rename(local)
