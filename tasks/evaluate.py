@@ -224,7 +224,7 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
             res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label)))
             logps[spec.label] = res.pop("pair_logps")
             if cfg.evaluate.lm_eval_tasks and not note:
-                res["metrics"].update(_run_lm_eval(spec, cfg.evaluate.lm_eval_tasks))
+                res["metrics"].update(_run_lm_eval(local_spec(spec, ctx.storage), cfg.evaluate.lm_eval_tasks))
             results[spec.label], rows[spec.label] = res["metrics"], res["predictions"]
             pred_file = out_dir / f"predictions_{spec.label}.jsonl"
             pred_file.write_text("".join(json.dumps(p) + "\n" for p in res["predictions"]))
@@ -372,7 +372,7 @@ def _preference_metrics(model, tokenizer, spec: ModelSpec, job: EvalJob, referen
 
     e = job.evaluate
     caps = [n for n in (e.limit, e.preference_rows) if n]
-    pairs = load_canonical(job.preference_eval_path)[: min(caps) if caps else None]
+    pairs = load_canonical(job.storage.fetch(job.preference_eval_path))[: min(caps) if caps else None]
     policy = pair_logps(model, tokenizer, pairs, job.system_prompt, e.batch_size)
     if reference is None and spec.reference_path:
         ref_model = models.load_model(spec.reference_path, dtype=job.dtype).to(model.device).eval()
