@@ -1,9 +1,11 @@
-"""The local stack behind `alignpipe up | down | status | env`: Prefect server, MLflow server, 2-node Ray cluster.
+"""The local stack behind `alignpipe up | down | status | env`: Prefect server, S3 API server, MLflow server,
+2-node Ray cluster.
 
-Every service is a child process in its own session (process group), asked to bind 127.0.0.1 (Prefect and
-MLflow do; Ray's gRPC servers listen on every interface regardless, see RAY_CLIENT_ENV); their pids, ports
-and URLs go to `<workdir>/stack/state.json`, so `down` stops exactly what `up` started and nothing else
-(no `ray stop`, which would stop every Ray instance on the machine). It lives with the CLI because only the
+Every service is a child process in its own session (process group), asked to bind 127.0.0.1 (Prefect, MLflow
+and the S3 server do; Ray's gRPC servers listen on every interface regardless, see RAY_CLIENT_ENV); their pids,
+ports and URLs go to `<workdir>/stack/state.json`, so `down` stops exactly what `up` started and nothing else
+(no `ray stop`, which would stop every Ray instance on the machine). Pipelines and MLflow keep their artifacts in
+the S3 server's bucket, as they would on a real deployment's object store. It lives with the CLI because only the
 CLI and the tests use it.
 """
 
@@ -13,9 +15,12 @@ import hashlib
 import http.client
 import json
 import os
+import random
+import secrets
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -34,6 +39,11 @@ BIN = Path(sys.executable).parent
 # to send it.
 RAY_CLIENT_ENV = {"RAY_AUTH_MODE": "token"}
 OBJECT_STORE_BYTES = 256 * 1024**2
+# The stack's object store: moto's S3 API in server mode (a real HTTP endpoint for boto3 and pyarrow, objects in
+# its memory: they go with `down`). One bucket: pipelines under one prefix, MLflow's artifacts under another.
+S3_BUCKET = "alignpipe"
+S3_REGION = "us-east-1"
+STORAGE_PATH = f"s3://{S3_BUCKET}/pipelines"
 
 
 class StackError(AlignpipeError):
@@ -62,6 +72,9 @@ class Stack:
         out = {}
         if "prefect" in by:
             out["PREFECT_API_URL"] = f"{by['prefect'].url}/api"
+        if "s3" in by:
+            out.update(s3_env(by["s3"].url, s3_credentials(self.workdir)))
+            out["ALIGNPIPE_STORAGE_PATH"] = STORAGE_PATH  # compute.storage_path
         if "mlflow" in by:
             out["MLFLOW_TRACKING_URI"] = by["mlflow"].url
         if "ray-head" in by:
@@ -88,7 +101,48 @@ def save(stack: Stack) -> None:
     path.write_text(json.dumps(asdict(stack), indent=2))
 
 
+def s3_credentials(workdir: str | Path) -> dict[str, str]:
+    """The stack's S3 key pair, made once per workdir and kept beside its state, readable by its owner only.
+
+    moto accepts any key; a real store would not, so pipelines get theirs the way they would there: from the
+    standard AWS variables that `alignpipe env` exports.
+    """
+    path = Path(workdir).resolve() / "stack" / "s3-credentials.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        alphabet = string.ascii_uppercase + string.digits
+        pair = {"access_key_id": "AKIA" + "".join(secrets.choice(alphabet) for _ in range(16)),  # AWS's shapes
+                "secret_access_key": secrets.token_urlsafe(30)}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(pair, f)
+    return json.loads(path.read_text())
+
+
+def s3_env(endpoint: str, credentials: dict[str, str]) -> dict[str, str]:
+    """The standard AWS variables that point boto3, pyarrow and MLflow at the S3 server `endpoint`."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": credentials["access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": credentials["secret_access_key"], "AWS_DEFAULT_REGION": S3_REGION}
+
+
 def free_port() -> int:
+    """A port free on HOST now, picked where nothing else binds by chance: above `ray start`'s worker ports
+    (10002-19999) and below the kernel's ephemeral range. Ray's nodes bind most of their ports as port 0, i.e. in
+    the ephemeral range, and one of those once took the Prefect port between our pick and Prefect's own bind; so
+    the services may start side by side. Falls back to an ephemeral port where the kernel leaves no room below."""
+    low = 20000
+    try:
+        high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - 1
+    except (OSError, ValueError, IndexError):
+        high = 32767  # Linux's default ephemeral range starts at 32768
+    for _ in range(200 if high > low else 0):
+        port = random.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:  # in use
+                continue
+            return port
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
@@ -151,7 +205,7 @@ def _ray_nodes(head_port: int) -> int:
             f"ray.init(address='{HOST}:{head_port}', logging_level='ERROR', log_to_driver=False)\n"
             "print(sum(n['Alive'] for n in ray.nodes()))\n")
     try:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60,
                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **RAY_CLIENT_ENV})
     except subprocess.TimeoutExpired:  # not up yet (or gone): the caller's wait decides
         return 0
@@ -161,7 +215,7 @@ def _ray_nodes(head_port: int) -> int:
 
 def up(workdir: str | Path, on_wait: Callable[[str], None] = print, ray_cpus: int = 1,
        timeout: float = 240) -> Stack:
-    """Start Prefect server, MLflow server and a Ray head + one worker node; returns the recorded stack."""
+    """Start Prefect server, S3 server, MLflow server and a Ray head + one worker node; returns the recorded stack."""
     workdir = Path(workdir).resolve()
     current = load(workdir)
     if current and any(alive(s.pid) for s in current.services):
@@ -177,66 +231,155 @@ def up(workdir: str | Path, on_wait: Callable[[str], None] = print, ray_cpus: in
                           "PREFECT_API_URL": f"http://{HOST}:{port}/api"})
         stack.services.append(prefect)
         save(stack)
-
-        mlflow = start_mlflow(root, free_port())
+        s3 = start_s3(root, free_port())
+        stack.services.append(s3)
+        save(stack)
+        aws = s3_env(s3.url, s3_credentials(workdir))
+        mlflow = start_mlflow(root, free_port(), artifacts=f"s3://{S3_BUCKET}/mlflow", env=aws)
         stack.services.append(mlflow)
         save(stack)
-        # Both must hold their ports before Ray starts: Ray's nodes bind many ports of the same ephemeral range
-        # that `free_port` picked from, and one of them took the Prefect port while Prefect was still starting
-        # (its health check got an HTTP/2 answer from a Ray gRPC server).
+        # All start side by side (free_port picks ports no Ray node takes while these servers still start)
+        head = start_ray_head(root, free_port(), ray_temp_dir(workdir), ray_cpus, ray_node_env(aws))
+        stack.services.append(head)
+        save(stack)
+
+        on_wait(f"S3 server on {s3.url}")
+        wait_s3(s3, S3_BUCKET, aws, timeout)
+        on_wait(f"Ray head node on {head.url}")
+        wait_gcs(head, timeout)
+        worker = start_ray_worker(root, head.port, ray_cpus, ray_node_env(aws))
+        stack.services.append(worker)
+        save(stack)
         on_wait(f"Prefect server on {prefect.url}")
         _wait(prefect, _http_ok(f"{prefect.url}/api/health"), timeout)
         on_wait(f"MLflow server on {mlflow.url}")
         wait_mlflow(mlflow, timeout)
-
-        temp_dir = ray_temp_dir(workdir)
-        ensure_auth_token()
-        port = free_port()
-        # Both nodes on this machine: the in-process Ray's quiet settings (no drain watcher, no metrics export,
-        # Ray Train polling its workers every 0.5 s)
-        ray_env = {"RAY_USAGE_STATS_ENABLED": "0", **LOCAL_RAY_ENV, **RAY_CLIENT_ENV}
-        common = ["--num-cpus", str(ray_cpus), "--object-store-memory", str(OBJECT_STORE_BYTES), "--block",
-                  "--disable-usage-stats"]
-        # A free port for what Ray would otherwise put on a fixed one (dashboard agent 52365), so the stack
-        # starts beside other Ray instances on the machine.
-        head = _start("ray-head", [str(BIN / "ray"), "start", "--head", "--node-ip-address", HOST, "--port",
-                                   str(port), "--temp-dir", temp_dir, "--include-dashboard", "false",
-                                   "--dashboard-agent-listen-port", str(free_port()), *common],
-                      port, f"{HOST}:{port}", logs, ray_env)
-        stack.services.append(head)
-        save(stack)
-        on_wait(f"Ray head node on {HOST}:{port}")
-        _wait(head, lambda: _ray_nodes(head.port) >= 1, timeout)
-        worker = _start("ray-worker", [str(BIN / "ray"), "start", "--address", f"{HOST}:{head.port}",
-                                       "--node-ip-address", HOST, "--dashboard-agent-listen-port",
-                                       str(free_port()), *common],
-                        head.port, f"{HOST}:{head.port}", logs, ray_env)
-        stack.services.append(worker)
-        save(stack)
-
         on_wait("Ray worker node joining the head")
-        _wait(worker, lambda: _ray_nodes(head.port) >= 2, timeout)
+        wait_ray_nodes(worker, head.port, 2, timeout)
     except BaseException:
         down(workdir)
         raise
     return stack
 
 
-def start_mlflow(root: Path, port: int) -> Service:
-    """An MLflow server on HOST:`port` with its SQLite store and artifacts under `root`; not waited for.
+def start_s3(root: Path, port: int) -> Service:
+    """moto's S3 API server on HOST:`port` (its own default would be every interface); not waited for."""
+    return _start("s3", [str(BIN / "moto_server"), "-H", HOST, "-p", str(port)], port, f"http://{HOST}:{port}",
+                  root / "logs", {})
 
+
+def wait_s3(svc: Service, bucket: str, env: dict[str, str], timeout: float = 240) -> None:
+    """Return once the S3 server `svc` answers and holds `bucket`, made with the key pair in `env` (s3_env)."""
+    _wait(svc, _http_ok(f"{svc.url}/"), timeout)
+    import boto3  # only here: the CLI's other commands never pay for importing it
+
+    client = boto3.client("s3", endpoint_url=svc.url, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=S3_REGION)
+    try:
+        client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+
+
+def start_mlflow(root: Path, port: int, artifacts: str | None = None, env: dict[str, str] | None = None) -> Service:
+    """An MLflow server on HOST:`port` with its SQLite store under `root`; not waited for.
+
+    Artifacts go to `artifacts` (an `s3://bucket/prefix` with the S3 variables of `env`: s3_env), default a folder
+    under `root`; the server proxies them (`--serve-artifacts`), so clients need no access to the store.
     Started again with the same `root` and port, it serves the same runs (the tests stop and restart it).
     """
-    (root / "mlartifacts").mkdir(parents=True, exist_ok=True)
+    if artifacts is None:
+        artifacts = str(root / "mlartifacts")
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+    # No job runner: it serves MLflow's GenAI jobs, which no pipeline uses, and its eight extra processes doubled
+    # the server's start-up time on a 2-core machine.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+    if "AWS_ENDPOINT_URL" in env:  # MLflow's own variable for an S3 endpoint that is not AWS
+        env["MLFLOW_S3_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"]
     return _start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--artifacts-destination", str(root / "mlartifacts"), "--host", HOST, "--port",
+                             "--artifacts-destination", artifacts, "--serve-artifacts", "--host", HOST, "--port",
                              str(port), "--workers", "1"],
-                  port, f"http://{HOST}:{port}", root / "logs", {})
+                  port, f"http://{HOST}:{port}", root / "logs", env)
 
 
 def wait_mlflow(svc: Service, timeout: float = 240) -> None:
     """Return once the MLflow server `svc` answers its health check."""
     _wait(svc, _http_ok(f"{svc.url}/health"), timeout)
+
+
+def _ray_node_args(cpus: int) -> list[str]:
+    # A free port for what Ray would otherwise put on a fixed one (dashboard agent 52365), so the nodes start
+    # beside other Ray instances on the machine.
+    return ["--node-ip-address", HOST, "--num-cpus", str(cpus), "--object-store-memory", str(OBJECT_STORE_BYTES),
+            "--dashboard-agent-listen-port", str(free_port()), "--block", "--disable-usage-stats"]
+
+
+def ray_node_env(extra: dict[str, str]) -> dict[str, str]:
+    """Environment of a Ray node on this machine: the in-process Ray's quiet settings (no drain watcher, no metrics
+    export, Ray Train polling its workers every 0.5 s), token auth, and `extra` (the S3 variables: as on a cluster
+    whose nodes hold credentials for the object store)."""
+    return {"RAY_USAGE_STATS_ENABLED": "0", **LOCAL_RAY_ENV, **RAY_CLIENT_ENV, **extra}
+
+
+def start_ray_head(root: Path, port: int, temp_dir: str, cpus: int, env: dict[str, str]) -> Service:
+    """A Ray head node (GCS on HOST:`port`, no dashboard) with `cpus` CPUs; not waited for (wait_ray_nodes)."""
+    ensure_auth_token()
+    cmd = [str(BIN / "ray"), "start", "--head", "--port", str(port), "--temp-dir", temp_dir,
+           "--include-dashboard", "false", *_ray_node_args(cpus)]
+    return _start("ray-head", cmd, port, f"{HOST}:{port}", root / "logs", env)
+
+
+def start_ray_worker(root: Path, head_port: int, cpus: int, env: dict[str, str],
+                     resources: dict[str, float] | None = None, wrap: list[str] | None = None) -> Service:
+    """A Ray worker node joining the head on HOST:`head_port`, with `cpus` CPUs and custom `resources`; not waited
+    for. `wrap` is a command that runs the node's `ray start` (its arguments appended), e.g. in its own namespace."""
+    cmd = [str(BIN / "ray"), "start", "--address", f"{HOST}:{head_port}", *_ray_node_args(cpus)]
+    if resources:
+        cmd += ["--resources", json.dumps(resources)]
+    return _start("ray-worker", [*(wrap or []), *cmd], head_port, f"{HOST}:{head_port}", root / "logs", env)
+
+
+def wait_gcs(head: Service, timeout: float = 240) -> None:
+    """Return once the head node's GCS accepts connections: enough for a worker node to join (`ray start` waits for
+    the rest), and much sooner than a driver could connect."""
+    def listening() -> bool:
+        try:
+            socket.create_connection((HOST, head.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+    _wait(head, listening, timeout)
+
+
+def wait_ray_nodes(svc: Service, head_port: int, count: int, timeout: float = 240) -> None:
+    """Return once the cluster of the head on HOST:`head_port` has `count` alive nodes; `svc` is the node waited
+    for (its exit ends the wait).
+
+    One driver process joins and polls the node list (joining costs seconds; it is started again only if it fails,
+    e.g. while the head is still starting). Ours stays Ray-free.
+    """
+    code = ("import time, ray\n"
+            f"ray.init(address='{HOST}:{head_port}', logging_level='ERROR', log_to_driver=False)\n"
+            f"while sum(n['Alive'] for n in ray.nodes()) < {count}:\n"
+            "    time.sleep(0.2)\n")
+    probe: subprocess.Popen | None = None
+
+    def joined() -> bool:
+        nonlocal probe
+        if probe is not None and probe.poll() == 0:
+            return True
+        if probe is None or probe.returncode is not None:
+            probe = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **RAY_CLIENT_ENV})
+        return False
+
+    try:
+        _wait(svc, joined, timeout)
+    finally:
+        if probe is not None and probe.poll() is None:
+            probe.kill()
+            probe.wait()
 
 
 def kill(svc: Service, wait: float = 10) -> None:

@@ -1,7 +1,7 @@
 """pipelines.yaml -> validated PipelineConfig, with env and --set overrides and readable errors.
 
-Precedence (highest first): `--set section.key=value`, environment variables
-(MLFLOW_TRACKING_URI, RAY_ADDRESS), the pipeline's own keys, the file's `defaults:`, schema defaults.
+Precedence (highest first): `--set section.key=value`, environment variables (MLFLOW_TRACKING_URI, RAY_ADDRESS,
+ALIGNPIPE_STORAGE_PATH: ENV_KEYS), the pipeline's own keys, the file's `defaults:`, schema defaults.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from alignpipe.config.pipeline import PipelineConfig, ray_is_remote
 from alignpipe.config.quantize import GPU_ONLY
 from alignpipe.errors import ConfigError
 
-ENV_KEYS = {"MLFLOW_TRACKING_URI": ("tracking", "mlflow_uri"), "RAY_ADDRESS": ("compute", "ray_address")}
+ENV_KEYS = {"MLFLOW_TRACKING_URI": ("tracking", "mlflow_uri"), "RAY_ADDRESS": ("compute", "ray_address"),
+            "ALIGNPIPE_STORAGE_PATH": ("compute", "storage_path")}
 TOP_KEYS = {"defaults", "pipelines"}
 
 
@@ -174,8 +175,8 @@ def quantize_problems(cfg: PipelineConfig) -> list[str]:
 
     if torch.cuda.is_available():
         return []
-    return [f"pipelines.{cfg.name}.quantize.method: {cfg.quantize.method!r} (bitsandbytes) needs a CUDA GPU and "
-            "none is visible here; use quantize.method=int8_dynamic (or int4_weight_only) on CPU"]
+    return [(f"pipelines.{cfg.name}.quantize.method: {cfg.quantize.method!r} (bitsandbytes) needs a CUDA GPU and "
+             "none is visible here; use quantize.method=int8_dynamic (or int4_weight_only) on CPU")]
 
 
 def format_errors(exc: ValidationError, prefix: str) -> str:

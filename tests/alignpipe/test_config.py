@@ -3,10 +3,10 @@
 import textwrap
 
 import pytest
+from testlib import PIPELINES
 
 from alignpipe.config import load_all, load_pipeline, preflight
 from alignpipe.errors import ConfigError
-from testlib import PIPELINES
 
 
 def write(tmp_path, body: str):
@@ -92,6 +92,14 @@ def test_precedence_set_over_env_over_file(tmp_path):
     assert load_pipeline(p, "p", env=env).tracking.mlflow_uri == "http://env:5000"
     cfg = load_pipeline(p, "p", ["tracking.mlflow_uri=http://cli:5000", "sft.learning_rate=1e-4"], env=env)
     assert cfg.tracking.mlflow_uri == "http://cli:5000" and cfg.sft.learning_rate == 1e-4
+
+
+def test_storage_path_from_env_under_set(tmp_path):
+    p = write(tmp_path, BASE)
+    env = {"ALIGNPIPE_STORAGE_PATH": "s3://bucket/pipelines"}  # what `alignpipe env` exports for the local stack
+    assert load_pipeline(p, "p", env=env).compute.storage_path == "s3://bucket/pipelines"
+    cfg = load_pipeline(p, "p", ["compute.storage_path=/shared/runs"], env=env)
+    assert cfg.compute.storage_path == "/shared/runs"
 
 
 def test_bad_override_syntax(tmp_path):

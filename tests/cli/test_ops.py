@@ -1,4 +1,4 @@
-"""`alignpipe up | status | env | down` start and stop a real local stack (Prefect, MLflow, 2-node Ray)."""
+"""`alignpipe up | status | env | down` start and stop a real local stack (Prefect, S3, MLflow, 2-node Ray)."""
 
 import os
 import subprocess
@@ -6,7 +6,6 @@ import sys
 import urllib.request
 
 import pytest
-
 from alignpipe.cli import stack
 from testlib import REPO
 
@@ -14,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def _cli(*args, timeout=400):
-    return subprocess.run([sys.executable, "-m", "alignpipe.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run([sys.executable, "-m", "alignpipe.cli.main", *args], check=False, capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
 
 
 def _get(url):
@@ -34,20 +33,22 @@ def test_up_status_env_down(tmp_path, monkeypatch):
         assert len(token.read_text()) == 64 and token.stat().st_mode & 0o077 == 0  # made for it, private
         state = stack.load(workdir)
         names = [s.name for s in state.services]
-        assert names == ["prefect", "mlflow", "ray-head", "ray-worker"]
+        assert names == ["prefect", "s3", "mlflow", "ray-head", "ray-worker"]
         assert all(s.url.startswith(("http://127.0.0.1:", "127.0.0.1:")) for s in state.services)
         by = {s.name: s for s in state.services}
         assert _get(f"{by['prefect'].url}/api/health")[0] == 200
         assert _get(f"{by['mlflow'].url}/health")[0] == 200
+        assert _get(f"{by['s3'].url}/")[0] == 200  # S3's ListBuckets
         assert stack._ray_nodes(by["ray-head"].port) == 2  # head + the separately started worker node
 
         status = _cli("status", "--workdir", str(workdir))
-        assert status.returncode == 0 and status.stdout.count("running") == 4, status.stdout
+        assert status.returncode == 0 and status.stdout.count("running") == 5, status.stdout
         env = _cli("env", "--workdir", str(workdir))
         exports = dict(line.removeprefix("export ").split("=", 1) for line in env.stdout.splitlines())
         assert exports["PREFECT_API_URL"] == f"{by['prefect'].url}/api"
         assert exports["MLFLOW_TRACKING_URI"] == by["mlflow"].url
         assert exports["RAY_ADDRESS"] == f"127.0.0.1:{by['ray-head'].port}"
+        assert exports["AWS_ENDPOINT_URL"] == by["s3"].url and exports["ALIGNPIPE_STORAGE_PATH"] == stack.STORAGE_PATH
         assert exports["PREFECT_API_URL"] in up.stdout  # `up` prints the exports too
 
         again = _cli("up", "--workdir", str(workdir))
@@ -68,6 +69,6 @@ def test_env_without_stack_says_how_to_start_one(tmp_path):
 
 def test_deploy_without_a_server_says_how_to_get_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    result = subprocess.run([sys.executable, "-m", "alignpipe.cli.main", "deploy"], capture_output=True, text=True,
-                            timeout=300, cwd=REPO, env={**env, "PREFECT_HOME": str(tmp_path)})
+    result = subprocess.run([sys.executable, "-m", "alignpipe.cli.main", "deploy"], check=False, capture_output=True,
+                            text=True, timeout=300, cwd=REPO, env={**env, "PREFECT_HOME": str(tmp_path)})
     assert result.returncode == 1 and "PREFECT_API_URL" in result.stderr and "alignpipe up" in result.stderr

@@ -1,10 +1,12 @@
-"""cli/stack.py: every socket the local stack listens on is bound to loopback, so nothing is reachable from the network."""
+"""cli/stack.py: every socket the local stack listens on is bound to loopback, so nothing is reachable from the network;
+the S3 server serves the bucket that `alignpipe env` points pipelines and MLflow at."""
 
+import os
 import socket
+import stat
 
 import psutil
 import pytest
-
 from alignpipe.cli import stack
 
 # one stack per test process: with `make test`'s two xdist workers, these modules share one worker
@@ -40,9 +42,44 @@ def _exposed(local_stack, names: set[str]) -> dict[str, list]:
     return {name: [s for s in socks if s[2] not in LOOPBACK] for name, socks in by_service.items()}
 
 
-def test_prefect_and_mlflow_listen_on_loopback_only(local_stack):
-    exposed = _exposed(local_stack, {"prefect", "mlflow"})
+def test_prefect_mlflow_and_s3_listen_on_loopback_only(local_stack):
+    exposed = _exposed(local_stack, {"prefect", "mlflow", "s3"})
     assert not any(exposed.values()), f"sockets beyond loopback: {exposed}"
+
+
+def _s3(env: dict[str, str]):
+    """A boto3 client from nothing but the variables `alignpipe env` exports, as a pipeline would make it."""
+    import boto3
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return boto3.client("s3")  # endpoint, keys and region are read from the environment here
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_s3_server_serves_the_stacks_bucket_with_the_exported_env(local_stack):
+    env = local_stack.env
+    assert env["AWS_ENDPOINT_URL"] == next(s.url for s in local_stack.services if s.name == "s3")
+    assert env["AWS_DEFAULT_REGION"] == "us-east-1" and env["ALIGNPIPE_STORAGE_PATH"] == stack.STORAGE_PATH
+    creds = stack.state_file(local_stack.workdir).parent / "s3-credentials.json"
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    client = _s3(env)
+    client.put_object(Bucket=stack.S3_BUCKET, Key="pipelines/probe.txt", Body=b"through the S3 API")
+    assert client.get_object(Bucket=stack.S3_BUCKET, Key="pipelines/probe.txt")["Body"].read() == b"through the S3 API"
+
+
+def test_mlflow_keeps_artifacts_in_the_stacks_bucket(local_stack):
+    from alignpipe import tracking
+
+    client = tracking.client_for(local_stack.env["MLFLOW_TRACKING_URI"])
+    run = client.create_run(client.create_experiment("s3-artifacts-probe"))
+    client.log_text(run.info.run_id, "proxied to S3", "probe/note.txt")  # through the server: no S3 env here
+    keys = [o["Key"] for o in _s3(local_stack.env).list_objects_v2(Bucket=stack.S3_BUCKET,
+                                                                    Prefix="mlflow/")["Contents"]]
+    assert any(k.endswith(f"{run.info.run_id}/artifacts/probe/note.txt") for k in keys), keys
 
 
 @pytest.mark.xfail(strict=True, reason="Ray 2.60 binds its GCS, raylet and worker gRPC servers to :: and the "
