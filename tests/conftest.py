@@ -106,7 +106,7 @@ def local_stack(tmp_path_factory):
     try:
         yield stack.up(workdir, on_wait=lambda what: print(f"waiting for {what}"))
     finally:
-        stack.down(workdir)
+        stack.down(workdir, grace=2)  # Ray's nodes sit out SIGTERM for over 20 s; nothing here needs them drained
 
 
 @pytest.fixture(scope="session")
