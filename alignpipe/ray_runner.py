@@ -6,19 +6,25 @@ storage finds the last reported checkpoint (Ray Train v2 restores it; `ray.train
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignpipe.config.compute import ComputeConfig
 from alignpipe.errors import ConfigError
 from alignpipe.metric_buffer import HTTP_ENV
+
+if TYPE_CHECKING:
+    from alignpipe.config.pipeline import PipelineConfig
 
 # Environment passed to every Ray worker: quiet, offline-friendly, no telemetry. Ray workers talk to MLflow
 # only through a MetricBuffer, which retries by itself: MLflow's own HTTP retries are turned down there.
@@ -115,12 +121,15 @@ def malloc_library(compute: ComputeConfig) -> str | None:
                       f"(Debian/Ubuntu: apt-get install {package}) or set compute.allocator to `auto` or `system`")
 
 
-def ensure_ray(compute: ComputeConfig) -> None:
-    """Start Ray in-process, or connect to `compute.ray_address`, once per process."""
+def ensure_ray(compute: ComputeConfig, cpus: int | None = None) -> None:
+    """Start Ray in-process with `cpus` CPUs (default: all of this machine's), or connect to `compute.ray_address`,
+    once per process. With an address, no local Ray is ever started: an address that does not answer is an error."""
     import ray
 
     if ray.is_initialized():
         return
+    if compute.ray_address:
+        check_cluster_answers(compute.ray_address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Train gives a worker group 60 s to start; importing torch + transformers in a fresh process on a
     # busy 2-core machine can take longer, and a timeout costs a whole restart.
@@ -139,12 +148,89 @@ def ensure_ray(compute: ComputeConfig) -> None:
     # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (Prefect's, which turns a
     # runner's SIGTERM into a Cancelled flow run instead of a Crashed one). Ray's atexit shutdown still runs.
     sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    if compute.ray_address:
-        ray.init(address=compute.ray_address, **kwargs)
-    else:
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
-    if sigterm is not None:
-        signal.signal(signal.SIGTERM, sigterm)
+    machine = os.cpu_count() or 1
+    try:
+        if compute.ray_address:
+            ray.init(address=compute.ray_address, **kwargs)
+        else:
+            ray.init(num_cpus=min(cpus or machine, machine), **kwargs)
+    except ConnectionError as exc:  # `auto` with no cluster here, or a cluster this machine is not a node of
+        raise ConfigError(f"compute.ray_address={compute.ray_address!r}: {exc}. {NO_CLUSTER_FIX}") from None
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
+
+
+NO_CLUSTER_FIX = ("Start the cluster or fix the address: a driver joins at the GCS address `<head>:6379` from a "
+                  "machine that is a node of the cluster (`ray start --address=<head>:6379 --num-cpus=0` there "
+                  "first); from elsewhere, submit the run as a Ray Job (`ray job submit`). Or leave "
+                  "compute.ray_address and RAY_ADDRESS unset for an in-process Ray")
+
+
+def check_cluster_answers(address: str, timeout_s: float = 10.0) -> None:
+    """Raise ConfigError when nothing listens at a `host:port` Ray address; `ray.init` would retry for minutes."""
+    host, _, port = address.rpartition(":")
+    if address == "auto" or not port.isdigit():
+        return  # `auto`: Ray finds this machine's cluster itself, or says at once that there is none
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"compute.ray_address={address!r}: no Ray cluster answers there ({exc}). "
+                          f"{NO_CLUSTER_FIX}") from None
+
+
+def local_cpus(cfg: PipelineConfig) -> int:
+    """CPUs for the in-process Ray of one pipeline: its largest single request (the training worker group, the
+    evaluate or quantize task, the merge task's one CPU; stages run one at a time), at most this machine's. Two
+    pipelines on one machine then share its cores instead of each Ray claiming all of them."""
+    c = cfg.compute
+    need = max(c.num_workers * c.cpus_per_worker, cfg.evaluate.cpus, cfg.quantize.cpus, 1)
+    return min(math.ceil(need), os.cpu_count() or 1)
+
+
+# What stops a run: SIGTERM (a Prefect worker cancelling a flow run, a pod evicted, `kill`) and SIGINT (Ctrl-C).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_signal() -> Iterator[None]:
+    """Within the block, SIGTERM or SIGINT first stops this process's Ray work, then takes the course the handler
+    in place before would have given it (Prefect's: a cancelled or crashed flow run; Python's: KeyboardInterrupt).
+
+    The driver waits for Ray Train and Ray tasks inside `ray.get`, which runs signal handlers while it waits but
+    ends the wait only for a KeyboardInterrupt or SystemExit: any other exception a handler raises (Prefect's
+    TerminationSignal on SIGTERM) stays pending while the workers train on to the end. So the handler here raises
+    KeyboardInterrupt; once the block has unwound, Ray is shut down (an in-process Ray stops with its workers; on
+    a cluster the job's actors die with their driver) and the signal is sent again, to the handler from before.
+    The block also ends the SIGINT handler each Ray Train `fit()` installs and leaves behind, which aborts that
+    (finished) run and swallows every later Ctrl-C. Main thread only, where Python runs signal handlers.
+
+    (A Prefect runner asks a flow run to acknowledge a cancel only while Prefect's own SIGTERM handler is the live
+    one; within the block it is not, so the runner goes straight to its SIGTERM and then marks the run Cancelled.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        if len(received) == 1:  # later ones arrive while the first unwinds, or while Ray shuts down
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # an ignored signal stays ignored
+            signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        if received:
+            shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if received:
+            os.kill(os.getpid(), received[0])  # Python runs the restored handler before os.kill returns
 
 
 # Ray Train's placement-group cleaner asks the state API every second whether the run's controller is alive. The
@@ -237,7 +323,8 @@ def set_worker_threads(threads: int) -> None:
 
 def shutdown() -> None:
     """Leave Ray if this process joined or started it: an in-process Ray stops with its workers, and on a
-    cluster the job's actors (Ray Train's controller and training workers) die with their driver."""
+    cluster the job's actors (Ray Train's controller and training workers, which are not detached) die with
+    their driver."""
     import sys
 
     ray = sys.modules.get("ray")  # never import Ray just to find it was not running

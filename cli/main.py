@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -62,16 +63,17 @@ def check(config: ConfigOpt = Path("pipelines.yaml")) -> None:
 @app.command()
 def run(
     pipeline: Annotated[str, typer.Argument(help="Pipeline name in the pipelines file.")],
-    set_: Annotated[list[str], typer.Option("--set", help="Override a key: section.key=value (repeatable).")] = [],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: section.key=value (repeatable).")] = None,
     config: ConfigOpt = Path("pipelines.yaml"),
 ) -> None:
     """Run one pipeline end to end and print its summary."""
     try:  # fail fast on config mistakes, before Prefect, Ray or MLflow start
-        overrides = parse_overrides(set_)
+        overrides = parse_overrides(set_ or [])
         load_checked(config, pipeline, overrides, env=os.environ)
         from alignpipe.flows.pipeline import alignpipe_pipeline
 
         _hide_user_error_tracebacks()
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         summary = _run_with_progress(pipeline, lambda: alignpipe_pipeline(
             pipeline=pipeline, overrides=overrides, config_file=str(config)))
     except AlignpipeError as exc:
@@ -80,11 +82,17 @@ def run(
     print_summary(summary)
 
 
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM (`kill`, a container stopping) ends `run` through Python's exit handlers, as Ctrl-C does, so the
+    temporary Prefect server it started stops too. (With the default action, Prefect re-sends SIGTERM once it has
+    marked the flow run crashed, and the process dies on the spot, leaving that server running.)"""
+    raise SystemExit(128 + signum)
+
+
 def _run_with_progress(pipeline: str, run_flow):
     """Run the flow under a live per-stage table (see cli/progress.py); plain logs when not a terminal."""
-    from rich.live import Live
-
     from alignpipe.cli.progress import StageProgress
+    from rich.live import Live
 
     if not console.is_terminal:
         return run_flow()
@@ -131,10 +139,11 @@ def print_summary(summary: dict) -> None:
     console.print(f"MLflow run {summary['mlflow_run_id']}; open the UI with:\n  {summary['mlflow_ui']}")
 
 
-from alignpipe.cli.registry import add_commands  # noqa: E402  (the registry commands live in their own module)
+# The registry commands live in their own module, as do up/down/status/env/deploy.
+from alignpipe.cli.registry import add_commands
 
 add_commands(app)
-from alignpipe.cli import ops  # noqa: E402  (up/down/status/env/deploy)
+from alignpipe.cli import ops
 
 ops.register(app)
 

@@ -35,15 +35,16 @@ class StageClock:
         t0 = time.perf_counter()
         status = "done"
         try:
-            if isinstance(fn, Task):
-                state = fn(*args, return_state=True)
-                status = "cached" if state.name == "Cached" else "done"
-                result = state.result()  # re-raises the stage's own exception
-            else:
-                result = fn(*args)
+            with ray_runner.stop_on_signal():  # SIGTERM or Ctrl-C ends the stage's Ray work within seconds
+                if isinstance(fn, Task):
+                    state = fn(*args, return_state=True)
+                    status = "cached" if state.name == "Cached" else "done"
+                    result = state.result()  # re-raises the stage's own exception
+                else:
+                    result = fn(*args)
         except BaseException as exc:
             entry.update(status="failed", seconds=time.perf_counter() - t0)
-            if not isinstance(exc, Exception):  # SIGTERM from a runner cancelling us, Ctrl-C: stop Ray work now
+            if not isinstance(exc, Exception):  # stopped (Ray Train's own Ctrl-C handler ends a fit with SystemExit)
                 ray_runner.shutdown()
             raise
         entry.update(status=status, seconds=time.perf_counter() - t0)
@@ -89,6 +90,9 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         ctx = RunContext(run_id=run_id, pipeline=cfg.name, tracking_uri=uri, experiment_id=exp,
                          parent_run_id=parent, workdir=cfg.workdir, base_model=base, storage=storage)
         data = clock.run("validate", _stage("validate", cfg), cfg, ctx)
+        # Ray from here on, started once: in-process sized to what this pipeline asks for (concurrent runs on one
+        # machine share its cores), or the cluster at compute.ray_address, never a local Ray in its place.
+        ray_runner.ensure_ray(cfg.compute, cpus=ray_runner.local_cpus(cfg))
         tuned = clock.run("sft", _stage("sft", cfg), cfg, ctx, data.train_path, data.digests["sft"])
         aligned = None
         if cfg.align.method != "none":

@@ -5,10 +5,9 @@ import subprocess
 import sys
 import textwrap
 
-from typer.testing import CliRunner
-
 from alignpipe.cli.main import app
 from testlib import PIPELINES, REPO
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -38,8 +37,8 @@ def test_check_fails_on_a_bad_pipeline(tmp_path):
 def test_run_with_bad_config_exits_nonzero_without_traceback(tmp_path):
     env = {**os.environ, "PREFECT_API_URL": ""}
     proc = subprocess.run([sys.executable, "-m", "alignpipe.cli.main", "run", "smoke", "--config", str(PIPELINES),
-                           "--set", "sft.batch_size=many"], capture_output=True, text=True, timeout=300,
-                          cwd=REPO, env=env)
+                           "--set", "sft.batch_size=many"], check=False, capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env=env)
     assert proc.returncode == 1
     assert "sft.batch_size" in proc.stderr and "many" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -53,3 +52,22 @@ def test_every_command_turns_library_telemetry_off_first(monkeypatch):
     assert result.exit_code == 0, result.output
     assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert os.environ["DO_NOT_TRACK"] == "1" and os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_sigterm_ends_run_through_the_exit_handlers(monkeypatch, tmp_path):
+    """Then the temporary Prefect server `run` started stops with it (the default action would leave it running)."""
+    import signal
+
+    from alignpipe.flows import pipeline
+
+    def flow_that_gets_sigterm(**kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not end the run")
+
+    monkeypatch.setattr(pipeline, "alignpipe_pipeline", flow_that_gets_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        result = runner.invoke(app, ["run", "smoke", "--config", str(PIPELINES), "--set", f"workdir={tmp_path}"])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 128 + signal.SIGTERM, result.output

@@ -1,0 +1,88 @@
+"""SIGTERM to a running `alignpipe run`, mid-SFT: every process of the run ends within seconds, and the same pipeline
+run again resumes SFT from the checkpoint the first one left."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from testlib import PIPELINES, REPO
+
+from alignpipe import tracking
+
+pytestmark = pytest.mark.slow
+
+STEPS, SAVE = 40, 5   # the signal lands at the second checkpoint (step 10), well before the end
+STOP_WITHIN_S = 10
+
+
+def _checkpoints(workdir: Path) -> list[Path]:
+    return sorted(p for p in (workdir / "ray_results").glob("sft-*/checkpoint_*") if p.is_dir())
+
+
+def _alive(procs: list[psutil.Process]) -> list[str]:
+    alive = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{p.pid} {p.name()}")
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_sigterm_mid_sft_ends_every_process_of_the_run_and_a_rerun_resumes(prefect_harness, ray_local, tiny_model,
+                                                                          mlflow_uri, tmp_path):
+    workdir = tmp_path / "work"
+    overrides = {"workdir": str(workdir), "model.name": tiny_model, "tracking.mlflow_uri": mlflow_uri,
+                 "sft.max_steps": STEPS, "sft.save_steps": SAVE, "sft.eval_steps": STEPS,
+                 # what follows SFT is not under test here: kept short
+                 "align.method": "none", "quantize.method": "none", "evaluate.compare_base": False,
+                 "evaluate.max_new_tokens": 4, "register.enabled": False}
+    cmd = [sys.executable, "-m", "alignpipe.cli.main", "run", "smoke", "--config", str(PIPELINES)]
+    for key, value in overrides.items():
+        cmd += ["--set", f"{key}={value}"]
+    from alignpipe.flows.pipeline import alignpipe_pipeline
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the harness's API: no temporary server
+    log = tmp_path / "first-run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300  # two folders: the first is then complete and registered by Ray
+        while len(_checkpoints(workdir)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(_checkpoints(workdir)) >= 2, f"no SFT checkpoints before the run ended:\n{log.read_text()[-3000:]}"
+        driver = psutil.Process(proc.pid)
+        run_procs = [driver, *driver.children(recursive=True)]  # Ray's daemons and workers, Prefect's server
+        assert any(p.name().startswith("ray::RayTrainWorker") for p in run_procs[1:])
+
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        while _alive(run_procs) and time.monotonic() - sent < STOP_WITHIN_S:
+            time.sleep(0.1)
+        stopped_in = time.monotonic() - sent
+        assert not _alive(run_procs), f"alive {STOP_WITHIN_S} s after SIGTERM: {_alive(run_procs)}"
+        assert proc.wait(5) == 128 + signal.SIGTERM
+        print(f"every process of the run ended {stopped_in:.1f} s after SIGTERM")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    # the same pipeline again, here (Ray is up already): SFT has the same stage key, so its Ray Train run resumes
+    summary = alignpipe_pipeline(pipeline="smoke", overrides=overrides, config_file=str(PIPELINES))
+    assert {s["stage"]: s["status"] for s in summary["stages"]}["sft"] == "done"
+    client = tracking.client_for(mlflow_uri)
+    parent = client.get_run(summary["mlflow_run_id"])
+    [sft_run] = client.search_runs([parent.info.experiment_id],
+                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                   f"tags.`{tracking.TAG_STAGE}` = 'sft'")
+    steps = sorted(step for step, _ in tracking.metric_history(mlflow_uri, sft_run.info.run_id, "loss"))
+    assert steps[0] > SAVE and (steps[0] - 1) % SAVE == 0, steps[:5]   # right after a checkpoint of the first run
+    assert steps[-1] == STEPS and sft_run.data.metrics["final/global_step"] == STEPS
