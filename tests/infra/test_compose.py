@@ -7,7 +7,15 @@ import shutil
 import subprocess
 
 import pytest
-from infralib import COMPOSE, INFRA, INTERPOLATED, SECRET_KEY, compose_validator, errors, load
+from infralib import (
+    COMPOSE,
+    INFRA,
+    INTERPOLATED,
+    SECRET_KEY,
+    compose_validator,
+    errors,
+    load,
+)
 from testlib import REPO
 
 
@@ -42,7 +50,7 @@ def _compose_cli() -> list[str] | None:
     if standalone := shutil.which("docker-compose"):
         return [standalone]
     docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+    if docker and subprocess.run([docker, "compose", "version"], check=False, capture_output=True).returncode == 0:
         return [docker, "compose"]
     return None
 
@@ -54,10 +62,10 @@ def test_docker_compose_itself_accepts_the_stack():
         pytest.skip("no docker compose here: the schema tests above stand in for it")
     base = [*cli, "-f", str(COMPOSE)]
     ok = subprocess.run([*base, "--env-file", str(INFRA / ".env.example"), "config", "--quiet"],
-                        capture_output=True, text=True, env={})  # no variables of ours leak in
+                        check=False, capture_output=True, text=True, env={})  # no variables of ours leak in
     assert ok.returncode == 0, ok.stderr
     # Without the env file a required secret is missing: compose refuses and says where to set it.
-    missing = subprocess.run([*base, "config", "--quiet"], capture_output=True, text=True, env={})
+    missing = subprocess.run([*base, "config", "--quiet"], check=False, capture_output=True, text=True, env={})
     assert missing.returncode != 0 and "is missing a value: set" in missing.stderr and "infra/.env" in missing.stderr
 
 
@@ -72,7 +80,7 @@ def test_compose_names_the_stack_services(compose):
     assert services["ray-worker"]["deploy"]["replicas"] >= 1
     assert services["ray-head"]["command"][:3] == ["ray", "start", "--head"]
     assert "--address=ray-head:6379" in services["ray-worker"]["command"]
-    assert services["prefect-worker"]["command"][:3] == ["prefect", "worker", "start"]
+    assert "exec prefect worker start --pool" in services["prefect-worker"]["command"][-1]
     # The worker and every Ray node run the one alignpipe image built from infra/Dockerfile.
     for name in ("prefect-worker", "ray-head", "ray-worker"):
         assert services[name]["build"]["dockerfile"] == "infra/Dockerfile", name
@@ -102,8 +110,30 @@ def test_compose_publishes_ports_on_loopback_only(compose):
         for port in svc.get("ports", []):
             assert isinstance(port, str) and port.startswith("127.0.0.1:"), f"{name} publishes {port!r} beyond loopback"
             published[int(port.split(":")[1])] = name
-    assert published == {9000: "minio", 9001: "minio", 4200: "prefect-server", 5000: "mlflow", 8265: "ray-head",
-                         10001: "ray-head"}
+    # Ray: the dashboard and Jobs API only; no Ray Client port (10001), and the GCS stays inside the network
+    assert published == {9000: "minio", 9001: "minio", 4200: "prefect-server", 5000: "mlflow", 8265: "ray-head"}
+
+
+def test_compose_drivers_reach_ray_at_the_gcs_address_from_a_ray_node_never_through_ray_client(compose):
+    """The flow runs of the Prefect worker are Ray drivers at ray-head:6379; Ray attaches a driver to a node on its
+    own machine, so the worker's container joins the cluster as a node with no CPUs before the worker starts. Runs
+    from outside the network go in as Ray Jobs, whose driver runs on the head with the pipeline's variables."""
+    from alignpipe.config.compute import ComputeConfig
+
+    services = compose["services"]
+    worker = services["prefect-worker"]
+    address = worker["environment"]["RAY_ADDRESS"]
+    assert address == "ray-head:6379" and "--port=6379" in services["ray-head"]["command"]
+    assert ComputeConfig(ray_address=address).ray_address == address  # the pipeline accepts it
+    script = worker["command"][-1]
+    assert worker["command"][:2] == ["bash", "-c"]
+    assert script.index(f"ray start --address={address} --num-cpus=0") < script.index("exec prefect worker start")
+    for name, svc in services.items():
+        assert not any("ray-client-server-port" in str(arg) for arg in svc.get("command") or []), name
+        assert not any(str(v).startswith("ray://") for v in (svc.get("environment") or {}).values()), name
+    head_env = services["ray-head"]["environment"]
+    for key in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD"):
+        assert head_env[key] == worker["environment"][key], key  # a Ray Job's driver runs on the head
 
 
 def test_compose_services_have_healthchecks_and_wait_on_them(compose):

@@ -144,7 +144,24 @@ def test_k8s_mlflow_is_behind_basic_auth_and_in_cluster_only():
     assert docs[("Service", "mlflow")]["spec"]["type"] == "ClusterIP"
     worker = docs[("Deployment", "alignpipe-prefect-worker")]["spec"]["template"]["spec"]["containers"][0]
     assert {"secretRef": {"name": "prefect-worker-secrets"}} in worker["envFrom"]
-    assert worker["args"][:3] == ["prefect", "worker", "start"]
+    assert "exec prefect worker start --pool alignpipe" in worker["args"][-1]
     for container in (server, worker):
         for env in container.get("env", []):
             assert not (SECRET_KEY.search(env["name"]) and "value" in env), env["name"]
+
+
+def test_prefect_worker_reaches_kuberay_at_the_gcs_address_from_a_ray_node_never_through_ray_client(raycluster):
+    """Flow runs are Ray drivers at `<cluster>-head-svc:<gcs port>`, the Service KubeRay makes for the head; the pod
+    joins the cluster as a node with no CPUs first (Ray attaches a driver to a node on its own machine). The head
+    exposes no Ray Client port: Ray's docs say Ray Client may not work as expected with Ray Train."""
+    from alignpipe.config.compute import ComputeConfig
+
+    head_ports = {p["name"]: p["containerPort"] for p in _containers(raycluster["spec"]["headGroupSpec"])[0]["ports"]}
+    assert 10001 not in head_ports.values() and "client" not in head_ports
+    worker = _k8s_documents()[("Deployment", "alignpipe-prefect-worker")]["spec"]["template"]["spec"]["containers"][0]
+    address = {e["name"]: e.get("value") for e in worker["env"]}["RAY_ADDRESS"]
+    assert address == f"{raycluster['metadata']['name']}-head-svc:{head_ports['gcs']}"
+    assert ComputeConfig(ray_address=address).ray_address == address  # the pipeline accepts it
+    assert worker["command"] == ["bash", "-c"]
+    script = worker["args"][-1]
+    assert script.index('ray start --address="$RAY_ADDRESS" --num-cpus=0') < script.index("exec prefect worker start")
