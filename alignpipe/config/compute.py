@@ -49,9 +49,10 @@ class ComputeConfig(Section):
     def _not_ray_client(cls, value: str | None) -> str | None:
         if value and value.startswith("ray://"):
             raise ValueError(
-                "Ray Client (`ray://`) may not work as expected with Ray Train, Ray's docs say: from a driver inside the cluster's network use the cluster's GCS address `<head>:6379` (e.g. "
-                "RAY_ADDRESS=alignpipe-head-svc:6379); from outside it, submit the run as a Ray Job (`ray job submit "
-                "--address http://<head>:8265 -- alignpipe run <pipeline>`: Ray sets RAY_ADDRESS for the job)"
+                "Ray Client (`ray://`) may not work as expected with Ray Train, Ray's docs say: from a driver on a "
+                "node of the cluster use its GCS address `<head>:6379` (e.g. RAY_ADDRESS=alignpipe-head-svc:6379); "
+                "from anywhere else, submit the run as a Ray Job (`ray job submit --address http://<head>:8265 -- "
+                "alignpipe run <pipeline>`: Ray sets RAY_ADDRESS for the job's driver)"
             )
         return value
 
