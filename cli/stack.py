@@ -321,19 +321,27 @@ def ray_node_env(extra: dict[str, str]) -> dict[str, str]:
     return {"RAY_USAGE_STATS_ENABLED": "0", **LOCAL_RAY_ENV, **RAY_CLIENT_ENV, **extra}
 
 
-def start_ray_head(root: Path, port: int, temp_dir: str, cpus: int, env: dict[str, str]) -> Service:
-    """A Ray head node (GCS on HOST:`port`, no dashboard) with `cpus` CPUs; not waited for (wait_ray_nodes)."""
+def start_ray_head(root: Path, port: int, temp_dir: str, cpus: int, env: dict[str, str],
+                   dashboard_port: int | None = None) -> Service:
+    """A Ray head node (GCS on HOST:`port`) with `cpus` CPUs; not waited for (wait_ray_nodes). No dashboard unless
+    `dashboard_port` is given: then it serves Ray's state API (`ray.util.state`) on HOST:`dashboard_port`."""
     ensure_auth_token()
-    cmd = [str(BIN / "ray"), "start", "--head", "--port", str(port), "--temp-dir", temp_dir,
-           "--include-dashboard", "false", *_ray_node_args(cpus)]
+    dashboard = (["--include-dashboard", "true", "--dashboard-host", HOST, "--dashboard-port", str(dashboard_port)]
+                 if dashboard_port else ["--include-dashboard", "false"])
+    cmd = [str(BIN / "ray"), "start", "--head", "--port", str(port), "--temp-dir", temp_dir, *dashboard,
+           *_ray_node_args(cpus)]
     return _start("ray-head", cmd, port, f"{HOST}:{port}", root / "logs", env)
 
 
 def start_ray_worker(root: Path, head_port: int, cpus: int, env: dict[str, str],
-                     resources: dict[str, float] | None = None, wrap: list[str] | None = None) -> Service:
-    """A Ray worker node joining the head on HOST:`head_port`, with `cpus` CPUs and custom `resources`; not waited
-    for. `wrap` is a command that runs the node's `ray start` (its arguments appended), e.g. in its own namespace."""
+                     resources: dict[str, float] | None = None, wrap: list[str] | None = None,
+                     gpus: int | None = None) -> Service:
+    """A Ray worker node joining the head on HOST:`head_port`, with `cpus` CPUs, custom `resources` and `gpus` GPUs
+    advertised (Ray takes the number as given, GPU or not); not waited for. `wrap` is a command that runs the node's
+    `ray start` (its arguments appended), e.g. in its own namespace."""
     cmd = [str(BIN / "ray"), "start", "--address", f"{HOST}:{head_port}", *_ray_node_args(cpus)]
+    if gpus is not None:
+        cmd += ["--num-gpus", str(gpus)]
     if resources:
         cmd += ["--resources", json.dumps(resources)]
     return _start("ray-worker", [*(wrap or []), *cmd], head_port, f"{HOST}:{head_port}", root / "logs", env)

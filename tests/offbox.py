@@ -86,6 +86,7 @@ class Offbox:
     mlflow_url: str
     ray_address: str
     worker_pid: int
+    dashboard_url: str  # the head's dashboard: Ray's state API (ray.util.state.list_tasks(address=...))
 
     @property
     def s3_url(self) -> str:
@@ -202,13 +203,16 @@ def running(root: Path, masked: list[Path], timeout: float = 120) -> Iterator[Of
         # the rest side by side, as in stack.up
         mlflow = add(stack.start_mlflow(root, stack.free_port(), artifacts=f"s3://{BUCKET}/mlflow", env=s3.env))
         ray_env = stack.ray_node_env(s3.env)
-        head = add(stack.start_ray_head(root, stack.free_port(), stack.ray_temp_dir(root), 0, ray_env))
+        dashboard_port = stack.free_port()  # Ray's state API: what each task and actor asked for, and where it ran
+        head = add(stack.start_ray_head(root, stack.free_port(), stack.ray_temp_dir(root), 0, ray_env,
+                                        dashboard_port=dashboard_port))
         stack.wait_gcs(head, timeout)
+        # one GPU advertised (none present): with compute.use_gpu the stages' GPU requests are granted here
         worker = add(stack.start_ray_worker(root, head.port, WORKER_CPUS, ray_env, resources={RESOURCE: 100},
-                                            wrap=masking_wrap(masked)))
+                                            wrap=masking_wrap(masked), gpus=1))
         stack.wait_mlflow(mlflow, timeout)
         stack.wait_ray_nodes(worker, head.port, 2, timeout)
         yield Offbox(root=root, workdir=workdir, masked=masked, s3=s3, mlflow_url=mlflow.url, ray_address=head.url,
-                     worker_pid=worker.pid)
+                     worker_pid=worker.pid, dashboard_url=f"http://{stack.HOST}:{dashboard_port}")
     finally:
         stack.down(root, grace=STOP_GRACE_S)

@@ -11,9 +11,10 @@ ALLOCATORS = ("auto", "system", "tcmalloc", "jemalloc")
 
 class ComputeConfig(Section):
     ray_address: str | None = Field(
-        None, description="Ray cluster to run on: its GCS address `<head>:6379` from a driver inside the cluster's "
-        "network, or `auto` (the cluster this process runs on, e.g. a Ray Job). Not Ray Client (`ray://`), which Ray "
-        "Train does not support. Empty = start Ray in-process, sized to what the pipeline asks for."
+        None, description="Ray cluster to run on: its GCS address `<head>:6379` from a driver on a node of the "
+        "cluster (one with no CPUs will do), or `auto` (the cluster this process runs on, e.g. a Ray Job). Not Ray "
+        "Client (`ray://`), which Ray Train does not support. Empty = start Ray in-process, sized to what the "
+        "pipeline asks for."
     )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP across them).")
     use_gpu: bool = Field(False, description="One GPU per training worker and per heavy task (merge, quantize, "

@@ -109,10 +109,10 @@ def test_bad_override_syntax(tmp_path):
 
 def test_remote_ray_with_local_sqlite_is_refused(tmp_path):
     p = write(tmp_path, BASE)
-    msg = str(pytest.raises(ConfigError, load_pipeline, p, "p", env={"RAY_ADDRESS": "ray://10.0.0.5:10001"}).value)
+    msg = str(pytest.raises(ConfigError, load_pipeline, p, "p", env={"RAY_ADDRESS": "10.0.0.5:6379"}).value)
     assert "workers cannot reach" in msg and "tracking.mlflow_uri" in msg
-    ok = load_pipeline(p, "p", env={"RAY_ADDRESS": "ray://10.0.0.5:10001", "MLFLOW_TRACKING_URI": "http://m:5000"})
-    assert ok.compute.ray_address == "ray://10.0.0.5:10001"
+    ok = load_pipeline(p, "p", env={"RAY_ADDRESS": "10.0.0.5:6379", "MLFLOW_TRACKING_URI": "http://m:5000"})
+    assert ok.compute.ray_address == "10.0.0.5:6379"
     assert load_pipeline(p, "p", env={"RAY_ADDRESS": "127.0.0.1:6379"}).compute.ray_address == "127.0.0.1:6379"
 
 

@@ -81,8 +81,8 @@ def test_malloc_library_follows_the_config_and_where_ray_runs(tmp_path, monkeypa
     assert malloc_library(ComputeConfig()) == "libtcmalloc_minimal.so.4"
     assert malloc_library(ComputeConfig(allocator="system")) is None
     # a cluster's workers keep what its image preloads, unless the config names a library, which its nodes resolve
-    assert malloc_library(ComputeConfig(ray_address="ray://head:10001")) is None
-    assert malloc_library(ComputeConfig(ray_address="ray://head:10001", allocator="jemalloc")) == "libjemalloc.so.2"
+    assert malloc_library(ComputeConfig(ray_address="head:6379")) is None
+    assert malloc_library(ComputeConfig(ray_address="head:6379", allocator="jemalloc")) == "libjemalloc.so.2"
     with pytest.raises(ConfigError, match="jemalloc is not installed.*apt-get install libjemalloc2"):
         malloc_library(ComputeConfig(allocator="jemalloc"))
     with pytest.raises(ConfigError, match="does not exist"):

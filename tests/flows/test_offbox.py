@@ -1,6 +1,6 @@
 """The smoke pipeline on a Ray node that shares no disk with the driver, storage on a real S3 server.
 
-The `offbox` fixture's worker node cannot read the driver's workdir, data/, /tmp or the tiny model (tests/infra
+The `offbox` fixture's worker node cannot read the driver's workdir, data/, /tmp or the tiny model (tests/test_offbox.py
 checks that); it is the only node with CPUs and the `offbox` resource every heavy stage asks for. The run is killed
 mid-SFT (its training worker process, on that node) and must resume from the checkpoint Ray Train keeps in S3, then
 go on to a registered model that loads, in a fresh process, from the MLflow server whose artifacts live in S3.
