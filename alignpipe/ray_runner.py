@@ -6,7 +6,6 @@ storage finds the last reported checkpoint (Ray Train v2 restores it; `ray.train
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,49 +187,39 @@ def local_cpus(cfg: PipelineConfig) -> int:
     return min(math.ceil(need), os.cpu_count() or 1)
 
 
-# What stops a run: SIGTERM (a Prefect worker cancelling a flow run, a pod evicted, `kill`) and SIGINT (Ctrl-C).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+def wait_interruptibly(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`, a call that blocks on Ray (`trainer.fit()`, `ray.get`), made so that a stop signal stops it.
 
-
-@contextlib.contextmanager
-def stop_on_signal() -> Iterator[None]:
-    """Within the block, SIGTERM or SIGINT first stops this process's Ray work, then takes the course the handler
-    in place before would have given it (Prefect's: a cancelled or crashed flow run; Python's: KeyboardInterrupt).
-
-    The driver waits for Ray Train and Ray tasks inside `ray.get`, which runs signal handlers while it waits but
-    ends the wait only for a KeyboardInterrupt or SystemExit: any other exception a handler raises (Prefect's
-    TerminationSignal on SIGTERM) stays pending while the workers train on to the end. So the handler here raises
-    KeyboardInterrupt; once the block has unwound, Ray is shut down (an in-process Ray stops with its workers; on
-    a cluster the job's actors die with their driver) and the signal is sent again, to the handler from before.
-    The block also ends the SIGINT handler each Ray Train `fit()` installs and leaves behind, which aborts that
-    (finished) run and swallows every later Ctrl-C. Main thread only, where Python runs signal handlers.
-
-    (A Prefect runner asks a flow run to acknowledge a cancel only while Prefect's own SIGTERM handler is the live
-    one; within the block it is not, so the runner goes straight to its SIGTERM and then marks the run Cancelled.)
+    Ray's blocking wait runs Python's signal handlers but ends only for a KeyboardInterrupt or SystemExit; any other
+    exception a handler raises (Prefect's TerminationSignal on SIGTERM: a cancelled flow run, an evicted pod,
+    `kill`) stays pending while the workers train on to the end. So the call runs in a helper thread, and the main
+    thread waits in short joins, where a handler's exception surfaces at once: this process's Ray work is then
+    shut down (an in-process Ray stops with its workers; on a cluster the job's actors die with their driver) and
+    the exception goes on, to Prefect or to Python. The signal handlers themselves stay as they were: Prefect
+    acknowledges a runner's cancel only while its own SIGTERM handler is installed, and Ray Train registers no
+    SIGINT handler of its own outside the main thread (one it would leave behind after the fit).
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return fn(*args)
+    outcome: dict[str, Any] = {}
 
-    def stop(signum, frame):
-        received.append(signum)
-        if len(received) == 1:  # later ones arrive while the first unwinds, or while Ray shuts down
-            raise KeyboardInterrupt
+    def call() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as exc:  # handed to the main thread below
+            outcome["error"] = exc
 
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    for sig, handler in previous.items():
-        if handler is not signal.SIG_IGN:  # an ignored signal stays ignored
-            signal.signal(sig, stop)
+    worker = threading.Thread(target=call, name="ray-wait", daemon=True)
     try:
-        yield
-    finally:
-        if received:
-            shutdown()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        if received:
-            os.kill(os.getpid(), received[0])  # Python runs the restored handler before os.kill returns
+        worker.start()  # a signal may land while it starts
+        while worker.is_alive():
+            worker.join(0.2)
+    except BaseException:
+        shutdown()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 # Ray Train's placement-group cleaner asks the state API every second whether the run's controller is alive. The
@@ -289,7 +278,7 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
             worker_runtime_env={"env_vars": worker_env(compute)},
         ),
     )
-    return trainer.fit()
+    return wait_interruptibly(trainer.fit)
 
 
 def task_options(compute: ComputeConfig, cpus: float) -> dict[str, Any]:
@@ -306,7 +295,7 @@ def get(ref):
     from alignpipe.errors import AlignpipeError
 
     try:
-        return ray.get(ref)
+        return wait_interruptibly(ray.get, ref)
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, AlignpipeError):
             raise exc.cause from None

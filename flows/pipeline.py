@@ -35,16 +35,15 @@ class StageClock:
         t0 = time.perf_counter()
         status = "done"
         try:
-            with ray_runner.stop_on_signal():  # SIGTERM or Ctrl-C ends the stage's Ray work within seconds
-                if isinstance(fn, Task):
-                    state = fn(*args, return_state=True)
-                    status = "cached" if state.name == "Cached" else "done"
-                    result = state.result()  # re-raises the stage's own exception
-                else:
-                    result = fn(*args)
+            if isinstance(fn, Task):
+                state = fn(*args, return_state=True)
+                status = "cached" if state.name == "Cached" else "done"
+                result = state.result()  # re-raises the stage's own exception
+            else:
+                result = fn(*args)
         except BaseException as exc:
             entry.update(status="failed", seconds=time.perf_counter() - t0)
-            if not isinstance(exc, Exception):  # stopped (Ray Train's own Ctrl-C handler ends a fit with SystemExit)
+            if not isinstance(exc, Exception):  # SIGTERM, Ctrl-C (ray_runner.wait_interruptibly): no Ray work stays
                 ray_runner.shutdown()
             raise
         entry.update(status=status, seconds=time.perf_counter() - t0)

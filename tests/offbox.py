@@ -17,6 +17,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from pathlib import Path
 from alignpipe.cli import stack
 
 RESOURCE = "offbox"
+# What the worker node must still see: the checkout (the editable install points into it) and the virtualenv
+KEEP = [Path(__file__).resolve().parents[1], Path(sys.prefix).resolve()]
 BUCKET = "offbox"  # not the stack's bucket name: pipeline code must take it from the storage path
 WORKER_CPUS = 2
 # Ray's nodes ignore SIGTERM for long stretches (`down` would wait out its whole grace); nothing here needs a drain
@@ -172,14 +175,33 @@ def namespace_problem() -> str | None:
     return None
 
 
-def masking_wrap(masked: list[Path]) -> list[str]:
-    """A command prefix that runs its arguments in a new mount namespace with an empty tmpfs over each of `masked`.
+def masking_wrap(masked: list[Path], keep: list[Path]) -> list[str]:
+    """A command prefix that runs its arguments in a new mount namespace with an empty tmpfs over each of `masked`,
+    except for the folders of `keep` beneath them (the checkout and its virtualenv, where they live in /tmp, as in a
+    clean clone there): each is bound back in from a view of the folder taken before the tmpfs covered it.
 
-    Deepest first: a tmpfs over /tmp first would leave nothing below it to mount over.
+    Shallowest first, so /tmp is private before anything inside it is decided; a masked folder already hidden under
+    an earlier tmpfs (and not inside a kept folder) needs no mount of its own.
     """
-    mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(p))}"
-                         for p in sorted(masked, key=lambda p: len(p.parts), reverse=True))
-    return [*unshare_prefix(), "sh", "-c", f'{mounts} && exec "$@"', "sh"]
+    def under(path: Path, folder: Path) -> bool:
+        return path == folder or folder in path.parents
+
+    steps, done = [], []
+    for folder in sorted(masked, key=lambda p: len(p.parts)):
+        if any(under(folder, m) for m in done) and not any(under(folder, k) for k in keep):
+            continue
+        inside = [k for k in keep if under(k, folder) and k != folder]
+        q = shlex.quote(str(folder))
+        if inside:  # /mnt: an empty folder every Linux has; the view is private to this namespace
+            steps.append(f"mount --bind {q} /mnt")
+        steps.append(f"mount -t tmpfs tmpfs {q}")
+        for k in inside:
+            kq = shlex.quote(str(k))
+            steps += [f"mkdir -p {kq}", f"mount --bind {shlex.quote(str(Path('/mnt', k.relative_to(folder))))} {kq}"]
+        if inside:
+            steps.append("umount -l /mnt")
+        done.append(folder)
+    return [*unshare_prefix(), "sh", "-c", f'{" && ".join(steps)} && exec "$@"', "sh"]
 
 
 @contextlib.contextmanager
@@ -209,7 +231,7 @@ def running(root: Path, masked: list[Path], timeout: float = 120) -> Iterator[Of
         stack.wait_gcs(head, timeout)
         # one GPU advertised (none present): with compute.use_gpu the stages' GPU requests are granted here
         worker = add(stack.start_ray_worker(root, head.port, WORKER_CPUS, ray_env, resources={RESOURCE: 100},
-                                            wrap=masking_wrap(masked), gpus=1))
+                                            wrap=masking_wrap(masked, KEEP), gpus=1))
         stack.wait_mlflow(mlflow, timeout)
         stack.wait_ray_nodes(worker, head.port, 2, timeout)
         yield Offbox(root=root, workdir=workdir, masked=masked, s3=s3, mlflow_url=mlflow.url, ray_address=head.url,
