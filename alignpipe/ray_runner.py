@@ -216,6 +216,7 @@ def wait_interruptibly(fn: Callable[..., Any], *args: Any) -> Any:
             worker.join(0.2)
     except BaseException:
         shutdown()
+        worker.join(10)  # its Ray call ends with the connection: a thread left inside Ray's core at exit can crash it
         raise
     if "error" in outcome:
         raise outcome["error"]
