@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from alignpipe import models, ray_runner, secrets, tracking
 from alignpipe.flows.caching import cached
 from alignpipe.config import load_checked
-from alignpipe.flows import stages
+from alignpipe.flows import artifacts, stages
 from alignpipe.runs import RunContext, config_digest, git_commit, publish_model, save_summary
 from alignpipe.storage import Storage
 from alignpipe.tasks.evaluate import ModelSpec
@@ -112,6 +112,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
                                    quantized_from=last.label))
         scores = clock.run("evaluate", _stage("evaluate", cfg), cfg, ctx, data.eval_path, data.digests["eval"], specs,
                            data.preference_eval_path)
+        artifacts.publish_evaluation(cfg.name, scores)  # the table on the flow-run page
         final = specs[-1]  # the registered artifact: the quantized model when quantization ran
         registered = None
         if cfg.register_.enabled:
@@ -125,6 +126,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
                 lineage["run_id.quantize"] = quantized.mlflow_run_id
             registered = clock.run("register", stages.register, cfg, ctx, final.base_path, final.adapter_dir,
                                    final.quantized_dir, scores.metrics, final.label, lineage)
+        artifacts.publish_promotion(cfg.name, registered)
         cached_stages = [s["stage"] for s in clock.stages if s["status"] == "cached"]
         tracking.client_for(uri).set_tag(parent, "alignpipe.cached_stages", ",".join(cached_stages) or "none")
     summary = {
