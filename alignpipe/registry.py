@@ -1,8 +1,10 @@
 """Model registry logic shared by the `register` task and the CLI: gates, promotion, rollback, retention, locks.
 
 Everything reads and writes the MLflow Model Registry through an explicit `MlflowClient`. A version's evaluation
-metrics live in its tags (`metrics.<name>` for the registered artifact, `base_metrics.<name>` for the base model),
-so gates can be re-checked later (`alignpipe promote`) without the run that produced them.
+metrics are metrics of its MLflow 3 logged model (`<name>` for the registered artifact, `base.<name>` for the base
+model from the same evaluation), so the UI's Models tab lists and charts them and gates can be re-checked later
+(`alignpipe promote`) without the run that produced them. Versions registered before that kept them in string tags
+(`metrics.<name>`, `base_metrics.<name>`); `version_metrics` still reads those.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from alignpipe.errors import AlignpipeError
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 PROTECTED = (CHAMPION, CHALLENGER, PREVIOUS)
-METRIC_TAG, BASE_TAG = "metrics.", "base_metrics."
+BASE_METRIC = "base."              # logged-model metric prefix of the base model's values
+METRIC_TAG, BASE_TAG = "metrics.", "base_metrics."  # where versions registered before kept them (read only)
 LOCK_TAG = "alignpipe.lock"          # lease on the registered model, for registries we can't put a file lock beside
 LEASE_S, SETTLE_S = 120.0, 0.5
 HISTORY_KEEP = 50                    # alias events kept in a version's `alias_history` tag
@@ -102,7 +105,44 @@ def failed_text(results: list[GateResult]) -> str:
 
 # --- versions and their metrics --------------------------------------------------------------------------------
 
+def log_version_metrics(client, run_id: str, model_id: str, candidate: dict[str, float],
+                        base: dict[str, float]) -> None:
+    """Attach an evaluation to a logged model: the candidate's metrics by name, the base model's as `base.<name>`.
+
+    They are logged through `run_id` (the run that logged the model), which records them on the run too.
+    """
+    from mlflow.entities import Metric
+
+    at = int(time.time() * 1000)
+    batch = [Metric(k, float(v), at, 0, model_id=model_id) for k, v in sorted(candidate.items())]
+    batch += [Metric(f"{BASE_METRIC}{k}", float(v), at, 0, model_id=model_id) for k, v in sorted(base.items())]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+
+
+def version_metrics(client, mv) -> tuple[dict[str, float], dict[str, float]]:
+    """(candidate, base) metrics of a version: its logged model's, else its tags (versions registered before)."""
+    from mlflow.exceptions import MlflowException
+
+    model_id = logged_model_id(mv)
+    logged = []
+    if model_id:
+        try:
+            logged = client.get_logged_model(model_id).metrics or []
+        except MlflowException:  # the logged model was deleted: the tags are all there is
+            pass
+    if not logged:
+        return tag_metrics(mv.tags), tag_metrics(mv.tags, BASE_TAG)
+    latest = {}
+    for m in sorted(logged, key=lambda m: (m.timestamp, m.step)):  # a key logged twice: the latest value wins
+        latest[m.key] = float(m.value)
+    candidate = {k: v for k, v in latest.items() if not k.startswith(BASE_METRIC)}
+    base = {k.removeprefix(BASE_METRIC): v for k, v in latest.items() if k.startswith(BASE_METRIC)}
+    return candidate, base
+
+
 def tag_metrics(tags: dict[str, str], prefix: str = METRIC_TAG) -> dict[str, float]:
+    """Metrics kept as string tags `<prefix><name>` (versions registered before logged-model metrics)."""
     out = {}
     for key, value in tags.items():
         if key.startswith(prefix):
@@ -316,8 +356,9 @@ def promote(client, uri: str, name: str, version: str, *, gates: list[Gate], pri
         current = alias_version(client, name, CHAMPION)
         champion = None if current is None or str(current.version) == version else current
         against = f"champion v{champion.version}" if champion else "base (no champion yet)"
-        results = check_gates(gates, primary_metric, tag_metrics(mv.tags), tag_metrics(mv.tags, BASE_TAG),
-                              tag_metrics(champion.tags) if champion else None,
+        candidate, base = version_metrics(client, mv)
+        results = check_gates(gates, primary_metric, candidate, base,
+                              version_metrics(client, champion)[0] if champion else None,
                               f"champion v{champion.version}" if champion else CHAMPION)
         passed = all(r.passed for r in results)
         decision = Decision(version, passed or force, alias, against, results, forced=force and not passed)
