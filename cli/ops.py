@@ -77,12 +77,23 @@ def _print_status(workdir: Path) -> bool:
 def deploy(
     config: Annotated[Path, typer.Option("--config", "-c", help="Pipelines file.")] = Path("pipelines.yaml"),
     serve: Annotated[bool, typer.Option("--serve", help="Stay up and run the deployments' flow runs.")] = False,
+    prefect_yaml: Annotated[Path | None, typer.Option(
+        "--prefect-yaml", help="Write the same deployments to this prefect.yaml (for `prefect deploy`) instead; "
+                               "needs no server.")] = None,
 ) -> None:
     """Create a Prefect deployment per pipeline (schedule + parameter form) on the server at PREFECT_API_URL."""
     from prefect.settings import PREFECT_API_URL
 
-    from alignpipe.flows.deploy import apply_deployments, build_deployments, serve_deployments
+    from alignpipe.flows.deploy import apply_deployments, build_deployments, prefect_yaml as render, serve_deployments
 
+    if prefect_yaml is not None:
+        try:
+            deployments = build_deployments(config)
+        except AlignpipeError as exc:
+            _fail(exc)
+        prefect_yaml.write_text(render(deployments, config, prefect_yaml))
+        console.print(f"wrote {prefect_yaml}: {', '.join(d.name for d in deployments)}")
+        return
     try:
         if not PREFECT_API_URL.value():  # else Prefect would deploy to a throw-away temporary server
             raise AlignpipeError("PREFECT_API_URL is not set: deployments need a Prefect server; start the local "
@@ -97,7 +108,7 @@ def deploy(
     table = Table("deployment", "schedule", "id")
     for d in deployments:
         sched = ", ".join(str(s.schedule.cron if hasattr(s.schedule, "cron") else s.schedule.interval)
-                          for s in d.schedules) or "-"
+                          + ("" if s.active else " (paused)") for s in d.schedules) or "-"
         table.add_row(f"alignpipe/{d.name}", sched, ids[d.name])
     console.print(table)
     console.print("Runs launched from the UI or by a schedule start once a serve process polls for them:\n"

@@ -9,6 +9,8 @@ class ScheduleConfig(Section):
     cron: str | None = Field(None, description="Cron expression, e.g. '0 3 * * 1' (Mondays 03:00).")
     interval_seconds: int | None = Field(None, ge=60, description="Run every N seconds instead of a cron.")
     timezone: str = Field("UTC", description="IANA timezone for the cron expression.")
+    active: bool = Field(True, description="false = deployed paused: shown in the UI, no runs until switched on "
+                                           "there (or here, and deployed again).")
 
     @model_validator(mode="after")
     def _one_kind(self):

@@ -176,19 +176,3 @@ def test_prefect_ui_lists_the_deployments(local_stack, deployed):
     subprocess.run([*args, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000
 
-
-def test_prefect_yaml_declares_every_pipeline():
-    """The Prefect-native file stays in step with pipelines.yaml and points at the real flow."""
-    import yaml
-
-    from alignpipe.config import pipeline_names
-    from alignpipe.flows.pipeline import alignpipe_pipeline
-    from testlib import PIPELINES
-
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    by_name = {d["name"]: d for d in spec["deployments"]}
-    assert set(by_name) == set(pipeline_names(PIPELINES))
-    for name, d in by_name.items():
-        path, func = d["entrypoint"].split(":")
-        assert (REPO / path).is_file() and func == alignpipe_pipeline.fn.__name__
-        assert d["parameters"]["pipeline"] == name and d["work_pool"]["name"] == "alignpipe"
