@@ -65,7 +65,7 @@ def models(name: Annotated[str | None, typer.Argument(help="Registered model; om
         return
     table = Table("version", "aliases", "candidate", *registry.KEY_METRICS[:4], "decision", "gates", title=name)
     for mv in registry.versions(client, name):
-        m = registry.tag_metrics(mv.tags)
+        m, _ = registry.version_metrics(client, mv)
         failed = mv.tags.get("gates.failed", "")
         gates = "[green]all passed[/green]" if "gates.results" in mv.tags and not failed else \
             (f"[red]{failed}[/red]" if failed else "-")

@@ -2,8 +2,9 @@
 
 Reads the final artifact of the run: merged or quantized weights, or base + adapter (merged here on Ray, or
 kept as adapter plus a pinned base reference when `register.adapter_only`), and the evaluation metrics. Writes
-the model card and the logged model into the nested `register` run, a model version tagged with the run's
-lineage, `@challenger` on it, and `@champion` when every gate in `register.gates` passes (alignpipe.registry).
+the model card and the logged model into the nested `register` run, the evaluation as that logged model's metrics,
+a model version tagged with the run's lineage, `@challenger` on it, and `@champion` when every gate in
+`register.gates` passes (alignpipe.registry).
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
     with tracking.stage_run(uri, ctx.parent_run_id, "register", key) as run_id:
         art = _artifact(cfg, ctx, key, base_path, adapter_dir, quantized_dir)
         lineage = {**_stage_run_ids(client, ctx), **lineage}
-        tags = _lineage_tags(cfg, lineage, metrics, candidate, art)
+        tags = _lineage_tags(cfg, lineage, candidate, art)
+        numbers = {label: {k: float(v) for k, v in m.items() if tracking.is_number(v)} for label, m in metrics.items()}
         _log_datasets(client, run_id, cfg, lineage)
         registry.ensure_model(client, name)
         existing = registry.find_by_digest(client, name, art.digest)
@@ -142,7 +144,7 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
             champion = registry.alias_version(client, name, registry.CHAMPION)
             card = secrets.redact(model_card(
                 cfg, name, candidate, metrics,
-                (str(champion.version), registry.tag_metrics(champion.tags)) if champion else None,
+                (str(champion.version), registry.version_metrics(client, champion)[0]) if champion else None,
                 {**lineage, **tags}, art.description))
             card_path = ctx.stage_dir("register", key) / "model_card.md"
             card_path.write_text(card)
@@ -160,6 +162,9 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
                     pip_requirements=pip_requirements(art.requirements_extra),
                     code_paths=art.code_paths or None,
                 )
+                # before the version exists, so no reader ever finds a version without its metrics
+                registry.log_version_metrics(client, run_id, info.model_id, numbers.get(candidate, {}),
+                                             numbers.get("base", {}))
                 # Under the lock, so two runs with the same weights can't both create a version; still inside
                 # the fluent run: the SQL registry resolves the logged model through the *global* tracking URI.
                 with registry.registry_lock(client, uri, name):
@@ -243,9 +248,8 @@ def _pin(package: str) -> str:
                              f"pip install {package} (pinned in requirements.lock)") from None
 
 
-def _lineage_tags(cfg: PipelineConfig, lineage: dict[str, str], metrics: dict[str, dict[str, float]],
-                  candidate: str, art: Artifact) -> dict[str, str]:
-    """Version tags: lineage, lock-file digest, seeds, the weights digest and the evaluation metrics."""
+def _lineage_tags(cfg: PipelineConfig, lineage: dict[str, str], candidate: str, art: Artifact) -> dict[str, str]:
+    """Version tags: lineage, lock-file digest, seeds, the weights digest (the metrics go on the logged model)."""
     tags = {k: str(v) for k, v in lineage.items() if k not in NOT_TAGS}
     lock = Path(alignpipe.__file__).resolve().parent.parent / "requirements.lock"
     tags["lock_digest"] = file_digest(lock) if lock.is_file() else "unknown"
@@ -255,10 +259,6 @@ def _lineage_tags(cfg: PipelineConfig, lineage: dict[str, str], metrics: dict[st
         if seed is not None:
             tags[f"seed.{stage}"] = str(seed)
     tags.update({"weights_digest": art.digest, "candidate": candidate, "pipeline": cfg.name})
-    numbers = {label: {k: float(v) for k, v in m.items() if tracking.is_number(v)} for label, m in metrics.items()}
-    tags.update({f"{registry.METRIC_TAG}{k}": str(v) for k, v in numbers.get(candidate, {}).items()})
-    tags.update({f"{registry.BASE_TAG}{k}": str(v) for k, v in numbers.get("base", {}).items()})
-    tags["evaluation"] = json.dumps(numbers, sort_keys=True)
     return {k: secrets.redact(v) for k, v in tags.items()}  # lineage carries user-set text (paths, names)
 
 

@@ -47,17 +47,38 @@ def model_variant(src, dest, seed: int) -> str:
     return str(dest)
 
 
-def registry_version(client, name: str, metrics: dict, base: dict, source, pipeline: str = "smoke") -> str:
-    """A model version with evaluation-metric tags, from a plain folder (no model logging: fast registry tests)."""
+def registry_version(client, name: str, metrics: dict, base: dict, source, pipeline: str = "smoke",
+                     legacy: bool = False) -> str:
+    """A model version from a plain folder, without pyfunc logging (fast registry tests).
+
+    As the register stage makes one: a logged model holding the folder, with the evaluation as its metrics
+    (`registry.log_version_metrics`). `legacy`: as versions registered before that were, the folder as the source
+    and the metrics in `metrics.<name>` / `base_metrics.<name>` tags.
+    """
+    import mlflow
+
     from alignpipe import registry
 
     registry.ensure_model(client, name)
     Path(source).mkdir(parents=True, exist_ok=True)
     (Path(source) / "weights.bin").write_bytes(b"\0" * 4096)
-    tags = {f"{registry.METRIC_TAG}{k}": str(v) for k, v in metrics.items()}
-    tags.update({f"{registry.BASE_TAG}{k}": str(v) for k, v in base.items()})
-    tags["pipeline"] = pipeline
-    return str(client.create_model_version(name, Path(source).resolve().as_uri(), tags=tags).version)
+    tags = {"pipeline": pipeline}
+    if legacy:
+        tags.update({f"{registry.METRIC_TAG}{k}": str(v) for k, v in metrics.items()})
+        tags.update({f"{registry.BASE_TAG}{k}": str(v) for k, v in base.items()})
+        return str(client.create_model_version(name, Path(source).resolve().as_uri(), tags=tags).version)
+    run_id = client.create_run("0").info.run_id
+    model_id = client.create_logged_model("0", source_run_id=run_id).model_id
+    client.log_model_artifacts(model_id, str(source))
+    registry.log_version_metrics(client, run_id, model_id, metrics, base)
+    client.set_terminated(run_id)
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(client.tracking_uri)  # the SQL registry resolves `models:/m-<id>` through the global URI
+    try:
+        mv = client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return str(mv.version)
 
 
 def stack_pipelines(tmp_path, tiny_model, schedules: dict[str, dict] | None = None):

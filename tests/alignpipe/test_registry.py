@@ -115,6 +115,33 @@ def test_worse_never_champion_better_is_and_rollback_restores(client, mlflow_uri
         registry.rollback(client, mlflow_uri, NAME, "test")
 
 
+def test_gates_read_the_metrics_of_the_versions_logged_model(client, mlflow_uri, tmp_path):
+    v = _version(client, tmp_path, 0.5, lat=90.0)
+    mv = client.get_model_version(NAME, v)
+    assert not [k for k in mv.tags if k.startswith((registry.METRIC_TAG, registry.BASE_TAG))]
+    numbers = {m.key: m.value for m in client.get_logged_model(registry.logged_model_id(mv)).metrics}
+    assert numbers == {"exact_match": 0.5, "json_validity": 1.0, "latency_p95_ms": 90.0, "base.exact_match": 0.1,
+                       "base.json_validity": 0.5, "base.latency_p95_ms": 100.0}
+    assert registry.version_metrics(client, mv) == ({"exact_match": 0.5, "json_validity": 1.0,
+                                                     "latency_p95_ms": 90.0}, BASE)
+    decision = _promote(client, mlflow_uri, v)
+    assert decision.promoted and "exact_match 0.5 > 0.1 (base 0.1)" in [r.detail for r in decision.results]
+
+
+def test_versions_registered_with_metric_tags_still_promote_and_gate(client, mlflow_uri, tmp_path):
+    metrics = {"exact_match": 0.5, "json_validity": 1.0, "latency_p95_ms": 100.0}
+    old = registry_version(client, NAME, metrics, BASE, tmp_path / "old", legacy=True)
+    mv = client.get_model_version(NAME, old)
+    assert registry.logged_model_id(mv) is None and registry.version_metrics(client, mv) == (metrics, BASE)
+    assert _promote(client, mlflow_uri, old).promoted and _alias(client, "champion") == old
+
+    # a new version is compared with the old champion's tag metrics
+    worse = _promote(client, mlflow_uri, _version(client, tmp_path, 0.502))
+    assert not worse.promoted and f"exact_match 0.502 >= 0.505 (champion v{old} 0.5 + 0.005)" in worse.failed
+    better = _version(client, tmp_path, 0.6)
+    assert _promote(client, mlflow_uri, better).promoted and _alias(client, "previous") == old
+
+
 def test_first_version_must_beat_base(client, mlflow_uri, tmp_path):
     v = _version(client, tmp_path, 0.1)  # equal to base: the primary metric must be strictly better
     decision = _promote(client, mlflow_uri, v)

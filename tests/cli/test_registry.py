@@ -73,6 +73,13 @@ def test_gc_keeps_aliased_and_newest_versions_and_says_what_it_freed(store, mlfl
     assert "artifacts deleted" in out
 
 
+def test_models_shows_logged_model_metrics_and_those_of_versions_registered_with_tags(store, mlflow_uri, tmp_path):
+    registry_version(store, NAME, {"exact_match": 0.625, "json_validity": 0.875}, BASE, tmp_path / "old", legacy=True)
+    code, out = cli(mlflow_uri, "models", NAME)
+    rows = {line.split()[1]: line for line in out.splitlines() if line.split()[1:2] in (["3"], ["4"])}
+    assert code == 0 and "0.7" in rows["3"] and "0.625" in rows["4"] and "0.875" in rows["4"]
+
+
 def test_models_lists_registered_models_and_unknown_names_fail_cleanly(store, mlflow_uri):
     code, out = cli(mlflow_uri, "models")
     assert code == 0 and NAME in out

@@ -22,7 +22,7 @@ from alignpipe.merge import merge_adapter
 from alignpipe.runs import RunContext
 from alignpipe.flows.stages import register, retry_unless_user_error
 from alignpipe.tasks.register import _artifact, register_model
-from testlib import REPO, model_variant
+from testlib import REPO, model_variant, registry_version
 
 LINEAGE = {"config_digest": "c0ffee", "git_commit": "abc1234", "flow_run_id": "flow-1",
            "data_digest.sft": "d1" * 32, "data_digest.eval": "d2" * 32, "run_id.sft": "r-sft",
@@ -134,11 +134,14 @@ def test_register_merges_tags_lineage_attaches_card_and_serves_in_a_clean_env(
     assert _alias(client, name, "challenger") == "1"
     for key, value in LINEAGE.items():
         assert mv.tags[key] == value
-    assert registry.tag_metrics(mv.tags) == evaluation(0.5)["sft"]
-    assert registry.tag_metrics(mv.tags, registry.BASE_TAG) == BASE
+    # The evaluation is the logged model's metrics (numbers the UI's Models tab charts), not string tags.
+    numbers = client.get_logged_model(registry.logged_model_id(mv)).metrics
+    assert {m.key: m.value for m in numbers} == {**evaluation(0.5)["sft"], **{f"base.{k}": v for k, v in BASE.items()}}
+    assert all(type(m.value) is float for m in numbers)
+    assert registry.version_metrics(client, mv) == (evaluation(0.5)["sft"], BASE)
+    assert not [k for k in mv.tags if k.startswith((registry.METRIC_TAG, registry.BASE_TAG)) or k == "evaluation"]
     assert len(mv.tags["weights_digest"]) == 64 and len(mv.tags["lock_digest"]) == 64
     assert mv.tags["seed.sft"] == str(smoke_cfg.sft.seed) and mv.tags["candidate"] == "sft"
-    assert json.loads(mv.tags["evaluation"])["base"] == BASE
     assert mv.tags["promotion.decision"] == "promoted" and mv.tags["promotion.against"] == "base (no champion yet)"
 
     # The model card is the version's description and an artifact of both the run and the logged model.
@@ -200,6 +203,21 @@ def test_same_weights_point_to_the_existing_version(smoke_cfg, ctx, merged):
     assert (again.version, again.reused, again.promoted) == (first.version, True, True)
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
     assert client.get_run(again.mlflow_run_id).data.tags["duplicate_of"] == f"models:/{name}/{first.version}"
+    assert registry.version_metrics(client, client.get_model_version(name, first.version))[0] == \
+        evaluation(0.5)["sft"]
+
+
+def test_a_champion_registered_before_logged_model_metrics_still_gates_and_fills_the_card(smoke_cfg, ctx, merged,
+                                                                                          tmp_path):
+    name, client = smoke_cfg.tracking.registered_model, tracking.client_for(ctx.tracking_uri)
+    old = registry_version(client, name, evaluation(0.5)["sft"], BASE, tmp_path / "old", legacy=True)
+    client.set_registered_model_alias(name, "champion", old)
+    assert registry.version_metrics(client, client.get_model_version(name, old)) == (evaluation(0.5)["sft"], BASE)
+
+    worse = register_model(smoke_cfg, ctx, merged, None, None, evaluation(0.3), "sft", LINEAGE)
+    assert not worse.promoted and f"exact_match 0.3 >= 0.505 (champion v{old} 0.5 + 0.005)" in worse.decision
+    card = client.get_model_version(name, worse.version).description
+    assert f"champion v{old}" in card and "-0.2" in card  # the old champion's tag metrics in the card
 
 
 def test_concurrent_registrations_get_distinct_versions(smoke_cfg, ctx, merged, tmp_path):
@@ -232,6 +250,7 @@ def test_adapter_only_registers_adapter_with_pinned_base(smoke_cfg, ctx, tiny_mo
     client = tracking.client_for(ctx.tracking_uri)
     mv = client.get_model_version(out.model_name, out.version)
     assert out.model_dir == adapter and "PEFT adapter only" in mv.description
+    assert registry.logged_model_id(mv) and registry.version_metrics(client, mv) == (evaluation(0.5)["sft"], BASE)
     assert "peft==" in _model_file(client, mv, "requirements.txt")
     mlflow.set_tracking_uri(ctx.tracking_uri)
     try:
