@@ -10,7 +10,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test check bench gpu-check demo-data clean up down status browser malloc
+.PHONY: setup demo test check bench gpu-check demo-data clean up down status browser malloc postgres
 
 setup: $(STAMP)
 
@@ -28,10 +28,10 @@ demo: setup malloc
 	$(BIN)/alignpipe run demo
 
 # Two xdist workers: the suite waits on servers and process start-ups much of the time, so two share 2 cores
-# well. Tests needing the local stack share one worker (xdist_group).
+# well. Tests needing the local stack share one worker (xdist_group "stack").
 # --durations: the 15 slowest tests close every run, so CI logs show where the 15-minute budget goes.
 TEST_WORKERS ?= 2
-test: setup browser malloc
+test: setup browser malloc postgres
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # Headless Chromium for the Prefect-UI test (Debian package; the test skips, saying why, where it is absent).
@@ -50,8 +50,17 @@ malloc:
 	    'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4' \
 	    || echo "malloc: could not install libtcmalloc-minimal4; Ray workers keep the system's malloc (slower training)"; }
 
-# Local stack on 127.0.0.1: Prefect server + UI, MLflow server, Ray head + worker (see `alignpipe status`).
-up: setup
+# PostgreSQL for the local stack's Prefect and MLflow servers (`alignpipe up` runs Debian's build from
+# /usr/lib/postgresql/<version>/bin; `make demo` and `alignpipe run` keep SQLite and need none).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { $$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) sh -c \
+	    'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql' \
+	    || echo "postgres: could not install postgresql; \`alignpipe up\` and the tests of its stack will fail"; }
+
+# Local stack on 127.0.0.1: PostgreSQL, Prefect server + UI, S3 server, MLflow server, Ray head + worker (see
+# `alignpipe status`).
+up: setup postgres
 	$(BIN)/alignpipe up
 
 down: setup

@@ -1,12 +1,13 @@
-"""The local stack behind `alignpipe up | down | status | env`: Prefect server, S3 API server, MLflow server,
-2-node Ray cluster.
+"""The local stack behind `alignpipe up | down | status | env`: PostgreSQL, Prefect server, S3 API server, MLflow
+server, 2-node Ray cluster.
 
-Every service is a child process in its own session (process group), asked to bind 127.0.0.1 (Prefect, MLflow
-and the S3 server do; Ray's gRPC servers listen on every interface regardless, see RAY_CLIENT_ENV); their pids,
+Every service is a child process in its own session (process group), asked to bind 127.0.0.1 (PostgreSQL, Prefect,
+MLflow and the S3 server do; Ray's gRPC servers listen on every interface regardless, see RAY_CLIENT_ENV); their pids,
 ports and URLs go to `<workdir>/stack/state.json`, so `down` stops exactly what `up` started and nothing else
 (no `ray stop`, which would stop every Ray instance on the machine). Pipelines and MLflow keep their artifacts in
-the S3 server's bucket, as they would on a real deployment's object store. It lives with the CLI because only the
-CLI and the tests use it.
+the S3 server's bucket, as they would on a real deployment's object store, and Prefect and MLflow keep their data in
+PostgreSQL (cli/postgres.py), as a shared deployment's servers would. It lives with the CLI because only the CLI and
+the tests use it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import http.client
 import json
 import os
+import pwd
 import random
 import secrets
 import shutil
@@ -24,6 +26,7 @@ import string
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,7 +46,11 @@ OBJECT_STORE_BYTES = 256 * 1024**2
 # its memory: they go with `down`). One bucket: pipelines under one prefix, MLflow's artifacts under another.
 S3_BUCKET = "alignpipe"
 S3_REGION = "us-east-1"
+POSTGRES_USER = "alignpipe"  # the one role of the stack's PostgreSQL (a superuser of its own cluster)
 STORAGE_PATH = f"s3://{S3_BUCKET}/pipelines"
+# How `down` asks a service to stop, where not SIGTERM to every process of its session: PostgreSQL's postmaster alone,
+# SIGINT ("fast shutdown": it ends its sessions, checkpoints, and stops its own helpers; SIGTERM waits for clients).
+STOP_SIGNALS = {"postgres": signal.SIGINT}
 
 
 class StackError(AlignpipeError):
@@ -77,6 +84,9 @@ class Stack:
             out["ALIGNPIPE_STORAGE_PATH"] = STORAGE_PATH  # compute.storage_path
         if "mlflow" in by:
             out["MLFLOW_TRACKING_URI"] = by["mlflow"].url
+        if "postgres" in by:  # a plain libpq URL: model promotions take PostgreSQL advisory locks there
+            out["ALIGNPIPE_REGISTRY_LOCK_URL"] = postgres_url(by["postgres"].port,
+                                                              postgres_credentials(self.workdir)["password"], "mlflow")
         if "ray-head" in by:
             out["RAY_ADDRESS"] = f"{HOST}:{by['ray-head'].port}"
             out.update(RAY_CLIENT_ENV)
@@ -101,22 +111,39 @@ def save(stack: Stack) -> None:
     path.write_text(json.dumps(asdict(stack), indent=2))
 
 
+def _private_json(path: Path, make: Callable[[], dict[str, str]]) -> dict[str, str]:
+    """The JSON object in `path`, written from `make()` first if missing, readable by its owner only."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(make(), f)
+    return json.loads(path.read_text())
+
+
 def s3_credentials(workdir: str | Path) -> dict[str, str]:
     """The stack's S3 key pair, made once per workdir and kept beside its state, readable by its owner only.
 
     moto accepts any key; a real store would not, so pipelines get theirs the way they would there: from the
     standard AWS variables that `alignpipe env` exports.
     """
-    path = Path(workdir).resolve() / "stack" / "s3-credentials.json"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        alphabet = string.ascii_uppercase + string.digits
-        pair = {"access_key_id": "AKIA" + "".join(secrets.choice(alphabet) for _ in range(16)),  # AWS's shapes
-                "secret_access_key": secrets.token_urlsafe(30)}
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(pair, f)
-    return json.loads(path.read_text())
+    alphabet = string.ascii_uppercase + string.digits
+    return _private_json(Path(workdir).resolve() / "stack" / "s3-credentials.json",
+                         lambda: {"access_key_id": "AKIA" + "".join(secrets.choice(alphabet) for _ in range(16)),
+                                  "secret_access_key": secrets.token_urlsafe(30)})  # AWS's shapes
+
+
+def postgres_credentials(workdir: str | Path) -> dict[str, str]:
+    """The password of the stack's PostgreSQL role, made once per workdir (with its data folder) and kept beside
+    its state, readable by its owner only."""
+    return _private_json(Path(workdir).resolve() / "stack" / "postgres-credentials.json",
+                         lambda: {"password": secrets.token_urlsafe(24)})
+
+
+def postgres_url(port: int, password: str, database: str, driver: str = "postgresql") -> str:
+    """The URL of `database` on the stack's PostgreSQL at HOST:`port`, signed in as its one role (POSTGRES_USER);
+    `driver` is SQLAlchemy's dialect+driver where a client needs one (Prefect: postgresql+asyncpg)."""
+    return f"{driver}://{POSTGRES_USER}:{urllib.parse.quote(password, safe='')}@{HOST}:{port}/{database}"
 
 
 def s3_env(endpoint: str, credentials: dict[str, str]) -> dict[str, str]:
@@ -168,12 +195,15 @@ def ray_temp_dir(workdir: str | Path) -> str:
     return f"/tmp/alignpipe-ray-{digest}"
 
 
-def _start(name: str, cmd: list[str], port: int, url: str, logs: Path, env: dict[str, str]) -> Service:
+def _start(name: str, cmd: list[str], port: int, url: str, logs: Path, env: dict[str, str], user: str | None = None,
+           cwd: Path | None = None) -> Service:
+    """Start `cmd` in a session of its own, as `user` (its own group, no other; root only) where given."""
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{name}.log"
+    as_user = {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []} if user else {}
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **env}, start_new_session=True)
+                                env={**os.environ, **env}, start_new_session=True, cwd=cwd, **as_user)
     return Service(name=name, pid=proc.pid, port=port, url=url, log=str(log), cmd=cmd)
 
 
@@ -215,7 +245,10 @@ def _ray_nodes(head_port: int) -> int:
 
 def up(workdir: str | Path, on_wait: Callable[[str], None] = print, ray_cpus: int = 1,
        timeout: float = 240) -> Stack:
-    """Start Prefect server, S3 server, MLflow server and a Ray head + one worker node; returns the recorded stack."""
+    """Start PostgreSQL, Prefect server, S3 server, MLflow server and a Ray head + one worker node; returns the
+    recorded stack. Prefect and MLflow start once PostgreSQL takes connections and holds their databases."""
+    from alignpipe.cli import postgres  # here, not at the top: it builds on this module
+
     workdir = Path(workdir).resolve()
     current = load(workdir)
     if current and any(alive(s.pid) for s in current.services):
@@ -223,19 +256,31 @@ def up(workdir: str | Path, on_wait: Callable[[str], None] = print, ray_cpus: in
     root = workdir / "stack"
     logs = root / "logs"
     stack = Stack(workdir=str(workdir))
+    password = postgres_credentials(workdir)["password"]
     try:
-        port = free_port()
-        prefect = _start("prefect", [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)],
-                         port, f"http://{HOST}:{port}", logs,
-                         {"PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                          "PREFECT_API_URL": f"http://{HOST}:{port}/api"})
-        stack.services.append(prefect)
+        db = postgres.start(root, free_port(), password)  # initdb first on this workdir's first `up` (seconds)
+        stack.services.append(db)
         save(stack)
         s3 = start_s3(root, free_port())
         stack.services.append(s3)
         save(stack)
+        on_wait(f"PostgreSQL on {db.url}")
+        postgres.wait(db, password, timeout)
+        port = free_port()
+        # Password in the environment, not on a command line everyone may read; leases of crashed runs' concurrency
+        # slots are freed within 5 s (Prefect's default is 15)
+        prefect = _start("prefect", [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)],
+                         port, f"http://{HOST}:{port}", logs,
+                         {"PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                          "PREFECT_API_URL": f"http://{HOST}:{port}/api",
+                          "PREFECT_API_DATABASE_CONNECTION_URL": postgres_url(db.port, password, "prefect",
+                                                                              "postgresql+asyncpg"),
+                          "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5"})
+        stack.services.append(prefect)
+        save(stack)
         aws = s3_env(s3.url, s3_credentials(workdir))
-        mlflow = start_mlflow(root, free_port(), artifacts=f"s3://{S3_BUCKET}/mlflow", env=aws)
+        mlflow = start_mlflow(root, free_port(), artifacts=f"s3://{S3_BUCKET}/mlflow", env=aws,
+                              store=postgres_url(db.port, password, "mlflow"))
         stack.services.append(mlflow)
         save(stack)
         # All start side by side (free_port picks ports no Ray node takes while these servers still start)
@@ -281,12 +326,14 @@ def wait_s3(svc: Service, bucket: str, env: dict[str, str], timeout: float = 240
         pass
 
 
-def start_mlflow(root: Path, port: int, artifacts: str | None = None, env: dict[str, str] | None = None) -> Service:
-    """An MLflow server on HOST:`port` with its SQLite store under `root`; not waited for.
+def start_mlflow(root: Path, port: int, artifacts: str | None = None, env: dict[str, str] | None = None,
+                 store: str | None = None) -> Service:
+    """An MLflow server on HOST:`port` with its runs in `store` (a database URL), default a SQLite file under `root`;
+    not waited for.
 
     Artifacts go to `artifacts` (an `s3://bucket/prefix` with the S3 variables of `env`: s3_env), default a folder
     under `root`; the server proxies them (`--serve-artifacts`), so clients need no access to the store.
-    Started again with the same `root` and port, it serves the same runs (the tests stop and restart it).
+    Started again with the same `root` (or `store`) and port, it serves the same runs (the tests stop and restart it).
     """
     if artifacts is None:
         artifacts = str(root / "mlartifacts")
@@ -296,9 +343,11 @@ def start_mlflow(root: Path, port: int, artifacts: str | None = None, env: dict[
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     if "AWS_ENDPOINT_URL" in env:  # MLflow's own variable for an S3 endpoint that is not AWS
         env["MLFLOW_S3_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"]
-    return _start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                             "--artifacts-destination", artifacts, "--serve-artifacts", "--host", HOST, "--port",
-                             str(port), "--workers", "1"],
+    if store:  # it may hold a password: in the environment (`mlflow server` reads it there), off the command line
+        env["MLFLOW_BACKEND_STORE_URI"] = store
+    backend = [] if store else ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    return _start("mlflow", [str(BIN / "mlflow"), "server", *backend, "--artifacts-destination", artifacts,
+                             "--serve-artifacts", "--host", HOST, "--port", str(port), "--workers", "1"],
                   port, f"http://{HOST}:{port}", root / "logs", env)
 
 
@@ -409,14 +458,18 @@ def down(workdir: str | Path, grace: float = 15) -> list[str]:
 
     Each service is stopped as a whole session (its pid is the session id, from `start_new_session`), not a
     process group: Ray worker processes put themselves in groups of their own but stay in the session.
-    All get SIGTERM at once (Ray nodes drain for a while), what is left after `grace` seconds gets SIGKILL.
+    All get SIGTERM at once (Ray nodes drain for a while; PostgreSQL gets its own STOP_SIGNALS), what is left after
+    `grace` seconds gets SIGKILL.
     """
     stack = load(workdir)
     if stack is None:
         return []
     running = [s for s in stack.services if _session_pids(s.pid)]
     for svc in running:
-        _signal(_session_pids(svc.pid), signal.SIGTERM)
+        if svc.name in STOP_SIGNALS:
+            _signal([svc.pid], STOP_SIGNALS[svc.name])
+        else:
+            _signal(_session_pids(svc.pid), signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(_session_pids(s.pid) for s in running):
         time.sleep(0.3)
@@ -436,17 +489,20 @@ def _signal(pids: list[int], sig: int) -> None:
 
 
 def _session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes whose session id is `sid`."""
-    out = []
+    """Live (non-zombie) processes whose session id is `sid`, and their children that started sessions of their own:
+    PostgreSQL's postmaster puts each of its processes in a new session, and one killed with them left would leave
+    its checkpointer running."""
+    procs = {}  # pid: (parent pid, session id)
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(stat[3]) == sid and stat[0] != "Z":
-                out.append(int(proc.name))
-    return out
+            if stat[0] != "Z":
+                procs[int(proc.name)] = (int(stat[1]), int(stat[3]))
+    members = {pid for pid, (_, session) in procs.items() if session == sid}
+    return sorted(members | {pid for pid, (parent, _) in procs.items() if parent in members})
 
 
 def _reap(pid: int) -> None:

@@ -99,7 +99,9 @@ def smoke_cfg(tmp_path, tiny_model, mlflow_uri):
 
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory):
-    """`alignpipe up`'s stack (Prefect, S3 and MLflow servers, Ray head + worker) in a temp workdir; always torn down."""
+    """`alignpipe up`'s stack (PostgreSQL, Prefect, S3 and MLflow servers, Ray head + worker) in a temp workdir; always
+    torn down. Tests using it (or `offbox`, which builds on it) share one pytest worker, so one stack serves them all:
+    mark them `pytest.mark.xdist_group("stack")`."""
     from alignpipe.cli import stack
 
     workdir = tmp_path_factory.mktemp("stack")
@@ -110,23 +112,25 @@ def local_stack(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def offbox(tmp_path_factory):
-    """Nodes that share nothing, all on 127.0.0.1 (tests/offbox.py): an S3 server with a bucket, an MLflow server
-    keeping its artifacts there, a 0-CPU Ray head, and a Ray worker node with the `offbox` resource in its own mount
-    namespace that cannot read the workdir, data/, pytest's temp folders or /tmp. Always torn down.
+def offbox(tmp_path_factory, request):
+    """Nodes that share nothing, all on 127.0.0.1 (tests/offbox.py): a 0-CPU Ray head and a Ray worker node with the
+    `offbox` resource in its own mount namespace that cannot read the workdir, data/, pytest's temp folders or /tmp,
+    using `local_stack`'s S3 server (a bucket of their own) and MLflow server. Its Ray nodes are always torn down.
 
-    Tests using it share one pytest worker: mark them `pytest.mark.xdist_group("offbox")`. Drive the cluster from a
-    subprocess (`offbox.driver_env()`): a process joins one Ray only, and `ray_local` may hold this one's.
+    Tests using it share one pytest worker with the stack's: mark them `pytest.mark.xdist_group("stack")`. Drive
+    the cluster from a subprocess (`offbox.driver_env()`): a process joins one Ray only, and `ray_local` may hold
+    this one's.
     """
     from offbox import namespace_problem, running
     from testlib import REPO
 
     if problem := namespace_problem():
         pytest.skip(problem)
+    local_stack = request.getfixturevalue("local_stack")  # only once the nodes can start: no stack for a skip
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # every xdist worker's temp folders, the tiny model's among them
-    with running(tmp_path_factory.mktemp("offbox"), [REPO / "data", base, Path("/tmp")]) as box:
+    with running(tmp_path_factory.mktemp("offbox"), [REPO / "data", base, Path("/tmp")], local_stack) as box:
         yield box
 
 

@@ -1,13 +1,14 @@
-"""Nodes that share nothing: an S3 server, an MLflow server whose artifacts go there, a Ray head, and a Ray worker
-node in its own mount namespace that cannot see the driver's files (the `offbox` fixture in conftest.py).
+"""Nodes that share nothing: a Ray head and a Ray worker node in its own mount namespace that cannot see the driver's
+files, with storage in a bucket of their own on the local stack's S3 server and tracking on its MLflow server (whose
+artifacts go to the stack's bucket, its runs to the stack's PostgreSQL): the `offbox` fixture in conftest.py.
 
 The worker node is `ray start` under `unshare -m`, with an empty tmpfs over every place the driver writes: the
 pipeline's working directory, the repository's `data/`, pytest's temp folders (where `tmp_path` and the tiny model
 live) and /tmp. The virtualenv and the installed code stay visible, as on a cluster node built from the same
 image. What a stage needs there it must fetch from the S3 server, through the standard AWS variables the node
 holds; the custom resource `offbox` (the head lacks it) puts work there: `compute.resources: {offbox: 1}`.
-Everything binds 127.0.0.1 and is a service of cli/stack.py, recorded under the fixture's root, so teardown is
-`stack.down`.
+Everything binds 127.0.0.1 and is a service of cli/stack.py; the two Ray nodes are recorded under the fixture's root,
+so teardown is `stack.down` of that root, which leaves the stack's servers to the `local_stack` fixture.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ STOP_GRACE_S = 2
 
 @dataclass
 class S3Server:
-    """moto's S3 API server on a free 127.0.0.1 port holding one bucket: the offbox's store, and on its own the
-    store of storage round-trip tests (`S3Server.start()` ... `stop()`). `env` holds the AWS variables for it."""
+    """One bucket on a moto S3 API server on 127.0.0.1: the offbox's store on the stack's server, or, started on its
+    own (`S3Server.start()` ... `stop()`), a server of its own. `env` holds the AWS variables for it."""
 
     svc: stack.Service
     bucket: str
@@ -85,7 +86,7 @@ class Offbox:
     root: Path
     workdir: Path
     masked: list[Path]
-    s3: S3Server
+    s3: S3Server  # the stack's server, with the bucket `bucket` of the offbox's own
     mlflow_url: str
     ray_address: str
     worker_pid: int
@@ -205,9 +206,10 @@ def masking_wrap(masked: list[Path], keep: list[Path]) -> list[str]:
 
 
 @contextlib.contextmanager
-def running(root: Path, masked: list[Path], timeout: float = 120) -> Iterator[Offbox]:
-    """Start the four services under `root` (state, logs, the MLflow store, the workdir `root/work`); the worker
-    node masks `masked` plus the workdir. Always stopped on exit, also when start-up fails."""
+def running(root: Path, masked: list[Path], base: stack.Stack, timeout: float = 120) -> Iterator[Offbox]:
+    """Start the two Ray nodes under `root` (state, logs, the workdir `root/work`), on the S3 server (in a bucket of
+    their own, made here) and MLflow server of the running stack `base`; the worker node masks `masked` plus the
+    workdir. The nodes are always stopped on exit, also when start-up fails; `base` is left running."""
     root = root.resolve()
     workdir = root / "work"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -219,11 +221,11 @@ def running(root: Path, masked: list[Path], timeout: float = 120) -> Iterator[Of
         stack.save(services)
         return svc
 
+    by = {s.name: s for s in base.services}
+    env = stack.s3_env(by["s3"].url, stack.s3_credentials(base.workdir))
     try:
-        s3 = S3Server.start(root, BUCKET, timeout)  # a second or so
-        add(s3.svc)
-        # the rest side by side, as in stack.up
-        mlflow = add(stack.start_mlflow(root, stack.free_port(), artifacts=f"s3://{BUCKET}/mlflow", env=s3.env))
+        stack.wait_s3(by["s3"], BUCKET, env, timeout)  # makes the bucket
+        s3 = S3Server(svc=by["s3"], bucket=BUCKET, env=env, root=Path(base.workdir))
         ray_env = stack.ray_node_env(s3.env)
         dashboard_port = stack.free_port()  # Ray's state API: what each task and actor asked for, and where it ran
         head = add(stack.start_ray_head(root, stack.free_port(), stack.ray_temp_dir(root), 0, ray_env,
@@ -232,9 +234,8 @@ def running(root: Path, masked: list[Path], timeout: float = 120) -> Iterator[Of
         # one GPU advertised (none present): with compute.use_gpu the stages' GPU requests are granted here
         worker = add(stack.start_ray_worker(root, head.port, WORKER_CPUS, ray_env, resources={RESOURCE: 100},
                                             wrap=masking_wrap(masked, KEEP), gpus=1))
-        stack.wait_mlflow(mlflow, timeout)
         stack.wait_ray_nodes(worker, head.port, 2, timeout)
-        yield Offbox(root=root, workdir=workdir, masked=masked, s3=s3, mlflow_url=mlflow.url, ray_address=head.url,
-                     worker_pid=worker.pid, dashboard_url=f"http://{stack.HOST}:{dashboard_port}")
+        yield Offbox(root=root, workdir=workdir, masked=masked, s3=s3, mlflow_url=by["mlflow"].url,
+                     ray_address=head.url, worker_pid=worker.pid, dashboard_url=f"http://{stack.HOST}:{dashboard_port}")
     finally:
         stack.down(root, grace=STOP_GRACE_S)

@@ -15,7 +15,7 @@ from testlib import REPO
 
 import alignpipe
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("offbox")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack")]
 
 # A driver of its own (this process may hold the in-process Ray of `ray_local`): it joins the cluster at RAY_ADDRESS,
 # checks that it sees the planted files itself, and runs one task on the worker node's resource.

@@ -1,10 +1,13 @@
-"""`alignpipe up | status | env | down` start and stop a real local stack (Prefect, S3, MLflow, 2-node Ray)."""
+"""`alignpipe up | status | env | down` start and stop a real local stack (PostgreSQL, Prefect, S3, MLflow, 2-node
+Ray)."""
 
 import os
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
+import psutil
 import pytest
 from alignpipe.cli import stack
 from testlib import REPO
@@ -15,6 +18,13 @@ pytestmark = pytest.mark.slow
 def _cli(*args, timeout=400):
     return subprocess.run([sys.executable, "-m", "alignpipe.cli.main", *args], check=False, capture_output=True,
                           text=True, timeout=timeout, cwd=REPO, env={**os.environ, "COLUMNS": "200"})
+
+
+def _cwd(pid: int) -> Path | None:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:  # gone, or a kernel thread
+        return None
 
 
 def _get(url):
@@ -33,8 +43,9 @@ def test_up_status_env_down(tmp_path, monkeypatch):
         assert len(token.read_text()) == 64 and token.stat().st_mode & 0o077 == 0  # made for it, private
         state = stack.load(workdir)
         names = [s.name for s in state.services]
-        assert names == ["prefect", "s3", "mlflow", "ray-head", "ray-worker"]
-        assert all(s.url.startswith(("http://127.0.0.1:", "127.0.0.1:")) for s in state.services)
+        assert names == ["postgres", "s3", "prefect", "mlflow", "ray-head", "ray-worker"]
+        assert all(s.url.startswith(("http://127.0.0.1:", "127.0.0.1:", "postgresql://127.0.0.1:"))
+                   for s in state.services)
         by = {s.name: s for s in state.services}
         assert _get(f"{by['prefect'].url}/api/health")[0] == 200
         assert _get(f"{by['mlflow'].url}/health")[0] == 200
@@ -42,13 +53,14 @@ def test_up_status_env_down(tmp_path, monkeypatch):
         assert stack._ray_nodes(by["ray-head"].port) == 2  # head + the separately started worker node
 
         status = _cli("status", "--workdir", str(workdir))
-        assert status.returncode == 0 and status.stdout.count("running") == 5, status.stdout
+        assert status.returncode == 0 and status.stdout.count("running") == 6, status.stdout
         env = _cli("env", "--workdir", str(workdir))
         exports = dict(line.removeprefix("export ").split("=", 1) for line in env.stdout.splitlines())
         assert exports["PREFECT_API_URL"] == f"{by['prefect'].url}/api"
         assert exports["MLFLOW_TRACKING_URI"] == by["mlflow"].url
         assert exports["RAY_ADDRESS"] == f"127.0.0.1:{by['ray-head'].port}"
         assert exports["AWS_ENDPOINT_URL"] == by["s3"].url and exports["ALIGNPIPE_STORAGE_PATH"] == stack.STORAGE_PATH
+        assert exports["ALIGNPIPE_REGISTRY_LOCK_URL"].endswith(f"@127.0.0.1:{by['postgres'].port}/mlflow")
         assert exports["PREFECT_API_URL"] in up.stdout  # `up` prints the exports too
 
         again = _cli("up", "--workdir", str(workdir))
@@ -59,6 +71,9 @@ def test_up_status_env_down(tmp_path, monkeypatch):
     assert not stack.state_file(workdir).exists()
     for svc in state.services:  # every process of every service's session is gone, Ray workers included
         assert stack._session_pids(svc.pid) == [], svc.name
+    data = (workdir / "stack" / "postgres").resolve()  # and every PostgreSQL process (each works from its data folder)
+    assert not [pid for pid in psutil.pids() if _cwd(pid) == data]
+    assert "shut down" in (workdir / "stack" / "logs" / "postgres.log").read_text().splitlines()[-1]  # cleanly
     assert _cli("status", "--workdir", str(workdir)).returncode == 1
 
 

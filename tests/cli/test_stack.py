@@ -1,16 +1,21 @@
 """cli/stack.py: every socket the local stack listens on is bound to loopback, so nothing is reachable from the network;
-the S3 server serves the bucket that `alignpipe env` points pipelines and MLflow at."""
+the S3 server serves the bucket that `alignpipe env` points pipelines and MLflow at; Prefect and MLflow keep their data
+in the stack's PostgreSQL (cli/postgres.py)."""
 
+import json
 import os
 import socket
 import stat
+import urllib.request
+import uuid
 
 import psutil
 import pytest
 from alignpipe.cli import stack
 
-# one stack per test process: with `make test`'s two xdist workers, these modules share one worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local_stack")]
+# one stack per test process: with `make test`'s two xdist workers, every module using it (or `offbox`, built on
+# it) shares one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack")]
 
 LOOPBACK = ("127.0.0.1", "::1")
 
@@ -42,9 +47,61 @@ def _exposed(local_stack, names: set[str]) -> dict[str, list]:
     return {name: [s for s in socks if s[2] not in LOOPBACK] for name, socks in by_service.items()}
 
 
-def test_prefect_mlflow_and_s3_listen_on_loopback_only(local_stack):
-    exposed = _exposed(local_stack, {"prefect", "mlflow", "s3"})
+def test_postgres_prefect_mlflow_and_s3_listen_on_loopback_only(local_stack):
+    exposed = _exposed(local_stack, {"postgres", "prefect", "mlflow", "s3"})
     assert not any(exposed.values()), f"sockets beyond loopback: {exposed}"
+
+
+def _query(url: str, sql: str, args: tuple = ()) -> list[tuple]:
+    import psycopg2
+
+    conn = psycopg2.connect(url, connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def test_postgres_takes_only_the_generated_password_over_tcp(local_stack):
+    import psycopg2
+
+    lock_url = local_stack.env["ALIGNPIPE_REGISTRY_LOCK_URL"]
+    creds = stack.state_file(local_stack.workdir).parent / "postgres-credentials.json"
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    password = json.loads(creds.read_text())["password"]
+    assert lock_url.startswith(f"postgresql://{stack.POSTGRES_USER}:{password}@127.0.0.1:")
+    # out of every command line and of the state file (Prefect and MLflow get their URLs in the environment)
+    assert password not in stack.state_file(local_stack.workdir).read_text()
+    for svc in local_stack.services:
+        for pid in stack._session_pids(svc.pid):
+            try:
+                assert password.encode() not in open(f"/proc/{pid}/cmdline", "rb").read(), svc.name
+            except FileNotFoundError:  # a short-lived helper that exited while we looked
+                pass
+    assert _query(lock_url, "SHOW listen_addresses") == [("127.0.0.1",)]
+    assert _query(lock_url, "SHOW unix_socket_directories") == [("",)]  # no socket file anywhere
+    assert _query(lock_url, "SELECT pg_try_advisory_lock(27)") == [(True,)]  # what promotions use it for
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        _query(lock_url.replace(password, "not-" + password), "SELECT 1")
+
+
+def test_mlflow_and_prefect_keep_their_data_in_postgres(local_stack):
+    from alignpipe import tracking
+
+    name = f"postgres-probe-{uuid.uuid4().hex[:8]}"
+    tracking.client_for(local_stack.env["MLFLOW_TRACKING_URI"]).create_experiment(name)
+    mlflow_db = local_stack.env["ALIGNPIPE_REGISTRY_LOCK_URL"]
+    assert _query(mlflow_db, "SELECT count(*) FROM experiments WHERE name = %s", (name,)) == [(1,)]
+
+    request = urllib.request.Request(f"{local_stack.env['PREFECT_API_URL']}/flows/", method="POST",
+                                     data=json.dumps({"name": name}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        assert r.status in (200, 201)
+    prefect_db = mlflow_db.rsplit("/", 1)[0] + "/prefect"
+    assert _query(prefect_db, "SELECT count(*) FROM flow WHERE name = %s", (name,)) == [(1,)]
 
 
 def _s3(env: dict[str, str]):

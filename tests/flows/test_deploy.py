@@ -20,8 +20,9 @@ from alignpipe.cli import stack
 from alignpipe.flows.deploy import apply_deployments, build_deployments
 from testlib import REPO, stack_pipelines
 
-# one stack per test process: with `make test`'s two xdist workers, these modules share one worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local_stack")]
+# one stack per test process: with `make test`'s two xdist workers, every module using it (or `offbox`, built on
+# it) shares one worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack")]
 SCHEDULES = {"smoke": {"cron": "0 3 * * 1", "timezone": "Europe/Lisbon"}, "demo": {"interval_seconds": 86400}}
 ARTIFACTS = REPO / "tests" / "output"  # gitignored: screenshots for humans to look at
 CHROMIUM = shutil.which("chromium-headless-shell") or shutil.which("chromium")

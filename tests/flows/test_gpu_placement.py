@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("offbox")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack")]
 
 HEAVY_TASKS = {"merge_in_storage", "quantize_model", "evaluate_model"}
 

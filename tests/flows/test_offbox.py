@@ -17,9 +17,10 @@ import pytest
 from mlflow import MlflowClient
 
 from alignpipe import tracking
+from alignpipe.cli import stack
 from testlib import PIPELINES
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("offbox")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack")]
 
 STEPS, SAVE = 40, 4  # enough steps that training still runs when the first checkpoint lands in S3
 
@@ -83,16 +84,17 @@ def test_smoke_on_a_node_sharing_nothing_resumes_from_s3_after_a_kill_and_regist
     [summary_file] = (workdir / "runs").glob("*.json")
     summary = json.loads(summary_file.read_text())
     version = summary["registered"]["version"]
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=offbox.bucket)
-            for o in page.get("Contents", [])]
+    keys = _keys(s3, offbox.bucket)
     for stage in ("validate", "sft", "align", "quantize", "evaluate"):  # every stage's outputs live in the bucket
         assert any(k.startswith(f"pipelines/stages/{stage}/") for k in keys), stage
     assert any(k.startswith("pipelines/models/") for k in keys)  # the driver's tiny model, published for the node
-    assert any(k.startswith("mlflow/") and k.endswith(".safetensors") for k in keys)  # the registered weights
+    client = MlflowClient(offbox.mlflow_url)
+    experiment = client.get_experiment_by_name("offbox-smoke").experiment_id
+    # the registered weights: in the stack's bucket, where the (stack's) MLflow server keeps its artifacts
+    assert any(k.endswith(".safetensors") for k in _keys(s3, stack.S3_BUCKET, f"mlflow/{experiment}/"))
 
     # Resumed, not restarted: the steps logged after the kill start right after a checkpoint, each step once.
-    client = MlflowClient(offbox.mlflow_url)
-    [sft] = client.search_runs([client.get_experiment_by_name("offbox-smoke").experiment_id],
+    [sft] = client.search_runs([experiment],
                                f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}' "
                                f"and tags.`{tracking.TAG_STAGE}` = 'sft'")
     after = [m.step for m in sorted(client.get_metric_history(sft.info.run_id, "loss"), key=lambda m: m.step)
@@ -109,6 +111,11 @@ def test_smoke_on_a_node_sharing_nothing_resumes_from_s3_after_a_kill_and_regist
          f"models:/offbox-model/{version}"],
         env={**env, "MLFLOW_TRACKING_URI": offbox.mlflow_url}, capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
+
+
+def _keys(s3, bucket: str, prefix: str = "") -> list[str]:
+    return [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
 
 
 def _tail(log, n: int = 6000) -> str:
