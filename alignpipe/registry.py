@@ -9,18 +9,18 @@ model from the same evaluation), so the UI's Models tab lists and charts them an
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
+import sys
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from alignpipe import locks
 from alignpipe.config.register import Gate
 from alignpipe.errors import AlignpipeError
 
@@ -28,8 +28,8 @@ CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 PROTECTED = (CHAMPION, CHALLENGER, PREVIOUS)
 BASE_METRIC = "base."              # logged-model metric prefix of the base model's values
 METRIC_TAG, BASE_TAG = "metrics.", "base_metrics."  # where versions registered before kept them (read only)
-LOCK_TAG = "alignpipe.lock"          # lease on the registered model, for registries we can't put a file lock beside
-LEASE_S, SETTLE_S = 120.0, 0.5
+LOCK_URL_ENV = "ALIGNPIPE_REGISTRY_LOCK_URL"   # register.lock_url from the environment (`alignpipe env` exports it)
+LEASE_S = 30.0                       # a hung lock holder's registry is free again after this long
 HISTORY_KEEP = 50                    # alias events kept in a version's `alias_history` tag
 KEY_METRICS = ("exact_match", "json_validity", "field_accuracy", "perplexity", "latency_p95_ms", "tokens_per_s")
 
@@ -230,67 +230,52 @@ def local_store(uri: str) -> Path | None:
 
 
 @contextmanager
-def registry_lock(client, uri: str, name: str, timeout_s: float = 600):
+def registry_lock(client, uri: str, name: str, timeout_s: float = 600, lock_url: str | None = None,
+                  lease_s: float = LEASE_S):
     """Hold the registry of `name` exclusively: version creation and alias moves happen one at a time.
 
-    Local stores (sqlite, file) take an OS file lock next to the store, which every process on the machine
-    honours. Servers get a lease: a tag on the registered model, written and then re-read after a pause so the
-    one writer whose token survives wins; a crashed holder's lease expires after LEASE_S seconds.
+    Local stores (sqlite, file) take an OS file lock next to the store, which every process on the machine honours.
+    A server's registry is held through `lock_url`, a PostgreSQL database (`register.lock_url`, e.g. the one behind
+    the MLflow server), as an advisory lock whose lease (`lease_s`) its holder renews; without one, through the
+    Prefect server's global concurrency limits; with neither, a file lock that serialises this machine only.
+    A holder that dies frees the lock at once (its connection or file closes); one that hangs, within its lease.
     """
-    store = local_store(uri)
-    if store is not None:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        path = store.parent / f"{store.name}.{safe}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as handle:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise RegistryError(f"registry of {name!r} stayed locked for {timeout_s:.0f}s ({path}); "
-                                            "another promotion may be stuck: retry, or delete that file") from None
-                    time.sleep(0.1)
-            try:
+    what = f"registry of {name!r}"
+    try:
+        if (store := local_store(uri)) is not None:
+            with locks.file_lock(store.parent / f"{store.name}.{_safe(name)}.lock", timeout_s, what):
                 yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-        return
-    from mlflow.exceptions import MlflowException
-
-    ensure_model(client, name)
-    token = uuid.uuid4().hex
-    deadline = time.monotonic() + timeout_s
-    while True:
-        held = client.get_registered_model(name).tags.get(LOCK_TAG, "")
-        holder, _, expiry = held.partition(" ")
-        if not holder or _as_float(expiry) < time.time():
-            try:
-                client.set_registered_model_tag(name, LOCK_TAG, f"{token} {time.time() + LEASE_S}")
-            except MlflowException:  # a concurrent writer's insert won (some stores refuse the second one)
-                pass
-            else:
-                time.sleep(SETTLE_S)  # a concurrent writer's tag lands within this pause; the last one written wins
-                if client.get_registered_model(name).tags.get(LOCK_TAG, "").startswith(token):
-                    break
-        if time.monotonic() > deadline:
-            raise RegistryError(f"registry of {name!r} stayed locked for {timeout_s:.0f}s (tag {LOCK_TAG}); retry, "
-                                "or delete that tag on the registered model if its holder crashed")
-        time.sleep(0.2 + SETTLE_S * (uuid.uuid4().int % 100) / 100)
-    try:
-        yield
-    finally:
-        if client.get_registered_model(name).tags.get(LOCK_TAG, "").startswith(token):
-            client.delete_registered_model_tag(name, LOCK_TAG)
+        elif lock_url:
+            with locks.postgres_lock(lock_url, f"alignpipe registry {uri} {name}", lease_s, timeout_s, what):
+                yield
+        elif locks.prefect_server():
+            with locks.prefect_lock(locks.limit_name("alignpipe-registry", _safe(name), locks.advisory_key(uri)
+                                                     .to_bytes(8, "big", signed=True).hex()),
+                                    lease_s, timeout_s, what):
+                yield
+        else:
+            _warn_machine_only(uri)
+            folder = Path.home() / ".cache" / "alignpipe" / "locks"
+            with locks.file_lock(folder / f"{locks.advisory_key(uri) & 0xFFFFFFFF:08x}.{_safe(name)}.lock", timeout_s,
+                                 what):
+                yield
+    except locks.LockTimeout as exc:
+        raise RegistryError(f"{exc}; another promotion may be stuck") from None
 
 
-def _as_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:  # a hand-edited or garbled lease counts as expired
-        return 0.0
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_machine_only(uri: str) -> None:
+    if uri not in _WARNED:
+        _WARNED.add(uri)
+        print(f"warning: promotions on {uri} are serialised on this machine only: set register.lock_url "
+              f"({LOCK_URL_ENV}) to a PostgreSQL database, or PREFECT_API_URL to a Prefect server, to serialise "
+              "them across machines", file=sys.stderr)
 
 
 def _record(client, name: str, version: str, event: dict) -> None:
@@ -336,7 +321,8 @@ class Decision:
 
 
 def promote(client, uri: str, name: str, version: str, *, gates: list[Gate], primary_metric: str, actor: str,
-            reason: str, alias: str = CHAMPION, force: bool = False) -> Decision:
+            reason: str, alias: str = CHAMPION, force: bool = False, lock_url: str | None = None,
+            lease_s: float = LEASE_S) -> Decision:
     """Check the gates on `version` and move `alias` to it if they pass (or if forced); serialised per model.
 
     The champion it is compared with is read under the lock, so two concurrent promotions each compare with
@@ -349,7 +335,7 @@ def promote(client, uri: str, name: str, version: str, *, gates: list[Gate], pri
     if force and not reason.strip():
         raise RegistryError("--force overrides the promotion gates only with a reason: add --reason \"why\"")
     version = str(version)
-    with registry_lock(client, uri, name):
+    with registry_lock(client, uri, name, lock_url=lock_url, lease_s=lease_s):
         mv = get_version(client, name, version)
         if "artifacts_deleted" in mv.tags:
             raise RegistryError(f"{name} version {version}: its artifacts were deleted by gc; register it again")
@@ -381,13 +367,14 @@ def promote(client, uri: str, name: str, version: str, *, gates: list[Gate], pri
     return decision
 
 
-def rollback(client, uri: str, name: str, actor: str, reason: str = "rollback") -> tuple[str, str | None]:
+def rollback(client, uri: str, name: str, actor: str, reason: str = "rollback",
+             lock_url: str | None = None) -> tuple[str, str | None]:
     """`champion` <- `previous`; the demoted version loses `champion` and `previous` is cleared.
 
     Returns:
         (restored version, demoted version or None).
     """
-    with registry_lock(client, uri, name):
+    with registry_lock(client, uri, name, lock_url=lock_url):
         prev = alias_version(client, name, PREVIOUS)
         if prev is None:
             raise RegistryError(f"{name} has no @{PREVIOUS} version to roll back to (a rollback needs an earlier "
@@ -407,7 +394,7 @@ def rollback(client, uri: str, name: str, actor: str, reason: str = "rollback") 
 
 # --- retention -------------------------------------------------------------------------------------------------
 
-def gc(client, uri: str, name: str, keep: int, actor: str) -> tuple[list[str], int]:
+def gc(client, uri: str, name: str, keep: int, actor: str, lock_url: str | None = None) -> tuple[list[str], int]:
     """Delete the artifacts of versions beyond the newest `keep` that hold no alias.
 
     Versions holding an alias (champion, challenger, previous or any other) are never touched. The version
@@ -419,7 +406,7 @@ def gc(client, uri: str, name: str, keep: int, actor: str) -> tuple[list[str], i
     if keep < 0:
         raise RegistryError(f"--keep {keep}: must be 0 or more (the number of newest versions kept whole)")
     deleted, freed = [], 0
-    with registry_lock(client, uri, name):
+    with registry_lock(client, uri, name, lock_url=lock_url):
         for mv in versions(client, name)[keep:]:
             if mv.aliases or "artifacts_deleted" in mv.tags:
                 continue

@@ -92,7 +92,8 @@ def promote(name: Annotated[str, typer.Argument(help="Registered model.")],
     cfg = load_pipeline(config, pipeline or mv.tags.get("pipeline") or pipeline_names(config)[0])
     decision = registry.promote(client, uri, name, version, gates=cfg.register_.gates,
                                 primary_metric=cfg.register_.primary_metric, actor=registry.actor_name(),
-                                reason=reason, alias=alias, force=force)
+                                reason=reason, alias=alias, force=force, lock_url=_lock_url(cfg),
+                                lease_s=cfg.register_.lock_lease_seconds)
     _print_gates(decision)
     console.print(decision.summary())
     if not decision.promoted:
@@ -105,7 +106,8 @@ def rollback(name: Annotated[str, typer.Argument(help="Registered model.")],
              tracking_uri: UriOpt = None, config: ConfigOpt = Path("pipelines.yaml")) -> None:
     """Give @champion back to the @previous version."""
     uri = resolve_uri(tracking_uri, config)
-    restored, demoted = registry.rollback(tracking.client_for(uri), uri, name, registry.actor_name(), reason)
+    restored, demoted = registry.rollback(tracking.client_for(uri), uri, name, registry.actor_name(), reason,
+                                          lock_url=_lock_url())
     console.print(f"{name}: @champion is version {restored} again" +
                   (f" (version {demoted} rolled back)" if demoted else ""))
 
@@ -116,9 +118,14 @@ def gc(name: Annotated[str, typer.Argument(help="Registered model.")],
        tracking_uri: UriOpt = None, config: ConfigOpt = Path("pipelines.yaml")) -> None:
     """Delete the artifacts of old versions that hold no alias (never champion, challenger or previous)."""
     uri = resolve_uri(tracking_uri, config)
-    deleted, freed = registry.gc(tracking.client_for(uri), uri, name, keep, registry.actor_name())
+    deleted, freed = registry.gc(tracking.client_for(uri), uri, name, keep, registry.actor_name(), lock_url=_lock_url())
     which = ", ".join(deleted) if deleted else "none"
     console.print(f"{name}: deleted the artifacts of versions {which}; freed {registry.human_bytes(freed)}")
+
+
+def _lock_url(cfg=None) -> str | None:
+    """What serialises promotions on a server: the environment's lock database, else the pipeline's."""
+    return os.environ.get(registry.LOCK_URL_ENV) or (cfg.register_.lock_url if cfg else None)
 
 
 def _print_gates(decision: registry.Decision) -> None:

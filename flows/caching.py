@@ -4,16 +4,24 @@ Each stage module exposes `cache_key(...)`, taking the task's own arguments; it 
 runs (never run ids: the run context's `base_model` and `workdir` are fine). The same key
 names the stage's output folder, its Ray Train run and its MLflow run tag, so a cache hit and a reused folder agree.
 Registration and promotion are never cached.
+
+A stage key is also a lock (`stage_lock`): two flow runs that reach the same key at once do not both train into
+the same folder and Ray run. The first holds the key while its stage runs; the others wait, then find its result
+in the cache. Through a Prefect server the lock is a global concurrency limit named after the key (any machine
+that reaches the server); with Prefect's temporary local server, a file lock in the workdir (one machine).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from prefect.cache_policies import CachePolicy
 
+from alignpipe import locks
 from alignpipe.config.cache import CacheConfig
 
 BLOCK = "block://"
@@ -53,3 +61,22 @@ def cached(task, key_fn: Callable[..., str], cache: CacheConfig, workdir: str):
         persist_result=True,
         refresh_cache=cache.refresh,
     )
+
+
+@contextmanager
+def stage_lock(stage: str, key: str, cache: CacheConfig, workdir: str) -> Iterator[None]:
+    """Hold stage key `key` while the stage runs (nothing to hold when caching is off: every run does its own)."""
+    if not cache.enabled:
+        yield
+        return
+    what = f"stage {stage} (key {key})"
+
+    def waiting() -> None:
+        print(f"stage {stage}: another flow run is running key {key}; waiting to reuse its result")
+
+    if locks.prefect_server():
+        with locks.prefect_lock(locks.limit_name("alignpipe", stage, key), cache.lease_seconds, None, what, waiting):
+            yield
+    else:
+        with locks.file_lock(Path(workdir) / "cache" / "locks" / f"{stage}-{key}.lock", float("inf"), what, waiting):
+            yield

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ from prefect import Task, flow
 from prefect.runtime import flow_run
 
 from alignpipe import models, ray_runner, secrets, tracking
-from alignpipe.flows.caching import cached
+from alignpipe.flows.caching import cached, stage_lock
 from alignpipe.config import load_checked
 from alignpipe.flows import artifacts, stages
 from alignpipe.runs import RunContext, config_digest, git_commit, publish_model, save_summary
@@ -24,8 +26,9 @@ DEFAULT_CONFIG = "pipelines.yaml"
 class StageClock:
     """Wall time and status of each stage, for the end-of-run summary."""
 
-    def __init__(self):
+    def __init__(self, lock: Callable[[str, tuple], AbstractContextManager] | None = None):
         self.stages: list[dict[str, Any]] = []
+        self.lock = lock  # held around a cached stage: one flow run at a time runs a stage key
 
     def run(self, name: str, fn, *args):
         """Run one stage (a Prefect task, or a plain function); a task served from the cache is marked `cached`."""
@@ -36,7 +39,8 @@ class StageClock:
         status = "done"
         try:
             if isinstance(fn, Task):
-                state = fn(*args, return_state=True)
+                with self.lock(name, args) if self.lock and name in stages.STAGE_MODULES else nullcontext():
+                    state = fn(*args, return_state=True)
                 status = "cached" if state.name == "Cached" else "done"
                 result = state.result()  # re-raises the stage's own exception
             else:
@@ -62,6 +66,11 @@ def _stage(name: str, cfg):
     return cached(getattr(stages, name), stages.STAGE_MODULES[name].cache_key, cfg.cache, cfg.workdir)
 
 
+def _lock(cfg):
+    """The stage-key lock for StageClock: keyed by the stage module's own `cache_key`, as the cache is."""
+    return lambda name, args: stage_lock(name, stages.STAGE_MODULES[name].cache_key(*args), cfg.cache, cfg.workdir)
+
+
 def stop_ray_work(flow, flow_run, state) -> None:
     """Cancelled or crashed: no training worker may outlive the flow run (Prefect hook signature)."""
     ray_runner.shutdown()
@@ -79,7 +88,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
     """
     cfg = load_checked(config_file, pipeline, overrides, env=os.environ)  # `alignpipe run` checked it already
     run_id = str(flow_run.id or f"local-{int(time.time())}")
-    clock = StageClock()
+    clock = StageClock(lock=_lock(cfg))
     storage = Storage.for_compute(cfg.compute, cfg.workdir)
     base = clock.run("prepare", prepare, cfg, storage)
     lineage = {"config_digest": config_digest(cfg), "git_commit": git_commit(Path(config_file).resolve().parent),

@@ -167,7 +167,8 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
                                              numbers.get("base", {}))
                 # Under the lock, so two runs with the same weights can't both create a version; still inside
                 # the fluent run: the SQL registry resolves the logged model through the *global* tracking URI.
-                with registry.registry_lock(client, uri, name):
+                with registry.registry_lock(client, uri, name, lock_url=cfg.register_.lock_url,
+                                            lease_s=cfg.register_.lock_lease_seconds):
                     existing = registry.find_by_digest(client, name, art.digest)
                     if existing is None:
                         version = _create_version(client, name, info, run_id, tags, _description(card, run_id))
@@ -187,7 +188,8 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
             if cfg.register_.promote:
                 decision = registry.promote(client, uri, name, version, gates=cfg.register_.gates,
                                             primary_metric=cfg.register_.primary_metric,
-                                            actor=f"flow run {ctx.run_id}", reason=f"pipeline {cfg.name} gates")
+                                            actor=f"flow run {ctx.run_id}", reason=f"pipeline {cfg.name} gates",
+                                            lock_url=cfg.register_.lock_url, lease_s=cfg.register_.lock_lease_seconds)
                 out.promoted, out.decision = decision.promoted, decision.summary()
         for k, v in {"registered_model": name, "registered_version": out.version, "registered_alias": alias,
                      "weights_digest": art.digest, "promotion": out.decision}.items():

@@ -1,7 +1,8 @@
 """pipelines.yaml -> validated PipelineConfig, with env and --set overrides and readable errors.
 
 Precedence (highest first): `--set section.key=value`, environment variables (MLFLOW_TRACKING_URI, RAY_ADDRESS,
-ALIGNPIPE_STORAGE_PATH: ENV_KEYS), the pipeline's own keys, the file's `defaults:`, schema defaults.
+ALIGNPIPE_STORAGE_PATH, ALIGNPIPE_REGISTRY_LOCK_URL: ENV_KEYS), the pipeline's own keys, the file's `defaults:`,
+schema defaults.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from alignpipe.config.quantize import GPU_ONLY
 from alignpipe.errors import ConfigError
 
 ENV_KEYS = {"MLFLOW_TRACKING_URI": ("tracking", "mlflow_uri"), "RAY_ADDRESS": ("compute", "ray_address"),
-            "ALIGNPIPE_STORAGE_PATH": ("compute", "storage_path")}
+            "ALIGNPIPE_STORAGE_PATH": ("compute", "storage_path"),
+            "ALIGNPIPE_REGISTRY_LOCK_URL": ("register", "lock_url")}
 TOP_KEYS = {"defaults", "pipelines"}
 
 

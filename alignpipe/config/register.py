@@ -77,6 +77,14 @@ class RegisterConfig(Section):
         "`champion` (as text, e.g. 'exact_match >= champion + 0.005'). The first version ever registered is "
         "checked with `champion` read as `base`.")
     promote: bool = Field(True, description="Check the gates and move `champion` right after registering.")
+    lock_url: str | None = Field(
+        None, exclude=True,  # holds a password: never in logged params or the config digest
+        description="PostgreSQL database (libpq URL) whose advisory locks serialise version creation and alias "
+        "moves on an MLflow server, e.g. the one behind it (env ALIGNPIPE_REGISTRY_LOCK_URL; `alignpipe env` "
+        "exports the local stack's). Unset: the Prefect server's global concurrency limits, else this machine only. "
+        "Local MLflow stores always use a file lock.")
+    lock_lease_seconds: float = Field(
+        30.0, ge=2, le=3600, description="A hung promotion frees the registry this long after its last renewal.")
 
     @field_validator("gates", mode="before")
     @classmethod

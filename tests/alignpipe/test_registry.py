@@ -192,25 +192,33 @@ def test_concurrent_promotions_lose_no_update(client, mlflow_uri, tmp_path):
         assert _alias(client, "previous") == v1
 
 
-def test_lease_lock_for_servers_excludes_concurrent_holders(client, tmp_path):
+def test_server_without_a_lock_service_is_serialised_on_this_machine_and_says_so(client, tmp_path, monkeypatch,
+                                                                                  capfd):
+    """No register.lock_url and no Prefect server: a file lock under ~/.cache serialises this machine, with a warning
+    (the PostgreSQL and Prefect locks are tested against the stack in test_registry_server.py)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("HOME", str(tmp_path))
     registry.ensure_model(client, NAME)
     inside, overlaps = [], []
 
     def hold():
-        # Any non-file URI takes the registry-side lease path; the client still talks to the SQLite store.
+        # A server URI takes the server path; the client still talks to the SQLite store.
         with registry.registry_lock(client, "http://registry.example", NAME, timeout_s=60):
             inside.append(1)
             overlaps.append(len(inside))
             time.sleep(0.3)
             inside.pop()
 
-    threads = [threading.Thread(target=hold) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with temporary_settings({PREFECT_API_URL: None}):
+        threads = [threading.Thread(target=hold) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     assert overlaps == [1, 1, 1]
-    assert registry.LOCK_TAG not in client.get_registered_model(NAME).tags  # released
+    assert list((tmp_path / ".cache" / "alignpipe" / "locks").glob(f"*.{NAME}.lock"))
+    assert "serialised on this machine only" in capfd.readouterr().err
 
 
 def test_gc_deletes_only_old_unaliased_versions(client, mlflow_uri, tmp_path):
