@@ -268,14 +268,16 @@ def up(workdir: str | Path, on_wait: Callable[[str], None] = print, ray_cpus: in
         postgres.wait(db, password, timeout)
         port = free_port()
         # Password in the environment, not on a command line everyone may read; leases of crashed runs' concurrency
-        # slots are freed within 5 s (Prefect's default is 15)
+        # slots are freed within 5 s (Prefect's default is 15), and a run waiting on a slot (a stage key another run
+        # holds) asks again within 5 s of its release (default up to 30)
         prefect = _start("prefect", [str(BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)],
                          port, f"http://{HOST}:{port}", logs,
                          {"PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                           "PREFECT_API_URL": f"http://{HOST}:{port}/api",
                           "PREFECT_API_DATABASE_CONNECTION_URL": postgres_url(db.port, password, "prefect",
                                                                               "postgresql+asyncpg"),
-                          "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5"})
+                          "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
+                          "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "5"})
         stack.services.append(prefect)
         save(stack)
         aws = s3_env(s3.url, s3_credentials(workdir))
