@@ -29,15 +29,34 @@ def _setup(local_stack, name: str, tmp_path) -> tuple:
     return client, v1, v2
 
 
+# `alignpipe promote ARGS`, held at the start line until GO exists: with imports done beforehand, the calls reach
+# the registry together instead of spread over seconds of start-up, which would hide a race.
+READY_SET_GO = """import sys, time
+from pathlib import Path
+import mlflow
+from alignpipe.cli.main import app
+go = Path(sys.argv[1])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.005)
+sys.argv = ["alignpipe", *sys.argv[2:]]
+app()
+"""
+
+
 def test_concurrent_promotions_lose_no_alias_move(local_stack, tmp_path):
     name = "promote-race"
     client, v1, v2 = _setup(local_stack, name, tmp_path)
     env = {**os.environ, **local_stack.env, "COLUMNS": "200"}
     assert env[registry.LOCK_URL_ENV].startswith("postgresql://")
-    procs = [subprocess.Popen([sys.executable, "-m", "alignpipe.cli.main", "promote", name, v, "--reason", f"call {i}",
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", READY_SET_GO, str(go), "promote", name, v, "--reason", f"call {i}",
                                "--config", str(PIPELINES)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for i, v in enumerate([v1, v2] * 4)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    go.touch()
     outs = [p.communicate(timeout=300)[0] for p in procs]
     codes = [p.returncode for p in procs]
     assert set(codes) <= {0, 1}, outs  # promoted, or rejected by a gate: never a crash or a lock timeout
