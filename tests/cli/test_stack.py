@@ -4,6 +4,7 @@ in the stack's PostgreSQL (cli/postgres.py)."""
 
 import json
 import os
+import re
 import socket
 import stat
 import urllib.request
@@ -11,7 +12,7 @@ import uuid
 
 import psutil
 import pytest
-from alignpipe.cli import stack
+from alignpipe.cli import postgres, stack
 
 # one stack per test process: with `make test`'s two xdist workers, every module using it (or `offbox`, built on
 # it) shares one worker
@@ -137,6 +138,16 @@ def test_mlflow_keeps_artifacts_in_the_stacks_bucket(local_stack):
     keys = [o["Key"] for o in _s3(local_stack.env).list_objects_v2(Bucket=stack.S3_BUCKET,
                                                                     Prefix="mlflow/")["Contents"]]
     assert any(k.endswith(f"{run.info.run_id}/artifacts/probe/note.txt") for k in keys), keys
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only under root does PostgreSQL run as another user")
+def test_a_folder_the_postgres_user_cannot_enter_is_named_not_opened(tmp_path):
+    closed = tmp_path / "closed"  # nobody's, mode 0700: not ours to open
+    closed.mkdir(mode=0o700)
+    os.chown(closed, 65534, 65534)
+    with pytest.raises(stack.StackError, match=f"cannot enter {re.escape(str(closed))} .*chmod o"):
+        postgres.start(closed / "work" / "stack", stack.free_port(), "unused")
+    assert stat.S_IMODE(closed.stat().st_mode) == 0o700
 
 
 @pytest.mark.xfail(strict=True, reason="Ray 2.60 binds its GCS, raylet and worker gRPC servers to :: and the "
