@@ -29,7 +29,8 @@ def _exports(env: dict[str, str]) -> str:
 
 
 def up(workdir: WorkdirOpt = DEFAULT_WORKDIR) -> None:
-    """Start a Prefect server (UI), an S3 API server, an MLflow server and a 2-node Ray cluster on 127.0.0.1."""
+    """Start PostgreSQL, a Prefect server (UI) and an MLflow server on it, an S3 API server and a 2-node Ray cluster
+    on 127.0.0.1."""
     with console.status("starting the stack") as spinner:
         try:
             stack = stack_mod.up(workdir, on_wait=lambda what: spinner.update(f"waiting for {what}"))
