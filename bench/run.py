@@ -7,6 +7,7 @@ Measures (all on the embedded SmolLM2-135M-Instruct and the demo data):
     time and every metric; then the same run again (cached) and `align: rlhf` on the same SFT model;
   * int8 vs fp32 generation speed at batch 16 and 1 on the demo's own merged and quantized folders (best of 3, taking turns);
   * orchestration overhead of `smoke` against the local stack (bench/orchestration.py);
+  * concurrent smoke pipelines and promotions on one PostgreSQL-backed stack (bench/shared_stack.py);
   * the same work as the demo done by a plain TRL script (bench/plain_trl.py): wall time and exact match;
   * LoRA vs full fine-tuning of the same model, each in its own process (bench/lora_vs_full.py): trainable
     parameters, peak RSS, tokens/s, and achieved training FLOP/s over a measured matmul FLOP/s (bench/flops.py).
@@ -215,6 +216,16 @@ def orchestration() -> dict:
         print(f"orchestration bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return {}
     return json.loads((ROOT / "bench" / "out" / "orchestration.json").read_text())
+
+
+def shared_stack() -> dict:
+    """bench/shared_stack.py: concurrent smoke pipelines and promotions on one PostgreSQL-backed stack."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "shared_stack.py")], cwd=ROOT, capture_output=True,
+                          text=True)
+    if proc.returncode:
+        print(f"shared-stack bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return {}
+    return json.loads((ROOT / "bench" / "out" / "shared_stack.json").read_text())
 
 
 def plain_trl(args: list[str] | None = None) -> dict:
@@ -526,6 +537,8 @@ def main() -> None:
     ap.add_argument("--skip-sft", action="store_true", help="reuse the SFT throughput numbers from results.json")
     ap.add_argument("--skip-rlhf", action="store_true", help="reuse the RLHF numbers from results.json")
     ap.add_argument("--skip-orchestration", action="store_true", help="skip the local-stack overhead run")
+    ap.add_argument("--skip-shared-stack", action="store_true",
+                    help="skip the concurrent pipelines and promotions on the PostgreSQL stack")
     ap.add_argument("--skip-plain-trl", action="store_true",
                     help="reuse the plain TRL script's numbers from results.json (its ratio is against the demo run)")
     ap.add_argument("--skip-lora-full", action="store_true",
@@ -552,6 +565,8 @@ def main() -> None:
         results.update(lora_vs_full(args.steps, args.rows))
     if not args.skip_orchestration:
         results["orchestration"] = orchestration()
+    if not args.skip_shared_stack:
+        results["shared_stack"] = shared_stack()
     write(results)
 
 
