@@ -235,9 +235,10 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
         summary = None
         for spec in specs:  # the cascade pairs a quantized artifact with the model it was made from
             if spec.quantized_from in rows:
+                costs = (cascade.request_cost(results[spec.label]), cascade.request_cost(results[spec.quantized_from]))
                 summary, cmd, ccsv, fig = cascade.report(rows[spec.label], rows[spec.quantized_from],
                                                          cfg.evaluate.cascade_tolerance,
-                                                         (spec.label, spec.quantized_from))
+                                                         (spec.label, spec.quantized_from), costs)
                 _log_table(run_id, ctx.tracking_uri, out_dir, "cascade", cmd, ccsv)
                 _log_figure(ctx.tracking_uri, run_id, fig, "plots/cascade.png")
                 tracking.log_metrics(ctx.tracking_uri, run_id, {f"cascade/{k}": v for k, v in summary.items()})
