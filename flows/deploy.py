@@ -109,10 +109,13 @@ def prefect_yaml(deployments: list[RunnerDeployment], config_file: str | Path, o
         "work_pool": {"name": "alignpipe", "work_queue_name": "default"},
         "schedules": [_schedule_entry(s.schedule, s.active) for s in d.schedules],
     } for d in deployments]
-    dump = lambda obj: yaml.safe_dump(obj, sort_keys=False, width=120, default_flow_style=None)  # noqa: E731
-    return head + "\n" + dump(fixed) + "\ndeployments:\n" + "\n".join(
-        "\n".join(("  - " if i == 0 else "    ") + line for i, line in enumerate(dump(e).splitlines())) + "\n"
-        for e in entries)
+    items = ["\n".join(("  - " if i == 0 else "    ") + line for i, line in enumerate(_dump(e).splitlines())) + "\n"
+             for e in entries]  # a blank line between deployments, as a person would write them
+    return head + "\n" + _dump(fixed) + "\ndeployments:\n" + "\n".join(items)
+
+
+def _dump(obj) -> str:
+    return yaml.safe_dump(obj, sort_keys=False, width=120, default_flow_style=None)
 
 
 def _schedule_entry(schedule, active: bool) -> dict:

@@ -129,18 +129,24 @@ def test_the_servers_scheduler_creates_the_scheduled_runs(local_stack, deployed)
     assert left == []  # pausing a schedule removed the runs it had put on the calendar
 
 
-def test_run_launched_through_the_api_trains_ddp_on_two_nodes(local_stack, deployed, server):
-    """As the UI's "Run" button: a flow run from the deployment, picked up by the serve process."""
+@pytest.fixture(scope="module")
+def launched_run(local_stack, deployed, server):
+    """As the UI's "Run" button: a flow run from the deployment, picked up by the serve process; its final
+    state (the UI test opens its page)."""
     with _client(local_stack) as client:
         run = client.create_flow_run_from_deployment(
             deployed[1]["smoke"], parameters={"overrides": {"compute.num_workers": 2, "align.method": "none",
                                                             "quantize.method": "none"}})  # SFT is under test
-        final = _wait_state(client, run.id, lambda s: s.is_final())
-    assert final.state.is_completed(), final.state.message
+        return _wait_state(client, run.id, lambda s: s.is_final())
+
+
+def test_run_launched_through_the_api_trains_ddp_on_two_nodes(local_stack, launched_run):
+    """Launched as the UI's "Run" button does, the run trains with DDP on the cluster's two nodes."""
+    assert launched_run.state.is_completed(), launched_run.state.message
 
     mlflow = tracking.client_for(local_stack.env["MLFLOW_TRACKING_URI"])
     (sft_run,) = mlflow.search_runs([mlflow.get_experiment_by_name("alignpipe-smoke").experiment_id],
-                                   f"tags.`{tracking.TAG_FLOW_RUN}` = '{run.id}' and tags.`{tracking.TAG_STAGE}` = 'sft'")
+                                   f"tags.`{tracking.TAG_FLOW_RUN}` = '{launched_run.id}' and tags.`{tracking.TAG_STAGE}` = 'sft'")
     # Two workers of 1 CPU on nodes of 1 CPU each: one per node; DDP kept their weights identical.
     assert sft_run.data.metrics["final/ranks_in_sync"] == 1.0
 
@@ -164,16 +170,89 @@ def test_cancelling_a_run_stops_its_ray_training_workers(local_stack, deployed, 
     assert _train_workers(local_stack) == []
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium: `make browser` installs chromium-headless-shell")
-def test_prefect_ui_lists_the_deployments(local_stack, deployed):
-    url = local_stack.env["PREFECT_API_URL"].removesuffix("/api") + "/deployments"
+def _browse(url: str, shot_name: str) -> str:
+    """The page's DOM after the SPA rendered it (headless Chromium), and its screenshot in tests/output/."""
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "prefect-ui-deployments.png"
+    shot = ARTIFACTS / shot_name
     shot.unlink(missing_ok=True)
     args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
             "--window-size=1400,900"]
     dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert ">smoke<" in dom and ">demo<" in dom, dom[-2000:]  # the SPA rendered the deployments table
     subprocess.run([*args, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000
+    return dom
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium: `make browser` installs chromium-headless-shell")
+def test_prefect_ui_lists_the_deployments_with_their_schedules(local_stack, deployed):
+    dom = _browse(local_stack.env["PREFECT_API_URL"].removesuffix("/api") + "/deployments",
+                  "prefect-ui-deployments.png")
+    assert ">smoke<" in dom and ">demo<" in dom, dom[-2000:]  # the SPA rendered the deployments table
+    assert SCHEDULES["demo"] == {"interval_seconds": 86400}  # what `deployed` gave demo, not the shipped cron
+    assert "Daily" in dom, dom[-2000:]  # how the UI writes an interval of 86400 s
+
+
+def _click_tab_and_read(url: str, tab: str, wait_for: list[str], shot_name: str, timeout: float = 60) -> str:
+    """Open `url` in headless Chromium, click the page's tab labelled `tab` (over the DevTools protocol: the
+    flow-run page drops `?tab=` while the run is still loading), wait until the page shows every string in
+    `wait_for`; returns the DOM and saves a screenshot in tests/output/."""
+    import base64
+    import itertools
+    import json
+    import re
+    import tempfile
+    import urllib.request
+
+    from websockets.sync.client import connect  # websockets comes with Prefect
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,900",
+                                 "--remote-debugging-port=0", f"--user-data-dir={profile}", url],
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            address = next(m.group(1) for line in proc.stderr
+                           if (m := re.search(r"DevTools listening on ws://([^/]+)/", line)))
+            pages = json.load(urllib.request.urlopen(f"http://{address}/json/list", timeout=30))
+            ids = itertools.count(1)
+            with connect(next(p["webSocketDebuggerUrl"] for p in pages if p["type"] == "page"), max_size=None) as ws:
+                def call(method, **params):
+                    n = next(ids)
+                    ws.send(json.dumps({"id": n, "method": method, "params": params}))
+                    while (msg := json.loads(ws.recv(timeout=30))).get("id") != n:  # skip events
+                        pass
+                    return msg["result"]
+
+                def js(expr):
+                    return call("Runtime.evaluate", expression=expr, returnByValue=True)["result"].get("value")
+
+                click = ("(() => { const t = [...document.querySelectorAll('.p-tab')]"
+                         f".find(e => e.textContent.trim() === {json.dumps(tab)}); if (t) t.click(); return !!t; }})()")
+                deadline = time.monotonic() + timeout
+                while not js(click):
+                    assert time.monotonic() < deadline, f"no {tab!r} tab on {url}"
+                    time.sleep(0.5)
+                dom = ""
+                while not all(s in dom for s in wait_for) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    dom = js("document.documentElement.outerHTML")
+                shot = call("Page.captureScreenshot", format="png")["data"]
+                (ARTIFACTS / shot_name).write_bytes(base64.b64decode(shot))
+                return dom
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the binary forks its renderers
+            proc.wait()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium: `make browser` installs chromium-headless-shell")
+def test_prefect_ui_shows_the_evaluation_table_on_the_finished_run(local_stack, launched_run):
+    """The flow-run page's Artifacts tab lists the evaluation table and the promotion decision
+    (flows/artifacts.py), where a user looks after a run."""
+    assert launched_run.state.is_completed(), launched_run.state.message
+    base = local_stack.env["PREFECT_API_URL"].removesuffix("/api")
+    want = ["evaluation-smoke", "promotion-smoke"]
+    dom = _click_tab_and_read(f"{base}/runs/flow-run/{launched_run.id}", "Artifacts", want,
+                              "prefect-ui-flow-run-artifacts.png")
+    assert all(key in dom for key in want), dom[-3000:]
+    assert "Evaluation of smoke: each model side by side" in dom  # the table artifact's description
 
