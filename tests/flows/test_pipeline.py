@@ -86,6 +86,7 @@ def test_smoke_flow_end_to_end(prefect_harness, tiny_model, mlflow_server, tmp_p
         summary = alignpipe_pipeline(pipeline="smoke", overrides=overrides, config_file=str(PIPELINES))
         client = tracking.client_for(url)
         _check_stages_runs_and_model(summary, client, url, tmp_path)
+        _check_prefect_artifacts(summary)
         again, changed = _check_reruns_use_the_cache(summary, client, overrides)
         logs = _flow_run_logs([summary["flow_run_id"], again["flow_run_id"], changed["flow_run_id"]])
     finally:
@@ -114,6 +115,22 @@ def test_smoke_flow_end_to_end(prefect_harness, tiny_model, mlflow_server, tmp_p
     assert params["tracking.mlflow_uri"] == url.replace("http://", "http://alice:***@")
     assert params["description"] == "smoke run; support key ***"
     assert summary["mlflow_ui"].startswith(f"mlflow ui --backend-store-uri {url.replace('http://', 'http://alice:***@')}")
+
+
+def _check_prefect_artifacts(summary):
+    """The flow-run page shows the evaluation table and the promotion decision (flows/artifacts.py)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[summary["flow_run_id"]])))
+    by_key = {a.key: a for a in found}
+    assert set(by_key) == {"evaluation-smoke", "promotion-smoke"}, by_key
+    table = by_key["evaluation-smoke"]
+    assert table.type == "table" and [row["model"] for row in json.loads(table.data)] == list(summary["metrics"])
+    promotion = by_key["promotion-smoke"]
+    assert promotion.type == "markdown" and summary["registered"]["decision"] in promotion.data
 
 
 def _check_stages_runs_and_model(summary, client, mlflow_uri, tmp_path):
