@@ -12,7 +12,7 @@ from typing import Any
 from prefect import Task, flow
 from prefect.runtime import flow_run
 
-from alignpipe import models, ray_runner, secrets, tracking
+from alignpipe import models, ray_runner, secrets, serving_choice, tracking
 from alignpipe.flows.caching import cached, stage_lock
 from alignpipe.config import load_checked
 from alignpipe.flows import artifacts, stages
@@ -108,7 +108,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
                                 data.digests["preference"], data.preference_eval_path)
         specs = [ModelSpec(label="base", base_path=base)] if cfg.evaluate.compare_base else []
         specs.append(ModelSpec(label="sft", base_path=base, adapter_dir=tuned.adapter_dir))
-        last, last_key = specs[-1], tuned.content_key  # the last trained artifact: quantized and registered
+        last, last_key = specs[-1], tuned.content_key  # the last trained artifact: quantized, a serving candidate
         if aligned:
             last = ModelSpec(label="aligned", base_path=aligned.base_path, adapter_dir=aligned.adapter_dir,
                              reference_path=aligned.base_path, reference_label="sft")  # DPO's reference: the SFT model
@@ -122,9 +122,13 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         scores = clock.run("evaluate", _stage("evaluate", cfg), cfg, ctx, data.eval_path, data.digests["eval"], specs,
                            data.preference_eval_path)
         artifacts.publish_evaluation(cfg.name, scores)  # the table on the flow-run page
-        final = specs[-1]  # the registered artifact: the quantized model when quantization ran
-        registered = None
+        registered = choice = None
         if cfg.register_.enabled:
+            # the registered artifact: the trained model or its quantized form, whichever serves better here
+            candidates = [last] + [s for s in specs if s.label == "quantized"]  # never base
+            choice = serving_choice.choose([s.label for s in candidates], scores.metrics, cfg.register_.serve)
+            final = next(s for s in candidates if s.label == choice.winner)
+            print(f"serving choice: {choice.winner}: {choice.reason}")
             lineage.update({f"data_digest.{k}": v for k, v in data.digests.items()})
             lineage.update({"run_id.parent": parent, "run_id.sft": tuned.mlflow_run_id,
                             "run_id.evaluate": scores.mlflow_run_id, "sft.content_key": tuned.content_key})
@@ -134,7 +138,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
             if quantized:
                 lineage["run_id.quantize"] = quantized.mlflow_run_id
             registered = clock.run("register", stages.register, cfg, ctx, final.base_path, final.adapter_dir,
-                                   final.quantized_dir, scores.metrics, final.label, lineage)
+                                   final.quantized_dir, scores.metrics, final.label, lineage, choice)
         artifacts.publish_promotion(cfg.name, registered)
         cached_stages = [s["stage"] for s in clock.stages if s["status"] == "cached"]
         tracking.client_for(uri).set_tag(parent, "alignpipe.cached_stages", ",".join(cached_stages) or "none")
@@ -148,6 +152,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         "aligned": aligned.model_dump() if aligned else None,
         "quantized": quantized.model_dump() if quantized else None,
         "cascade": scores.cascade,
+        "serving_choice": choice.model_dump() if choice else None,
         "registered": registered.model_dump() if registered else None,
         "promotion": registered.decision if registered else "not registered (register.enabled is false)",
         "mlflow_ui": f"mlflow ui --backend-store-uri {secrets.redact_uri(uri)} --host 127.0.0.1 --port 5000",

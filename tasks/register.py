@@ -1,9 +1,10 @@
-"""Register stage: log the final artifact as an MLflow pyfunc, register it (once per weights digest), gate it.
+"""Register stage: log the chosen artifact as an MLflow pyfunc, register it (once per weights digest), gate it.
 
-Reads the final artifact of the run: merged or quantized weights, or base + adapter (merged here on Ray, or
-kept as adapter plus a pinned base reference when `register.adapter_only`), and the evaluation metrics. Writes
-the model card and the logged model into the nested `register` run, the evaluation as that logged model's metrics,
-a model version tagged with the run's lineage, `@challenger` on it, and `@champion` when every gate in
+Reads the artifact `register.serve` chose (alignpipe.serving_choice): merged or quantized weights, or base + adapter
+(merged here on Ray, or kept as adapter plus a pinned base reference when `register.adapter_only`), the evaluation
+metrics and the decision table. Writes the model card, the decision table (`serving_choice.md`) and the logged model
+into the nested `register` run, the evaluation as that logged model's metrics, a model version tagged with the run's
+lineage and the decision (`serving_choice`, JSON), `@challenger` on it, and `@champion` when every gate in
 `register.gates` passes (alignpipe.registry).
 """
 
@@ -28,6 +29,7 @@ from alignpipe.merge import merge_on_ray
 from alignpipe.model_card import model_card
 from alignpipe.runs import RunContext, content_key, dir_digest, file_digest
 from alignpipe.serving import CHAT_MODEL_CODE
+from alignpipe.serving_choice import ServingChoice
 
 DEFAULT_EXAMPLE = "Ana Lima is 34 and lives in Porto."
 NOT_TAGS = {"input_example"}  # lineage keys that are inputs to this stage, not lineage
@@ -105,7 +107,7 @@ def fluent_run(uri: str, run_id: str):
 
 def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter_dir: str | None,
                    quantized_dir: str | None, metrics: dict[str, dict[str, float]], candidate: str,
-                   lineage: dict[str, str]) -> RegisterOutput:
+                   lineage: dict[str, str], choice: ServingChoice | None = None) -> RegisterOutput:
     """Log, register (unless the same weights are already registered), tag, alias and gate one model.
 
     Args:
@@ -119,6 +121,7 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
         candidate: Label of the registered artifact ("sft", "aligned", "quantized").
         lineage: Tags for the version: config/data digests, git commit, stage run ids, flow run id.
             An `input_example` key, if present, is used as the logged input example instead of a tag.
+        choice: Why `candidate` was chosen among the trained artifacts (the decision table), or None.
 
     Returns:
         The registered (or reused) version and the promotion decision.
@@ -136,6 +139,9 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
         art = _artifact(cfg, ctx, key, base_path, adapter_dir, quantized_dir)
         lineage = {**_stage_run_ids(client, ctx), **lineage}
         tags = _lineage_tags(cfg, lineage, candidate, art)
+        if choice is not None:
+            tags["serving_choice"] = choice.model_dump_json()  # the whole table: versions hold 100k per tag
+            _log_choice(client, run_id, ctx.stage_dir("register", key), choice)
         numbers = {label: {k: float(v) for k, v in m.items() if tracking.is_number(v)} for label, m in metrics.items()}
         _log_datasets(client, run_id, cfg, lineage)
         registry.ensure_model(client, name)
@@ -262,6 +268,14 @@ def _lineage_tags(cfg: PipelineConfig, lineage: dict[str, str], candidate: str, 
             tags[f"seed.{stage}"] = str(seed)
     tags.update({"weights_digest": art.digest, "candidate": candidate, "pipeline": cfg.name})
     return {k: secrets.redact(v) for k, v in tags.items()}  # lineage carries user-set text (paths, names)
+
+
+def _log_choice(client, run_id: str, out_dir: Path, choice: ServingChoice) -> None:
+    """The decision table as `serving_choice.md` in the register run, its one-line reason as a run tag."""
+    path = Path(out_dir) / "serving_choice.md"
+    path.write_text(choice.markdown())
+    client.log_artifact(run_id, str(path))
+    client.set_tag(run_id, "serving_choice", f"{choice.winner}: {choice.reason}"[:4000])
 
 
 def _stage_run_ids(client, ctx: RunContext) -> dict[str, str]:

@@ -207,6 +207,28 @@ def test_same_weights_point_to_the_existing_version(smoke_cfg, ctx, merged):
         evaluation(0.5)["sft"]
 
 
+def test_the_serving_choice_is_recorded_on_the_version_and_in_the_run(smoke_cfg, ctx, merged, tmp_path):
+    from alignpipe.config.register import ServeConfig
+    from alignpipe.serving_choice import choose
+
+    metrics = evaluation(0.5)
+    metrics["sft"].update(latency_p95_ms=6300.0, size_mb=540.0)
+    metrics["quantized"] = {**metrics["sft"], "latency_p95_ms": 28200.0, "size_mb": 170.0}  # int8 decodes slower
+    choice = choose(["sft", "quantized"], metrics, ServeConfig())  # the shipped default: latency_p95_ms
+    assert choice.winner == "sft"
+    out = register_model(smoke_cfg, ctx, merged, None, None, metrics, choice.winner, LINEAGE, choice)
+
+    client = tracking.client_for(ctx.tracking_uri)
+    mv = client.get_model_version(out.model_name, out.version)
+    recorded = json.loads(mv.tags["serving_choice"])
+    assert recorded["winner"] == "sft" == mv.tags["candidate"]
+    assert [(c["label"], c["eligible"], c["figures"]["latency_p95_ms"]) for c in recorded["candidates"]] == \
+        [("sft", True, 6300.0), ("quantized", True, 28200.0)]
+    table = open(client.download_artifacts(out.mlflow_run_id, "serving_choice.md", str(tmp_path))).read()
+    assert table == choice.markdown() and "| quantized | 28200 | 170 |" in table
+    assert client.get_run(out.mlflow_run_id).data.tags["serving_choice"] == f"sft: {choice.reason}"
+
+
 def test_a_champion_registered_before_logged_model_metrics_still_gates_and_fills_the_card(smoke_cfg, ctx, merged,
                                                                                           tmp_path):
     name, client = smoke_cfg.tracking.registered_model, tracking.client_for(ctx.tracking_uri)
