@@ -49,8 +49,8 @@ class ServingChoice(BaseModel):
         """The decision table (a markdown section) for the register run and the flow's summary."""
         metrics = list(self.candidates[0].figures) if self.candidates else []
         lines = [f"**Registered: `{self.winner}`**: {self.reason}", "",
-                 f"Objective `{self.objective}`, margin {self.margin:.0%}, quality: "
-                 f"{', '.join(f'`{q}`' for q in self.quality) or 'none'}.", "",
+                 (f"Objective `{self.objective}`, margin {self.margin:.0%}, quality: "
+                  f"{', '.join(f'`{q}`' for q in self.quality) or 'none'}."), "",
                  "| candidate | " + " | ".join(metrics) + " | eligible | note |",
                  "|---|" + "---:|" * len(metrics) + "---|---|"]
         for c in self.candidates:

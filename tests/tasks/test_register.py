@@ -224,7 +224,7 @@ def test_the_serving_choice_is_recorded_on_the_version_and_in_the_run(smoke_cfg,
     assert recorded["winner"] == "sft" == mv.tags["candidate"]
     assert [(c["label"], c["eligible"], c["figures"]["latency_p95_ms"]) for c in recorded["candidates"]] == \
         [("sft", True, 6300.0), ("quantized", True, 28200.0)]
-    table = open(client.download_artifacts(out.mlflow_run_id, "serving_choice.md", str(tmp_path))).read()
+    table = Path(client.download_artifacts(out.mlflow_run_id, "serving_choice.md", str(tmp_path))).read_text()
     assert table == choice.markdown() and "| quantized | 28200 | 170 |" in table
     assert client.get_run(out.mlflow_run_id).data.tags["serving_choice"] == f"sft: {choice.reason}"
 
