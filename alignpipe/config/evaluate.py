@@ -21,8 +21,8 @@ class EvaluateConfig(Section):
         "decoding on AVX512-BF16 CPUs), else fp32. Every model in one run is evaluated with the same precision.")
     cpus: float = Field(2, gt=0, description="CPUs reserved by each evaluation Ray task (= torch threads).")
     cascade_tolerance: float = Field(
-        0.01, ge=0, le=1, description="Cascade report: best operating point = fewest requests sent to the full "
-        "model with exact match at most this far below the full model's.")
+        0.01, ge=0, le=1, description="Cascade report: best operating point = the cheapest (measured decoding cost) "
+        "with exact match at most this far below the full model's; the full model alone is one of the points.")
     lm_eval_tasks: list[str] = Field(
         default_factory=list, description="Optional lm-evaluation-harness tasks per artifact (needs lm-eval installed "
         "and the task data in the local cache; skipped with a message otherwise).")
