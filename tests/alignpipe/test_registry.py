@@ -203,19 +203,21 @@ def test_server_without_a_lock_service_is_serialised_on_this_machine_and_says_so
     inside, overlaps = [], []
 
     def hold():
-        # A server URI takes the server path; the client still talks to the SQLite store.
-        with registry.registry_lock(client, "http://registry.example", NAME, timeout_s=60):
+        # A server URI takes the server path; the client still talks to the SQLite store. No Prefect server for this
+        # thread (settings are per context, and a session fixture may have set one for the process).
+        with temporary_settings({PREFECT_API_URL: None}), \
+                registry.registry_lock(client, "http://registry.example", NAME, timeout_s=60):
             inside.append(1)
             overlaps.append(len(inside))
             time.sleep(0.3)
             inside.pop()
 
-    with temporary_settings({PREFECT_API_URL: None}):
-        threads = [threading.Thread(target=hold) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    threads = [threading.Thread(target=hold) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert overlaps == [1, 1, 1]
     assert list((tmp_path / ".cache" / "alignpipe" / "locks").glob(f"*.{NAME}.lock"))
     assert "serialised on this machine only" in capfd.readouterr().err
