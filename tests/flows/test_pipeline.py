@@ -197,6 +197,9 @@ def _check_stages_runs_and_model(summary, client, mlflow_uri, tmp_path):
     assert version.tags["run_id.validate"] == by_stage["validate"].info.run_id
     assert version.tags["promotion.decision"] in ("promoted", "rejected")  # gates ran; the summary says which
     assert summary["promotion"] == reg["decision"] and f"version {reg['version']}" in reg["decision"]
+    choice = summary["serving_choice"]  # smoke serves by size: the int8 model wins and is what was registered
+    assert [c["label"] for c in choice["candidates"]] == ["aligned", "quantized"] and choice["winner"] == "quantized"
+    assert json.loads(version.tags["serving_choice"])["winner"] == "quantized"
 
     # The registered (int8) model loads and generates in a fresh process that knows nothing of alignpipe, with
     # the fused int8 linears evaluate scored it with (int8_cpu.py ships with the model).
