@@ -48,23 +48,54 @@ def resolve_model(name: str, models_dir: str | Path) -> str:
     return name  # a hub id; load_tokenizer/load_model report a clear error if it cannot be fetched
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with native bfloat16 matmuls
+
+
 def bf16_native() -> bool:
     """True when this machine computes bfloat16 matmuls natively (CUDA with bf16, AVX512-BF16 or AMX CPUs)."""
+    return precision_choice("auto")[0] == "bfloat16"
+
+
+def precision_choice(precision: str) -> tuple[str, str]:
+    """`auto` / `bf16` / `fp32` -> (the weights dtype to load, one line saying why), probing this machine."""
     import torch
 
+    if precision != "auto":
+        return choose_precision(precision, None, None)
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        return choose_precision(precision, (torch.cuda.get_device_name(), torch.cuda.is_bf16_supported()), None)
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+        cpuinfo = None
+    return choose_precision(precision, None, cpuinfo)
+
+
+def choose_precision(precision: str, cuda: tuple[str, bool] | None, cpuinfo: str | None) -> tuple[str, str]:
+    """The choice `precision_choice` makes from what it found: `cuda` is (device name, bf16 supported) when a GPU
+    is visible; `cpuinfo` is /proc/cpuinfo's text (None when unreadable). bf16 only where it is computed natively
+    (or forced): elsewhere it is emulated and slower than fp32."""
+    if precision != "auto":
+        dtype = "bfloat16" if precision == "bf16" else "float32"
+        return dtype, f"precision: {precision} -> {dtype} (set in the config)"
+    if cuda is not None:
+        name, bf16 = cuda
+        return ("bfloat16" if bf16 else "float32",
+                f"precision: auto -> {'bfloat16' if bf16 else 'float32'} (CUDA {name} "
+                f"{'supports' if bf16 else 'lacks'} bf16)")
+    if cpuinfo is None:
+        return "float32", "precision: auto -> float32 (no CUDA; /proc/cpuinfo unreadable, so no native bf16 known)"
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.partition(":")[2].split()}
+    found = [f for f in BF16_CPU_FLAGS if f in flags]
+    if found:
+        return "bfloat16", f"precision: auto -> bfloat16 (no CUDA; CPU flags {', '.join(found)}: native bf16)"
+    return "float32", (f"precision: auto -> float32 (no CUDA; CPU lacks {' and '.join(BF16_CPU_FLAGS)}: "
+                       f"bf16 would be emulated, slower than fp32)")
 
 
 def dtype_for(precision: str) -> str:
     """`auto` / `bf16` / `fp32` -> the weights dtype to load: bf16 only where it is computed natively (or forced)."""
-    bf16 = precision == "bf16" or (precision == "auto" and bf16_native())
-    return "bfloat16" if bf16 else "float32"
+    return precision_choice(precision)[0]
 
 
 EAGER_MAX_TOKENS = 256  # auto attention: eager on CPU up to this row length

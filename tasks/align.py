@@ -67,6 +67,9 @@ def run_align(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, prefer
     folders = ("adapter", "reward_adapter") if a.method == "rlhf" else ("adapter",)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "align", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, a.model_dump(mode="json"), prefix="align")
+        dtype, why = models.precision_choice(a.precision)  # the workers choose the same: said once, here
+        tracking.log_params(ctx.tracking_uri, run_id, {"chosen": dtype, "reason": why}, prefix="precision")
+        print(f"align: {why}")
         ray_runner.ensure_ray(cfg.compute)
         reference = merge.merge_on_ray(ctx.storage, ctx.base_model, sft_adapter_dir,
                                        ctx.stage_uri("align", key, "sft_merged"), cfg.compute)

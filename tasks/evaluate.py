@@ -208,6 +208,9 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
     out_dir = ctx.stage_dir("evaluate", key)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "evaluate", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.evaluate.model_dump(mode="json"), prefix="evaluate")
+        dtype, why = models.precision_choice(cfg.evaluate.precision)  # what job_for resolves for every model below
+        tracking.log_params(ctx.tracking_uri, run_id, {"chosen": dtype, "reason": why}, prefix="precision")
+        print(f"evaluate: {why}")
         ray_runner.ensure_ray(cfg.compute)
         cpus = ray_runner.task_cpus(cfg.evaluate.cpus, cfg.compute.resources)
         job = job_for(cfg, max(1, int(cpus)), preference_eval_path, ctx.storage)

@@ -53,6 +53,10 @@ def run_sft(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest:
     out_dir = ctx.stage_dir("sft", key)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "sft", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.sft.model_dump(mode="json"), prefix="sft")
+        # the workers make the same choice (models.dtype_for) on their machine: said once here, not once per worker
+        dtype, why = models.precision_choice(cfg.sft.precision)
+        tracking.log_params(ctx.tracking_uri, run_id, {"chosen": dtype, "reason": why}, prefix="precision")
+        print(f"sft: {why}")
         job = job_for(cfg, ctx.base_model, train_path, storage=ctx.storage, tracking_uri=ctx.tracking_uri,
                       mlflow_run_id=run_id)
         metrics = training.fit(train_loop, job, f"sft-{key}", out_dir, ctx.stage_uri("sft", key))

@@ -1,4 +1,9 @@
-from alignpipe.models import EAGER_MAX_TOKENS, training_attention
+from pathlib import Path
+
+from alignpipe.models import EAGER_MAX_TOKENS, choose_precision, dtype_for, precision_choice, training_attention
+
+AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f\nbugs\t\t: spectre_v1\n"
+SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 
 
 def test_auto_attention_is_eager_only_on_cpu_for_short_rows():
@@ -7,3 +12,29 @@ def test_auto_attention_is_eager_only_on_cpu_for_short_rows():
     assert training_attention("auto", on_gpu=True, longest=80) == "sdpa"  # fused GPU kernels
     assert training_attention("sdpa", on_gpu=False, longest=80) == "sdpa"  # an explicit choice wins
     assert training_attention("eager", on_gpu=True, longest=4096) == "eager"
+
+
+def test_precision_auto_says_which_cpu_flags_or_cuda_decided():
+    dtype, why = choose_precision("auto", None, SAPPHIRE)
+    assert dtype == "bfloat16" and "avx512_bf16, amx_bf16" in why and "no CUDA" in why
+    dtype, why = choose_precision("auto", None, AVX2_ONLY)
+    assert dtype == "float32" and "lacks avx512_bf16 and amx_bf16" in why
+    # a flag name inside another word, or outside the flags line, is not the flag
+    assert choose_precision("auto", None, "model name\t: not avx512_bf16\nflags\t: avx512_bf16x\n")[0] == "float32"
+    assert choose_precision("auto", None, None) == (
+        "float32", "precision: auto -> float32 (no CUDA; /proc/cpuinfo unreadable, so no native bf16 known)")
+    assert choose_precision("auto", ("NVIDIA H100", True), AVX2_ONLY) == (
+        "bfloat16", "precision: auto -> bfloat16 (CUDA NVIDIA H100 supports bf16)")  # a GPU: CPU flags do not count
+    assert choose_precision("auto", ("Tesla T4", False), SAPPHIRE)[0] == "float32"
+    assert choose_precision("fp32", ("NVIDIA H100", True), SAPPHIRE) == (
+        "float32", "precision: fp32 -> float32 (set in the config)")
+    assert choose_precision("bf16", None, AVX2_ONLY)[0] == "bfloat16"
+
+
+def test_precision_choice_on_this_machine_matches_dtype_for():
+    dtype, why = precision_choice("auto")
+    assert dtype == dtype_for("auto") and why.startswith(f"precision: auto -> {dtype} (")
+    cpuinfo = Path("/proc/cpuinfo")
+    if "no CUDA" in why and cpuinfo.is_file():  # the CPU flags decided: the ones it names are this CPU's
+        words = cpuinfo.read_text().split()
+        assert (dtype == "bfloat16") == ("avx512_bf16" in words or "amx_bf16" in words)
