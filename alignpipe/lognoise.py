@@ -5,13 +5,30 @@ int-matmul module says Triton is absent; torch says torchao registers Enums with
 transformers for a renamed property (a FutureWarning). Each Ray worker (training, merge, quantize, each evaluated
 model) printed them all. Only these messages are dropped, from these loggers; with a CUDA device present,
 torchao's lines are kept (there they mean something).
+
+`alignpipe run` also turns the libraries' progress bars and Ray's INFO lines off (QUIET_ENV) unless `--verbose`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
+
+# Set by `alignpipe run` without --verbose, in its own process and (ray_runner.ensure_ray) in every Ray worker:
+# no tqdm bars from transformers ("Loading weights", "Writing model shards", the Trainer's), datasets ("Map",
+# "Tokenizing ...") or MLflow ("Downloading artifacts"), one per worker and stage, and Ray's INFO lines kept off
+# the console (Ray Train still writes its own to the Ray session's log files; the training metrics go to MLflow).
+# Warnings, errors and tracebacks reach the console as before.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "ALIGNPIPE_QUIET": "1"}
+
+
+def quiet_console() -> bool:
+    """True when this process runs under `alignpipe run` without --verbose (QUIET_ENV is set)."""
+    return os.environ.get("ALIGNPIPE_QUIET") == "1"
+
 
 # logger -> (message fragment, kept where CUDA is available)
 _KNOWN: dict[str, tuple[str, bool]] = {

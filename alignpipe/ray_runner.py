@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alignpipe import lognoise
 from alignpipe.config.compute import ComputeConfig
 from alignpipe.errors import ConfigError
 from alignpipe.metric_buffer import HTTP_ENV
@@ -137,13 +138,16 @@ def ensure_ray(compute: ComputeConfig, cpus: int | None = None) -> None:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
         ensure_auth_token()  # a cluster's token is its operator's to hand out
-    env = dict(WORKER_ENV)
+    quiet = lognoise.quiet_console()
+    env = {**WORKER_ENV, **(lognoise.QUIET_ENV if quiet else {})}
     if library := malloc_library(compute):
         env["LD_PRELOAD"] = library
     runtime_env: dict[str, Any] = {"env_vars": env}
     if not compute.ray_address:
         runtime_env["worker_process_setup_hook"] = "alignpipe.ray_runner.quiet_local_workers"
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "runtime_env": runtime_env}
+    # Workers' output still reaches the console (their warnings and tracebacks); quiet, Ray's own INFO lines do not.
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "runtime_env": runtime_env,
+                              "logging_level": "WARNING" if quiet else "INFO"}
     # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (Prefect's, which turns a
     # runner's SIGTERM into a Cancelled flow run instead of a Crashed one). Ray's atexit shutdown still runs.
     sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
@@ -258,7 +262,7 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
     group, a single worker too, so the HF Trainer wraps the model in DDP on a world of one. Ray Train's default
     helper actors (dataset manager, placement-group cleaner) start even where they have nothing to do.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = {"CPU": compute.cpus_per_worker, **compute.resources}
@@ -277,6 +281,8 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
             failure_config=FailureConfig(max_failures=compute.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=compute.checkpoints_to_keep),
             worker_runtime_env={"env_vars": worker_env(compute)},
+            # quiet: the controller's and workers' INFO lines go to the session's log files only, not the console
+            logging_config=LoggingConfig(log_level="WARNING" if lognoise.quiet_console() else "INFO"),
         ),
     )
     return wait_interruptibly(trainer.fit)

@@ -8,6 +8,7 @@ is here, once. Nothing here imports Prefect: Ray workers import this module.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -18,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from transformers import TrainerCallback
 
-from alignpipe import kernels, ray_runner, tracking
+from alignpipe import kernels, lognoise, ray_runner, tracking
 from alignpipe.config.compute import ComputeConfig
 from alignpipe.config.training import PeftConfig, TrainingConfig
 from alignpipe.metric_buffer import MetricBuffer, spool_path
@@ -143,6 +144,8 @@ class WorkerRun:
         from ray.train.huggingface.transformers import RayTrainReportCallback
 
         ray_runner.set_worker_threads(job.threads)
+        if lognoise.quiet_console():  # Ray Train set the root logger to INFO here; it logs "Reporting training
+            logging.getLogger().setLevel(logging.WARNING)  # result ..." there, outside its own `ray.train` loggers
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.rank0 = self.rank == 0
@@ -159,6 +162,11 @@ class WorkerRun:
         from ray.train.huggingface.transformers import prepare_trainer
 
         trainer = prepare_trainer(trainer)
+        if lognoise.quiet_console():  # its loss lines and bars: the console keeps stage events, MLflow the metrics
+            from transformers import PrinterCallback, ProgressCallback
+
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
         trainable, total = trainer.model.get_nb_trainable_parameters()
         self.summary.update({"trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
                              "train_rows": len(trainer.train_dataset)})

@@ -14,6 +14,7 @@ from rich.markdown import Markdown
 from rich.markup import escape
 from rich.table import Table
 
+from alignpipe import lognoise
 from alignpipe.config import load_all, load_checked, preflight
 from alignpipe.config.loader import parse_overrides
 from alignpipe.errors import AlignpipeError
@@ -65,11 +66,18 @@ def run(
     pipeline: Annotated[str, typer.Argument(help="Pipeline name in the pipelines file.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: section.key=value (repeatable).")] = None,
     config: ConfigOpt = Path("pipelines.yaml"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=(
+        "Also show the libraries' progress bars and training log lines from every Ray worker (loading weights, "
+        "tokenizing, map, training steps) and Ray's INFO lines. Without it the console keeps the stage events, "
+        "warnings and errors; training metrics are in MLflow."))] = False,
 ) -> None:
     """Run one pipeline end to end and print its summary."""
     try:  # fail fast on config mistakes, before Prefect, Ray or MLflow start
         overrides = parse_overrides(set_ or [])
         load_checked(config, pipeline, overrides, env=os.environ)
+        if not verbose:  # before the flow imports transformers and datasets: they read these once
+            for key, value in lognoise.QUIET_ENV.items():
+                os.environ.setdefault(key, value)
         from alignpipe.flows.pipeline import alignpipe_pipeline
 
         _hide_user_error_tracebacks()

@@ -1,8 +1,8 @@
 """A live per-stage view for `alignpipe run`, fed by the flow's own log lines ("stage sft: running").
 
 It listens to Prefect's flow-run logger instead of reaching into the flow, so the flow stays a plain Prefect
-flow that runs the same under a deployment. Training progress bars (the HF Trainer's tqdm) come through
-Ray's worker log forwarding above this view.
+flow that runs the same under a deployment. With `--verbose`, the workers' progress bars (the HF Trainer's tqdm,
+loading weights) come through Ray's worker log forwarding above this view; by default they are off.
 """
 
 from __future__ import annotations

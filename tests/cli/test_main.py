@@ -58,9 +58,16 @@ def test_sigterm_ends_run_through_the_exit_handlers(monkeypatch, tmp_path):
     """Then the temporary Prefect server `run` started stops with it (the default action would leave it running)."""
     import signal
 
+    from alignpipe import lognoise
     from alignpipe.flows import pipeline
 
+    for key in lognoise.QUIET_ENV:  # `run` sets them in this process: gone again after the test
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    quiet = []
+
     def flow_that_gets_sigterm(**kwargs):
+        quiet.append(lognoise.quiet_console())  # without --verbose, the flow and its Ray workers run quiet
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not end the run")
 
@@ -71,3 +78,4 @@ def test_sigterm_ends_run_through_the_exit_handlers(monkeypatch, tmp_path):
     finally:
         signal.signal(signal.SIGTERM, before)
     assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert quiet == [True]

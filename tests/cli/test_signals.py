@@ -49,7 +49,8 @@ def test_sigterm_mid_sft_ends_every_process_of_the_run_and_a_rerun_resumes(prefe
     from alignpipe.flows.pipeline import alignpipe_pipeline
     from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the harness's API: no temporary server
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),  # the harness's API: no temporary server
+           "PYTHONUNBUFFERED": "1"}  # what reached the console is in the log when it is read mid-run
     log = tmp_path / "first-run.log"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
@@ -58,6 +59,11 @@ def test_sigterm_mid_sft_ends_every_process_of_the_run_and_a_rerun_resumes(prefe
         while len(_checkpoints(workdir)) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(_checkpoints(workdir)) >= 2, f"no SFT checkpoints before the run ended:\n{log.read_text()[-3000:]}"
+        # the console is quiet by default (issue 28): no worker's progress bars, no Ray INFO lines
+        console = log.read_text()
+        assert "stage sft: running" in console, console[-3000:]
+        for noise in ("Loading weights", "Requesting resources", "it/s]"):
+            assert noise not in console, console[-3000:]
         driver = psutil.Process(proc.pid)
         run_procs = [driver, *driver.children(recursive=True)]  # Ray's daemons and workers, Prefect's server
         assert any(p.name().startswith("ray::RayTrainWorker") for p in run_procs[1:])
