@@ -103,12 +103,15 @@ def local_stack(tmp_path_factory):
     torn down. Tests using it (or `offbox`, which builds on it) share one pytest worker, so one stack serves them all:
     mark them `pytest.mark.xdist_group("stack")`."""
     from alignpipe.cli import stack
+    from testlib import stack_workdir
 
-    workdir = tmp_path_factory.mktemp("stack")
+    workdir = stack_workdir()
     try:
         yield stack.up(workdir, on_wait=lambda what: print(f"waiting for {what}"))
     finally:
         stack.down(workdir, grace=2)  # Ray's nodes sit out SIGTERM for over 20 s; nothing here needs them drained
+        shutil.rmtree(workdir, ignore_errors=True)
+
 
 
 @pytest.fixture(scope="session")

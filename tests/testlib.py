@@ -127,3 +127,12 @@ class MlflowServer:
         if self.svc is not None:
             stack.kill(self.svc)
             self.svc = None
+
+
+def stack_workdir() -> Path:
+    """A stack's workdir outside pytest's temp root: any pytest session that starts meanwhile (a developer's, another
+    checkout's) sets that root back to mode 0700, which shuts PostgreSQL, running as the `postgres` user under root,
+    out of its data folder mid-run (its checkpointer PANICs)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="alignpipe-stack-"))

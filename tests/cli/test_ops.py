@@ -2,6 +2,7 @@
 Ray)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -33,7 +34,9 @@ def _get(url):
 
 
 def test_up_status_env_down(tmp_path, monkeypatch):
-    workdir = tmp_path / "work"
+    from testlib import stack_workdir
+
+    workdir = stack_workdir() / "work"  # outside pytest's temp root (see testlib.stack_workdir)
     # as on a fresh machine: no Ray token yet (`ray start` alone refuses to start without one)
     token = tmp_path / "home" / ".ray" / "auth_token"
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
@@ -75,6 +78,7 @@ def test_up_status_env_down(tmp_path, monkeypatch):
     assert not [pid for pid in psutil.pids() if _cwd(pid) == data]
     assert "shut down" in (workdir / "stack" / "logs" / "postgres.log").read_text().splitlines()[-1]  # cleanly
     assert _cli("status", "--workdir", str(workdir)).returncode == 1
+    shutil.rmtree(workdir.parent)
 
 
 def test_env_without_stack_says_how_to_start_one(tmp_path):
