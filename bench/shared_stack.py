@@ -25,21 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from alignpipe import registry, tracking  # noqa: E402
 from alignpipe.cli import stack  # noqa: E402
-from testlib import registry_version  # noqa: E402
-
-# `alignpipe promote ARGS` held at a start line until GO exists, imports done (as tests/alignpipe/test_registry_server.py)
-READY_SET_GO = """import sys, time
-from pathlib import Path
-import mlflow
-from alignpipe.cli.main import app
-go = Path(sys.argv[1])
-print("ready", flush=True)
-while not go.exists():
-    time.sleep(0.005)
-sys.argv = ["alignpipe", *sys.argv[2:]]
-app()
-"""
-
+from testlib import READY_SET_GO, registry_version  # noqa: E402
 
 def smoke(env: dict[str, str], work: Path, seed: int) -> subprocess.Popen:
     sets = {"workdir": str(work), "sft.seed": seed, "compute.cpus_per_worker": 1, "evaluate.cpus": 1,
@@ -70,8 +56,8 @@ def promotions(env: dict[str, str], root: Path, calls: int = 16) -> dict:
     v1 = registry_version(client, name, {"exact_match": 0.5, "json_validity": 1.0}, base, root / "v1")
     v2 = registry_version(client, name, {"exact_match": 0.7, "json_validity": 1.0}, base, root / "v2")
     go = root / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", READY_SET_GO, str(go), "promote", name, v, "--reason", f"bench {i}",
-                               "--config", str(ROOT / "pipelines.yaml")], cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, "-c", READY_SET_GO, str(go), "promote", name, v, "--reason",
+                               f"bench {i}", "--config", str(ROOT / "pipelines.yaml")], cwd=ROOT,
                               env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i, v in enumerate([v1, v2] * (calls // 2))]
     for p in procs:

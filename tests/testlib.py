@@ -136,3 +136,18 @@ def stack_workdir() -> Path:
     import tempfile
 
     return Path(tempfile.mkdtemp(prefix="alignpipe-stack-"))
+
+
+# `alignpipe ARGS`, held at the start line until GO exists: with imports done beforehand, concurrent calls reach
+# the registry together instead of spread over seconds of start-up, which would hide a race.
+READY_SET_GO = """import sys, time
+from pathlib import Path
+import mlflow
+from alignpipe.cli.main import app
+go = Path(sys.argv[1])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.005)
+sys.argv = ["alignpipe", *sys.argv[2:]]
+app()
+"""

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from alignpipe import locks, registry, tracking
-from testlib import PIPELINES, REPO, registry_version
+from testlib import PIPELINES, READY_SET_GO, REPO, registry_version
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack")]
 
@@ -27,22 +27,6 @@ def _setup(local_stack, name: str, tmp_path) -> tuple:
     v1 = registry_version(client, name, {"exact_match": 0.5, "json_validity": 1.0}, BASE, tmp_path / "v1")
     v2 = registry_version(client, name, {"exact_match": 0.7, "json_validity": 1.0}, BASE, tmp_path / "v2")
     return client, v1, v2
-
-
-# `alignpipe promote ARGS`, held at the start line until GO exists: with imports done beforehand, the calls reach
-# the registry together instead of spread over seconds of start-up, which would hide a race.
-READY_SET_GO = """import sys, time
-from pathlib import Path
-import mlflow
-from alignpipe.cli.main import app
-go = Path(sys.argv[1])
-print("ready", flush=True)
-while not go.exists():
-    time.sleep(0.005)
-sys.argv = ["alignpipe", *sys.argv[2:]]
-app()
-"""
-
 
 def test_concurrent_promotions_lose_no_alias_move(local_stack, tmp_path):
     name = "promote-race"

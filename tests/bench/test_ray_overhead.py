@@ -51,7 +51,6 @@ def test_pauser_stops_all_but_the_training_worker_in_its_windows(ray_like):
         # the running window between the two paused ones: every process is continued (one after another: under
         # load the test can look between two of them, so it waits for both)
         _until(lambda: not _stopped(ray_like["raylet"]) and not _stopped(ray_like["controller"]))
-        assert len(pauser.paused) == 1  # still the first cycle's running window, not the end of the pauser
         _until(lambda: len(pauser.paused) == 2, timeout=15)
     finally:
         pauser.stop()

@@ -17,7 +17,8 @@ from alignpipe import tracking
 pytestmark = pytest.mark.slow
 
 STEPS, SAVE = 40, 5   # the signal lands at the second checkpoint (step 10), well before the end
-STOP_WITHIN_S = 10
+STOP_WITHIN_S = 10     # the run's Ray work: daemons and workers
+EXIT_WITHIN_S = 30     # the driver itself, which first releases its stage-key lease and flushes Prefect's events
 
 
 def _checkpoints(workdir: Path) -> list[Path]:
@@ -70,12 +71,13 @@ def test_sigterm_mid_sft_ends_every_process_of_the_run_and_a_rerun_resumes(prefe
 
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
-        while _alive(run_procs) and time.monotonic() - sent < STOP_WITHIN_S:
+        while _alive(run_procs[1:]) and time.monotonic() - sent < STOP_WITHIN_S:
             time.sleep(0.1)
         stopped_in = time.monotonic() - sent
-        assert not _alive(run_procs), f"alive {STOP_WITHIN_S} s after SIGTERM: {_alive(run_procs)}"
-        assert proc.wait(5) == 128 + signal.SIGTERM
-        print(f"every process of the run ended {stopped_in:.1f} s after SIGTERM")
+        assert not _alive(run_procs[1:]), f"alive {STOP_WITHIN_S} s after SIGTERM: {_alive(run_procs[1:])}"
+        assert proc.wait(EXIT_WITHIN_S) == 128 + signal.SIGTERM
+        print(f"the run's Ray work ended {stopped_in:.1f} s after SIGTERM, the driver "
+              f"{time.monotonic() - sent:.1f} s after it")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
