@@ -245,11 +245,23 @@ def quiet_local_workers() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
+# The CPU instruction-set caps of torch (ATen), oneDNN, MKL and fbgemm. Set on the driver (e.g. to run as an
+# AVX2-only CPU would on a host with AVX-512), they go to every training worker and heavy task, on a cluster too:
+# each library reads its own once, when it loads, so a worker that missed them would compute differently.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS")
+
+
+def isa_env() -> dict[str, str]:
+    """The ISA caps set in this process's environment (`ISA_ENV`), to pass on to Ray workers."""
+    return {key: os.environ[key] for key in ISA_ENV if os.environ.get(key)}
+
+
 def worker_env(compute: ComputeConfig) -> dict[str, str]:
     """Environment of each training worker process: OpenMP sized to the CPUs it reserved from the start, as
-    torch reads OMP_NUM_THREADS when it first initialises its thread pool (`set_worker_threads` only resizes it)."""
+    torch reads OMP_NUM_THREADS when it first initialises its thread pool (`set_worker_threads` only resizes it),
+    and the driver's ISA caps (`ISA_ENV`)."""
     threads = str(max(1, int(compute.cpus_per_worker)))
-    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **isa_env()}
 
 
 def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute: ComputeConfig, name: str,
@@ -290,9 +302,13 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
 
 def task_options(compute: ComputeConfig, cpus: float) -> dict[str, Any]:
     """`ray.remote` options of a heavy task (merge, quantize, evaluate): its CPUs, a GPU with `use_gpu`, the custom
-    resources of `compute.resources`, and a fresh worker process per call (a model's memory goes with it)."""
-    return {"num_cpus": cpus, "num_gpus": 1 if compute.use_gpu else 0, "resources": dict(compute.resources),
-            "max_calls": 1}
+    resources of `compute.resources`, a fresh worker process per call (a model's memory goes with it), and the
+    driver's ISA caps (`ISA_ENV`; Ray merges these env_vars into the job's runtime env)."""
+    options = {"num_cpus": cpus, "num_gpus": 1 if compute.use_gpu else 0, "resources": dict(compute.resources),
+               "max_calls": 1}
+    if caps := isa_env():
+        options["runtime_env"] = {"env_vars": caps}
+    return options
 
 
 def get(ref):

@@ -91,3 +91,35 @@ def test_malloc_library_follows_the_config_and_where_ray_runs(tmp_path, monkeypa
     assert malloc_library(ComputeConfig()) is None
     with pytest.raises(ValueError, match="allocator='tcmaloc': use one of auto, system, tcmalloc, jemalloc"):
         ComputeConfig(allocator="tcmaloc")
+
+
+ISA_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def _isa_probe(_config=None):
+    """What a worker process runs on: torch's dispatch level, the ISA caps in its environment, and a job-wide
+    variable (to see the caps were merged into the job's runtime env, not put in its place)."""
+    import torch
+
+    from alignpipe.ray_runner import ISA_ENV
+
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "env": {k: os.environ.get(k) for k in ISA_ENV},
+            "job_env": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH")}
+
+
+def test_isa_caps_set_on_the_driver_reach_every_kind_of_worker(ray_local, tmp_path, monkeypatch):
+    """The AVX2 emulation of bench/PROTOCOL.md: its variables, set where `alignpipe run` starts, reach each Ray
+    Train worker and each heavy task (merge, quantize, evaluate), whose torch then dispatches to AVX2 kernels."""
+    from alignpipe.ray_runner import fit, get, task_options
+
+    for key, value in ISA_CAPS.items():
+        monkeypatch.setenv(key, value)
+    compute = ComputeConfig(cpus_per_worker=1, max_failures=0)
+    task = ray_local.remote(**task_options(compute, 1))(_isa_probe)
+    seen = {"task": get(task.remote()),
+            "train": fit(_isa_probe, {}, compute, name="isa", storage=str(tmp_path)).return_value}
+    for where, probe in seen.items():
+        assert probe == {"capability": "AVX2", "env": ISA_CAPS, "job_env": "0"}, where
+    monkeypatch.undo()  # without the caps, a worker runs at this machine's own level again
+    assert get(ray_local.remote(**task_options(compute, 1))(_isa_probe).remote())["env"] == dict.fromkeys(ISA_CAPS)
