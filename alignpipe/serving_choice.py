@@ -138,6 +138,23 @@ def choose(labels: list[str], metrics: dict[str, dict[str, float]], serve: Serve
                     for label in labels])
 
 
+def within_reach(challenger: dict[str, float], rival: dict[str, float], serve: ServeConfig) -> bool:
+    """Could `challenger` still win against `rival` on the objective: is it better, or within the margin of it?
+
+    The evaluation asks this of a quantized model scored on a screen of rows (its speed is already measured there)
+    before it scores every row: one slower beyond the margin cannot be registered, whatever its quality.
+    A figure missing or not finite counts as within reach (the full evaluation decides).
+    """
+    try:
+        mine, theirs = float(challenger[serve.objective]), float(rival[serve.objective])
+    except (KeyError, TypeError, ValueError):
+        return True
+    if not (math.isfinite(mine) and math.isfinite(theirs)):
+        return True
+    higher = HIGHER_IS_BETTER[serve.objective]
+    return _ratio(mine, (max if higher else min)(mine, theirs), higher) <= 1 + serve.margin + _SLACK
+
+
 def _figures(label: str, metrics: dict[str, dict[str, float]], needed: list[str]) -> dict[str, float]:
     """The figures the choice reads, each finite, or a ConfigError naming what is missing and what exists."""
     measured = metrics.get(label) or {}

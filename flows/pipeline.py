@@ -110,6 +110,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         specs.append(ModelSpec(label="sft", base_path=base, adapter_dir=tuned.adapter_dir))
         last, last_key = specs[-1], tuned.content_key  # the last trained artifact: quantized, a serving candidate
         if aligned:
+            specs[-1].screen = True  # sft: an intermediate now, scored on evaluate.screen_rows
             last = ModelSpec(label="aligned", base_path=aligned.base_path, adapter_dir=aligned.adapter_dir,
                              reference_path=aligned.base_path, reference_label="sft")  # DPO's reference: the SFT model
             last_key = aligned.content_key
@@ -118,7 +119,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         if cfg.quantize.method != "none":
             quantized = clock.run("quantize", _stage("quantize", cfg), cfg, ctx, last.base_path, last.adapter_dir, last_key)
             specs.append(ModelSpec(label="quantized", base_path=quantized.merged_dir, quantized_dir=quantized.model_dir,
-                                   quantized_from=last.label))
+                                   quantized_from=last.label, screen=True))  # every row only if it could win
         scores = clock.run("evaluate", _stage("evaluate", cfg), cfg, ctx, data.eval_path, data.digests["eval"], specs,
                            data.preference_eval_path)
         artifacts.publish_evaluation(cfg.name, scores)  # the table on the flow-run page

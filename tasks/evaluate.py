@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from alignpipe import cascade, chat, models, ray_runner, tracking
+from alignpipe import cascade, chat, models, ray_runner, serving_choice, tracking
 from alignpipe.config import PipelineConfig
 from alignpipe.config.evaluate import EvaluateConfig
 from alignpipe.config.quantize import QuantizeConfig
@@ -44,6 +44,7 @@ class ModelSpec(BaseModel):
                                         # its pair log-probs are reused instead of loading reference_path again
     quantized_dir: str | None = None    # a quantized model folder: loaded instead of base_path (+ adapter)
     quantized_from: str | None = None   # label of the full-precision artifact it was made from (for the cascade)
+    screen: bool = False                # not the verdict: first `evaluate.screen_rows` rows (see run_evaluate)
 
 
 class EvalOutput(BaseModel):
@@ -80,11 +81,18 @@ def job_for(cfg: PipelineConfig, threads: int, preference_eval_path: str | None 
 
 
 def comparison_table(results: dict[str, dict[str, float]]) -> tuple[str, list[list[str]]]:
-    """Markdown table and CSV rows: one row per metric, one column per model, plus tuned - base."""
+    """Markdown table and CSV rows: one row per metric, one column per model, plus tuned - base.
+
+    The first row is the held-out rows each model was scored on; where they differ (screened artifacts), a note
+    under the table says which models saw fewer rows.
+    """
     labels = list(results)
     keys = list(dict.fromkeys(k for m in results.values() for k in m if k != "rows"))  # union, first-seen order
     header = ["metric", *labels] + (["delta"] if len(labels) > 1 else [])
     rows = []
+    counts = [results[label].get("rows") for label in labels]
+    if any(c is not None for c in counts):
+        rows.append(["rows", *("-" if c is None else str(int(c)) for c in counts)] + ([""] if len(labels) > 1 else []))
     for k in keys:
         vals = [results[label].get(k, float("nan")) for label in labels]
         row = [k, *(f"{v:.4f}" for v in vals)]
@@ -93,6 +101,11 @@ def comparison_table(results: dict[str, dict[str, float]]) -> tuple[str, list[li
         rows.append(row)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
+    most = max((c for c in counts if c is not None), default=None)
+    fewer = [f"{label} on its first {int(c)}" for label, c in zip(labels, counts) if c is not None and c < most]
+    if fewer:
+        md += ["", f"Screened (not the registered model, nor what it is compared with): {', '.join(fewer)} of the "
+                   f"{int(most)} held-out rows; the others on all {int(most)}."]
     return "\n".join(md) + "\n", [header, *rows]
 
 
@@ -192,16 +205,24 @@ def cache_key(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest:
     Stage output folders are content-addressed, so an artifact's paths change whenever its weights do.
     """
     section = {"evaluate": cfg.evaluate, "system_prompt": cfg.model.system_prompt, "json": cfg.data.json_targets,
-               **cfg.quantize.cpu_runtime(cfg.compute.kernels), "beta": cfg.align.beta}
+               **cfg.quantize.cpu_runtime(cfg.compute.kernels), "beta": cfg.align.beta,
+               "serve": cfg.register_.serve}  # decides whether a screened challenger gets every row
     return content_key("evaluate", section,
                        {"eval": eval_digest, **{s.label: f"{s.base_path}|{s.adapter_dir}|{s.quantized_dir}|"
-                                                         f"{s.reference_path}|{s.reference_label}" for s in specs},
+                                                         f"{s.reference_path}|{s.reference_label}|{s.screen}"
+                                                for s in specs},
                         "preference_eval": str(preference_eval_path)})
 
 
 def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest: str,
                  specs: list[ModelSpec], preference_eval_path: str | None = None) -> EvalOutput:
-    """Plain function behind the task: one Ray task per artifact (fresh process), then tables, charts, cascade."""
+    """Plain function behind the task: one Ray task per artifact (fresh process), then tables, charts, cascade.
+
+    Specs marked `screen` are scored on the first `evaluate.screen_rows` held-out rows. A screened challenger (a
+    quantized form of an artifact scored before it) is scored again on every row when, on its rows, it is within
+    `register.serve`'s margin of that artifact on the serving objective, so the artifact that can be registered is
+    always judged on every row; one that is slower beyond the margin cannot be, and keeps its screen.
+    """
     import ray
 
     key = cache_key(cfg, ctx, eval_path, eval_digest, specs, preference_eval_path)
@@ -222,9 +243,17 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
         if note:
             print(f"evaluate: {note}")
             tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.lm_eval", note[:5000])
+        screen = cfg.evaluate.screen_rows or None
         for spec in specs:  # one at a time: concurrent runs would share the same cores and skew tokens/s
-            print(f"evaluate: {spec.label} on {eval_path}")
-            res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label)))
+            cap = screen if spec.screen else None
+            print(f"evaluate: {spec.label} on {eval_path}" + (f" (first {cap} rows: screened)" if cap else ""))
+            res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label), cap))
+            rival = results.get(spec.quantized_from or "")
+            if cap and rival and res["metrics"]["rows"] < rival["rows"] and cfg.register_.enabled \
+                    and serving_choice.within_reach(res["metrics"], rival, cfg.register_.serve):
+                print(f"evaluate: {spec.label} is within reach of {spec.quantized_from} on "
+                      f"{cfg.register_.serve.objective} over {cap} rows: scoring it on every row")
+                res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label)))
             logps[spec.label] = res.pop("pair_logps")
             if cfg.evaluate.lm_eval_tasks and not note:
                 res["metrics"].update(_run_lm_eval(local_spec(spec, ctx.storage), cfg.evaluate.lm_eval_tasks))
@@ -239,7 +268,8 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
         for spec in specs:  # the cascade pairs a quantized artifact with the model it was made from
             if spec.quantized_from in rows:
                 costs = (cascade.request_cost(results[spec.label]), cascade.request_cost(results[spec.quantized_from]))
-                summary, cmd, ccsv, fig = cascade.report(rows[spec.label], rows[spec.quantized_from],
+                n = min(len(rows[spec.label]), len(rows[spec.quantized_from]))  # a screened challenger: its rows
+                summary, cmd, ccsv, fig = cascade.report(rows[spec.label][:n], rows[spec.quantized_from][:n],
                                                          cfg.evaluate.cascade_tolerance,
                                                          (spec.label, spec.quantized_from), costs)
                 _log_table(run_id, ctx.tracking_uri, out_dir, "cascade", cmd, ccsv)
@@ -278,10 +308,11 @@ def score(predictions: list[str], references: list[str], json_targets: bool) -> 
 
 
 def evaluate_model(spec: ModelSpec, eval_path: str, job: EvalJob,
-                   reference_logps: dict | None = None) -> dict[str, Any]:
+                   reference_logps: dict | None = None, rows_cap: int | None = None) -> dict[str, Any]:
     """Load one model, generate greedily for every held-out prompt, score it. Runs inside a Ray task.
 
     `reference_logps`: the pair log-probs of `spec.reference_label`, when the suite scored that model already.
+    `rows_cap`: score only the first N held-out rows (a screened artifact; `evaluate.limit` still applies).
     """
     e = job.evaluate
     ray_runner.set_worker_threads(job.threads)
@@ -304,7 +335,8 @@ def evaluate_model(spec: ModelSpec, eval_path: str, job: EvalJob,
         model.to(device)
     tokenizer.padding_side = "left"
     model.eval()
-    rows = load_canonical(job.storage.fetch(eval_path))[: e.limit]
+    caps = [n for n in (e.limit, rows_cap) if n]
+    rows = load_canonical(job.storage.fetch(eval_path))[: min(caps) if caps else None]
     convs = [chat.split_prompt_answer(chat.with_system(r["messages"], job.system_prompt)) for r in rows]
     prompts = [chat.render(tokenizer, msgs, add_generation_prompt=True) for msgs, _ in convs]
     references = [ref for _, ref in convs]

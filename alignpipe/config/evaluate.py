@@ -15,6 +15,12 @@ class EvaluateConfig(Section):
     preference_rows: int | None = Field(
         128, ge=1, description="Held-out preference pairs scored for preference accuracy and reward margin "
         "(None = all; `limit` caps them too). Each pair costs two forward passes per artifact.")
+    screen_rows: int = Field(
+        64, ge=0, description="Artifacts that are not the verdict (an intermediate model such as sft before "
+        "align, and the quantized challenger) are scored on the first N held-out rows only; the challenger gets "
+        "every row when, on those rows, it is within register.serve's margin of the model it was made from on "
+        "the serving objective (it could be registered). The base model and the last trained model always get "
+        "every row. 0 = every artifact on every row.")
     compare_base: bool = Field(True, description="Also evaluate the untuned base model, side by side.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Weights dtype while evaluating; auto = bf16 where computed natively (~3x faster "

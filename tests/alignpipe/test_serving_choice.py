@@ -148,3 +148,19 @@ def test_serve_config_parses_from_the_pipelines_file_and_names_a_bad_constraint(
     assert "'exact_match >= best - 0.01'" in msg  # the example of the right form
     with pytest.raises(ConfigError, match="register.serve.objective"):
         load_pipeline(PIPELINES, "smoke", {"register.serve.objective": "accuracy"})
+
+
+def test_a_screened_challenger_is_within_reach_only_if_it_could_still_win():
+    from alignpipe.serving_choice import within_reach
+
+    full = figures(6300, 540)
+    assert not within_reach(figures(28200, 170), full, SERVE)    # 4.48x slower: scored on its screen only
+    assert within_reach(figures(6900, 170), full, SERVE)         # 9.5 % slower: within the margin, may win on size
+    assert within_reach(figures(3800, 170), full, SERVE)         # faster
+    assert not within_reach(figures(6931, 170), full, SERVE)     # just beyond 10 %
+    speed = ServeConfig(objective="tokens_per_s")
+    assert not within_reach(figures(1, 170, tokens_per_s=17.7), figures(1, 540, tokens_per_s=75.2), speed)
+    assert within_reach(figures(1, 170, tokens_per_s=70.0), figures(1, 540, tokens_per_s=75.2), speed)
+    # size: a quantized model is smaller, so always within reach; an unmeasured figure leaves it to the full run
+    assert within_reach(figures(99999, 170), full, ServeConfig(objective="size_mb"))
+    assert within_reach({"size_mb": 170}, full, SERVE)

@@ -79,7 +79,8 @@ def test_smoke_flow_end_to_end(prefect_harness, tiny_model, mlflow_server, tmp_p
     uri_password = f"uripw{pysecrets.token_hex(12)}"
     secret_uri = url.replace("http://", f"http://alice:{uri_password}@")
     overrides = _overrides(tmp_path, tiny_model, secret_uri,
-                           description=f"smoke run; support key {planted['ACME_SERVICE_SECRET']}")
+                           description=f"smoke run; support key {planted['ACME_SERVICE_SECRET']}",
+                           **{"evaluate.screen_rows": 4})  # smoke's 16 held-out rows: screening shows
     # Ray workers inherit the environment of the Ray instance: start a fresh one that sees the secrets.
     ray_runner.shutdown()
     try:
@@ -169,6 +170,11 @@ def _check_stages_runs_and_model(summary, client, mlflow_uri, tmp_path):
     assert "aligned/reward_margin" in by_stage["evaluate"].data.metrics
     # One suite over every artifact: every metric for each, side by side, with charts and the cascade report.
     assert list(summary["metrics"]) == ["base", "sft", "aligned", "quantized"]
+    # Screened: sft (an intermediate) on the first 4 rows; the int8 challenger too, then on every row, as it can
+    # win on size (smoke's serving objective). Base and aligned (the verdict) on every row, and the table says so.
+    assert {label: m["rows"] for label, m in summary["metrics"].items()} == {"base": 16, "sft": 4, "aligned": 16,
+                                                                            "quantized": 16}
+    assert "| rows | 16 | 4 | 16 | 16 |" in summary["table"] and "sft on its first 4 of the 16" in summary["table"]
     evaluated = by_stage["evaluate"].data.metrics
     for label in ("base", "sft", "aligned", "quantized"):
         for metric in ("exact_match", "json_validity", "field_accuracy", "perplexity", "tokens_per_s",
