@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from alignpipe.serving_choice import ServingChoice
 from alignpipe.tasks.evaluate import EvalOutput
 from alignpipe.tasks.register import RegisterOutput
 
@@ -26,8 +27,9 @@ def evaluation_rows(metrics: dict[str, dict[str, float]]) -> list[dict[str, Any]
     return [{"model": label, **{k: _cell(m.get(k)) for k in columns}} for label, m in metrics.items()]
 
 
-def promotion_markdown(pipeline: str, registered: RegisterOutput | None) -> str:
-    """The register stage's outcome in a few lines: version, alias, promoted or not, and why."""
+def promotion_markdown(pipeline: str, registered: RegisterOutput | None, choice: ServingChoice | None = None) -> str:
+    """The register stage's outcome in a few lines: version, alias, promoted or not, and why; then which artifact
+    was registered and why (the serving choice's decision table), when there was a choice."""
     if registered is None:
         return f"# Promotion: {pipeline}\n\nNothing registered: `register.enabled` is false for this pipeline.\n"
     verdict = "promoted" if registered.promoted else "not promoted"
@@ -39,7 +41,8 @@ def promotion_markdown(pipeline: str, registered: RegisterOutput | None) -> str:
             f"| candidate | {registered.candidate} |\n"
             f"| outcome | **{verdict}** |\n"
             f"| model URI | `{registered.model_uri}` |\n\n"
-            f"{registered.decision or 'no decision recorded'}\n")
+            f"{registered.decision or 'no decision recorded'}\n"
+            + (f"\n## Which artifact\n\n{choice.markdown()}" if choice else ""))
 
 
 def publish_evaluation(pipeline: str, scores: EvalOutput) -> None:
@@ -48,9 +51,9 @@ def publish_evaluation(pipeline: str, scores: EvalOutput) -> None:
                           description=f"Evaluation of {pipeline}: each model side by side on the held-out data")
 
 
-def publish_promotion(pipeline: str, registered: RegisterOutput | None) -> None:
+def publish_promotion(pipeline: str, registered: RegisterOutput | None, choice: ServingChoice | None = None) -> None:
     """The promotion decision on the current flow run; None = register was disabled (said so)."""
-    create_markdown_artifact(promotion_markdown(pipeline, registered), key=artifact_key("promotion", pipeline),
+    create_markdown_artifact(promotion_markdown(pipeline, registered, choice), key=artifact_key("promotion", pipeline),
                              description=f"Registration and promotion decision of {pipeline}")
 
 

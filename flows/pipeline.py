@@ -140,7 +140,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
                 lineage["run_id.quantize"] = quantized.mlflow_run_id
             registered = clock.run("register", stages.register, cfg, ctx, final.base_path, final.adapter_dir,
                                    final.quantized_dir, scores.metrics, final.label, lineage, choice)
-        artifacts.publish_promotion(cfg.name, registered)
+        artifacts.publish_promotion(cfg.name, registered, choice)
         cached_stages = [s["stage"] for s in clock.stages if s["status"] == "cached"]
         tracking.client_for(uri).set_tag(parent, "alignpipe.cached_stages", ",".join(cached_stages) or "none")
     summary = {

@@ -151,7 +151,7 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
             card = secrets.redact(model_card(
                 cfg, name, candidate, metrics,
                 (str(champion.version), registry.version_metrics(client, champion)[0]) if champion else None,
-                {**lineage, **tags}, art.description))
+                {**lineage, **tags}, art.description + (f" Chosen to serve: {choice.reason}." if choice else "")))
             card_path = ctx.stage_dir("register", key) / "model_card.md"
             card_path.write_text(card)
             client.log_artifact(run_id, str(card_path))

@@ -35,6 +35,16 @@ def test_promotion_says_why_or_that_nothing_was_registered():
     assert "| version | 3 |" in text and "@challenger" in text and "**not promoted**" in text
     assert "failed exact_match >= champion + 0.005" in text
     assert "register.enabled` is false" in promotion_markdown("smoke", None)
+    # which artifact was registered, and why: the serving choice's decision table under the outcome
+    from alignpipe.config.register import ServeConfig
+    from alignpipe.serving_choice import choose
+
+    choice = choose(["aligned", "quantized"], {
+        "aligned": {"latency_p95_ms": 2083.0, "size_mb": 557.7, "exact_match": 0.83},
+        "quantized": {"latency_p95_ms": 3394.0, "size_mb": 220.5, "exact_match": 0.8225}}, ServeConfig())
+    text = promotion_markdown("smoke", REGISTERED, choice)
+    assert "## Which artifact" in text and "**Registered: `aligned`**" in text
+    assert "| quantized | 3394 | 220.5 | 0.8225 | yes | 1.63x worse on latency_p95_ms" in text
 
 
 def test_both_artifacts_land_on_the_flow_run(prefect_harness):
