@@ -118,8 +118,9 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         quantized = None
         if cfg.quantize.method != "none":
             quantized = clock.run("quantize", _stage("quantize", cfg), cfg, ctx, last.base_path, last.adapter_dir, last_key)
+            # screened: scored on every row only if it could be registered (tasks/evaluate.py)
             specs.append(ModelSpec(label="quantized", base_path=quantized.merged_dir, quantized_dir=quantized.model_dir,
-                                   quantized_from=last.label, screen=True))  # every row only if it could win
+                                   quantized_from=last.label, screen=True))
         scores = clock.run("evaluate", _stage("evaluate", cfg), cfg, ctx, data.eval_path, data.digests["eval"], specs,
                            data.preference_eval_path)
         artifacts.publish_evaluation(cfg.name, scores)  # the table on the flow-run page
