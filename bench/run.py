@@ -8,6 +8,7 @@ Measures (all on the embedded SmolLM2-135M-Instruct and the demo data):
   * int8 vs fp32 generation speed at batch 16 and 1 on the demo's own merged and quantized folders (best of 3, taking turns);
   * orchestration overhead of `smoke` against the local stack (bench/orchestration.py);
   * concurrent smoke pipelines and promotions on one PostgreSQL-backed stack (bench/shared_stack.py);
+  * the demo in a fresh workdir on both host classes, native bf16 and emulated AVX2/fp32 (bench/any_cpu.py);
   * the same work as the demo done by a plain TRL script (bench/plain_trl.py): wall time and exact match;
   * LoRA vs full fine-tuning of the same model, each in its own process (bench/lora_vs_full.py): trainable
     parameters, peak RSS, tokens/s, and achieved training FLOP/s over a measured matmul FLOP/s (bench/flops.py).
@@ -218,14 +219,36 @@ def orchestration() -> dict:
     return json.loads((ROOT / "bench" / "out" / "orchestration.json").read_text())
 
 
-def shared_stack() -> dict:
-    """bench/shared_stack.py: concurrent smoke pipelines and promotions on one PostgreSQL-backed stack."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "shared_stack.py")], cwd=ROOT, capture_output=True,
-                          text=True)
+def script(name: str) -> dict:
+    """Run `bench/<name>.py` in its own process and read what it wrote to `bench/out/<name>.json` ({} if it failed):
+    shared_stack (concurrent pipelines and promotions on one PostgreSQL-backed stack), any_cpu (the demo on both
+    host classes)."""
+    out = ROOT / "bench" / "out" / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
     if proc.returncode:
-        print(f"shared-stack bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        print(f"{name} bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return {}
-    return json.loads((ROOT / "bench" / "out" / "shared_stack.json").read_text())
+    return json.loads(out.read_text())
+
+
+def any_cpu_rows(r: dict) -> list[str]:
+    """Issue 28's rows: the demo's wall and what it registered, on each host class (bench/any_cpu.py)."""
+    a = r.get("any_cpu") or {}
+    rows = []
+    for host, label, target in (("native", "native bf16", 600), ("avx2", "AVX2/fp32 emulated", 900)):
+        if host not in a:
+            continue
+        h = a[host]
+        rows.append(_row(f"`make demo` after the install, {label}", f"{h['wall_s'] / 60:.1f} min ("
+                         + ", ".join(f"{k} {v:.0f} s" for k, v in h["stage_s"].items()) + ")",
+                         f"≤ {target // 60} min", h["wall_s"] <= target))
+        sv = h["serving"]
+        rows.append(_row(f"Registered artifact ÷ fastest candidate ({sv['objective']}), {label}",
+                         f"{sv['registered_vs_best']:.2f}: `{sv['winner']}` (" + ", ".join(
+                             f"{k} {v:.0f}" for k, v in sv["figures"].items()) + ")", "≤ 1.10",
+                         sv["registered_vs_best"] <= 1.10))
+    return rows
 
 
 def plain_trl(args: list[str] | None = None) -> dict:
@@ -477,6 +500,8 @@ def write(results: dict) -> None:
         worst = max(run["overhead_s"] for run in o["runs"])
         rows.append(_row("Orchestration overhead, smoke on the local stack (flow − stages)",
                          ", ".join(f"{run['overhead_s']:.1f} s" for run in o["runs"]), "≤ 20 s", worst <= 20))
+    if any_cpu_rows(r):
+        rows += ["**Issue 28: any hardware a user has (bench/any_cpu.py)**", *any_cpu_rows(r)]
     evidence = evidence_rows(r)
     if evidence:
         rows += ["**Issue 7: evidence (plain TRL beside the demo, LoRA vs full, utilisation)**", *evidence]
@@ -537,6 +562,8 @@ def main() -> None:
     ap.add_argument("--skip-sft", action="store_true", help="reuse the SFT throughput numbers from results.json")
     ap.add_argument("--skip-rlhf", action="store_true", help="reuse the RLHF numbers from results.json")
     ap.add_argument("--skip-orchestration", action="store_true", help="skip the local-stack overhead run")
+    ap.add_argument("--skip-any-cpu", action="store_true",
+                    help="skip the demo on both host classes (bench/any_cpu.py: two more demo runs, ~35 min)")
     ap.add_argument("--skip-shared-stack", action="store_true",
                     help="skip the concurrent pipelines and promotions on the PostgreSQL stack")
     ap.add_argument("--skip-plain-trl", action="store_true",
@@ -566,7 +593,9 @@ def main() -> None:
     if not args.skip_orchestration:
         results["orchestration"] = orchestration()
     if not args.skip_shared_stack:
-        results["shared_stack"] = shared_stack()
+        results["shared_stack"] = script("shared_stack")
+    if not args.skip_any_cpu:
+        results["any_cpu"] = script("any_cpu")
     write(results)
 
 
