@@ -6,7 +6,8 @@ transformers for a renamed property (a FutureWarning). Each Ray worker (training
 model) printed them all. Only these messages are dropped, from these loggers; with a CUDA device present,
 torchao's lines are kept (there they mean something).
 
-`alignpipe run` also turns the libraries' progress bars and Ray's INFO lines off (QUIET_ENV) unless `--verbose`.
+`alignpipe run` also turns the libraries' progress bars and Ray's INFO lines off in its own process (QUIET_ENV)
+unless `--verbose`; its Ray workers keep theirs (WORKER_BARS), for the run's log file.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import os
 import sys
 import warnings
 
-# Set by `alignpipe run` without --verbose, in its own process and (ray_runner.ensure_ray) in every Ray worker:
-# no tqdm bars from transformers ("Loading weights", "Writing model shards", the Trainer's), datasets ("Map",
-# "Tokenizing ...") or MLflow ("Downloading artifacts"), one per worker and stage, and Ray's INFO lines kept off
-# the console (Ray Train still writes its own to the Ray session's log files; the training metrics go to MLflow).
-# Warnings, errors and tracebacks reach the console as before.
+# Set by `alignpipe run` without --verbose, in its own process: no tqdm bars from transformers ("Loading weights",
+# "Writing model shards"), datasets ("Map") or MLflow ("Downloading artifacts") in the driver, and the driver's own
+# Ray INFO lines off. Warnings, errors and tracebacks reach the console as before.
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "ALIGNPIPE_QUIET": "1"}
+# ... and given to its Ray workers instead (ray_runner.ensure_ray; an in-process Ray's workers would inherit
+# QUIET_ENV): they keep their bars and log lines, which Ray forwards to the driver and `alignpipe run` keeps in the
+# run's log file, off the console (alignpipe/cli/runlog.py).
+WORKER_BARS = {"HF_HUB_DISABLE_PROGRESS_BARS": "0", "HF_DATASETS_DISABLE_PROGRESS_BARS": "0",
+               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "true", "ALIGNPIPE_QUIET": "0"}
 
 
 def quiet_console() -> bool:

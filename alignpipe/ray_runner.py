@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignpipe import lognoise
+from alignpipe import lognoise, progress
 from alignpipe.config.compute import ComputeConfig
 from alignpipe.errors import ConfigError
 from alignpipe.metric_buffer import HTTP_ENV
@@ -139,13 +139,16 @@ def ensure_ray(compute: ComputeConfig, cpus: int | None = None) -> None:
             os.environ.setdefault(key, value)
         ensure_auth_token()  # a cluster's token is its operator's to hand out
     quiet = lognoise.quiet_console()
-    env = {**WORKER_ENV, **(lognoise.QUIET_ENV if quiet else {})}
+    # The workers keep their progress bars and INFO lines even when quiet: `alignpipe run` routes what Ray forwards
+    # from them to the run's log file, off the console (alignpipe/cli/runlog.py). They get the progress board's name.
+    env = {**WORKER_ENV, **(lognoise.WORKER_BARS if quiet else {}),
+           **{k: v for k in (progress.BOARD_ENV,) if (v := os.environ.get(k))}}
     if library := malloc_library(compute):
         env["LD_PRELOAD"] = library
     runtime_env: dict[str, Any] = {"env_vars": env}
     if not compute.ray_address:
         runtime_env["worker_process_setup_hook"] = "alignpipe.ray_runner.quiet_local_workers"
-    # Workers' output still reaches the console (their warnings and tracebacks); quiet, Ray's own INFO lines do not.
+    # Workers' output reaches the driver; quiet, the driver's own Ray INFO lines are not written at all.
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "runtime_env": runtime_env,
                               "logging_level": "WARNING" if quiet else "INFO"}
     # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (Prefect's, which turns a
@@ -162,6 +165,7 @@ def ensure_ray(compute: ComputeConfig, cpus: int | None = None) -> None:
     finally:
         if sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)
+    progress.start_board()
 
 
 NO_CLUSTER_FIX = ("Start the cluster or fix the address: a driver joins at the GCS address `<head>:6379` from a "
@@ -293,8 +297,8 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], compute
             failure_config=FailureConfig(max_failures=compute.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=compute.checkpoints_to_keep),
             worker_runtime_env={"env_vars": worker_env(compute)},
-            # quiet: the controller's and workers' INFO lines go to the session's log files only, not the console
-            logging_config=LoggingConfig(log_level="WARNING" if lognoise.quiet_console() else "INFO"),
+            # the controller's and workers' INFO lines reach the driver: `alignpipe run` keeps them in the run log
+            logging_config=LoggingConfig(log_level="INFO"),
         ),
     )
     return wait_interruptibly(trainer.fit)
@@ -341,6 +345,7 @@ def shutdown() -> None:
 
     ray = sys.modules.get("ray")  # never import Ray just to find it was not running
     if ray is not None and ray.is_initialized():
+        progress.clear_board()
         ray.shutdown()
 
 

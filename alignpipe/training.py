@@ -8,7 +8,6 @@ is here, once. Nothing here imports Prefect: Ray workers import this module.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
 import time
@@ -19,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from transformers import TrainerCallback
 
-from alignpipe import kernels, lognoise, ray_runner, tracking
+from alignpipe import kernels, progress, ray_runner, tracking
 from alignpipe.config.compute import ComputeConfig
 from alignpipe.config.training import PeftConfig, TrainingConfig
 from alignpipe.metric_buffer import MetricBuffer, spool_path
@@ -132,6 +131,41 @@ class MlflowStream(TrainerCallback):
         self.buffer.drain()  # what this run logged is in MLflow before anyone reads it back
 
 
+class ProgressReport(TrainerCallback):
+    """Reports a training stage's step, last loss, tokens/s and ETA to the run's progress board (`alignpipe.progress`),
+    from rank 0, at most once a second. Tokens/s is tokens seen (TRL's `num_tokens`, else the Trainer's
+    `num_input_tokens_seen`) over the wall time since training began; the ETA is the steps left at the pace so far."""
+
+    def __init__(self, stage: str):
+        self.reporter = progress.Reporter(stage)
+        self.t0, self.step0, self.loss, self.tokens = time.perf_counter(), 0, None, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0, self.step0 = time.perf_counter(), state.global_step  # a resumed run counts from its checkpoint
+        self._send(state, final=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        self.loss = logs.get("loss", self.loss)
+        self.tokens = logs.get("num_tokens", self.tokens)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._send(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._send(state, final=True)
+
+    def _send(self, state, final: bool = False) -> None:
+        if not state.is_world_process_zero:
+            return
+        elapsed = time.perf_counter() - self.t0
+        tokens = self.tokens or state.num_input_tokens_seen
+        self.reporter.report(final=final, kind="train", done=state.global_step, total=state.max_steps,
+                             loss=self.loss, tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
+                             eta_s=progress.eta_s(state.global_step - self.step0, state.max_steps - self.step0,
+                                                  elapsed))
+
+
 class WorkerRun:
     """One training stage on one Ray Train worker, from the last checkpoint to the final report.
 
@@ -144,8 +178,6 @@ class WorkerRun:
         from ray.train.huggingface.transformers import RayTrainReportCallback
 
         ray_runner.set_worker_threads(job.threads)
-        if lognoise.quiet_console():  # Ray Train set the root logger to INFO here; it logs "Reporting training
-            logging.getLogger().setLevel(logging.WARNING)  # result ..." there, outside its own `ray.train` loggers
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.rank0 = self.rank == 0
@@ -155,18 +187,13 @@ class WorkerRun:
             return
         self.scratch = tempfile.mkdtemp(prefix=f"{stage}-scratch-")
         self.stream = MlflowStream(job.tracking_uri, job.mlflow_run_id, spool=spool_path(job.mlflow_run_id, self.rank))
-        self.callbacks = [self.stream, RayTrainReportCallback()]
+        self.callbacks = [self.stream, RayTrainReportCallback()] + ([ProgressReport(stage)] if self.rank0 else [])
 
     def prepare(self, trainer):
         """Ray Train's wrapping of the trainer; the adapter's size goes to the summary (and to MLflow at step 0)."""
         from ray.train.huggingface.transformers import prepare_trainer
 
-        trainer = prepare_trainer(trainer)
-        if lognoise.quiet_console():  # its loss lines and bars: the console keeps stage events, MLflow the metrics
-            from transformers import PrinterCallback, ProgressCallback
-
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
+        trainer = prepare_trainer(trainer)  # its loss lines and bars reach `alignpipe run`'s log file, off the console
         trainable, total = trainer.model.get_nb_trainable_parameters()
         self.summary.update({"trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
                              "train_rows": len(trainer.train_dataset)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from alignpipe import lognoise
+from alignpipe.cli.runlog import RunLog, run_log_path
 from alignpipe.config import load_all, load_checked, preflight
 from alignpipe.config.loader import parse_overrides
 from alignpipe.errors import AlignpipeError
@@ -69,25 +71,47 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help=(
         "Also show the libraries' progress bars and training log lines from every Ray worker (loading weights, "
         "tokenizing, map, training steps) and Ray's INFO lines. Without it the console keeps the stage events, "
-        "warnings and errors; training metrics are in MLflow."))] = False,
+        "the training and evaluation progress, warnings and errors; everything is in the run's log file "
+        "(<workdir>/runs/<run>/run.log, also logged to MLflow) and the training metrics are in MLflow."))] = False,
 ) -> None:
     """Run one pipeline end to end and print its summary."""
+    log, summary = None, None
     try:  # fail fast on config mistakes, before Prefect, Ray or MLflow start
         overrides = parse_overrides(set_ or [])
-        load_checked(config, pipeline, overrides, env=os.environ)
-        if not verbose:  # before the flow imports transformers and datasets: they read these once
-            for key, value in lognoise.QUIET_ENV.items():
+        cfg = load_checked(config, pipeline, overrides, env=os.environ)
+        if not verbose:  # before the flow imports transformers and datasets: they read these once (in this process;
+            for key, value in lognoise.QUIET_ENV.items():  # the Ray workers keep theirs, see cli/runlog.py)
                 os.environ.setdefault(key, value)
+        if not console.is_terminal:  # Ray colours the prefix of each worker line it forwards, terminal or not
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         from alignpipe.flows.pipeline import alignpipe_pipeline
 
         _hide_user_error_tracebacks()
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        log = RunLog(run_log_path(cfg.workdir, pipeline))
         summary = _run_with_progress(pipeline, lambda: alignpipe_pipeline(
-            pipeline=pipeline, overrides=overrides, config_file=str(config)))
+            pipeline=pipeline, overrides=overrides, config_file=str(config)), log, verbose)
     except AlignpipeError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)  # `[str]` in a message is not markup
         raise typer.Exit(1) from None
+    finally:
+        if log is not None:
+            log.close()
+            if summary is None:  # failed or stopped: where to look
+                err.print(f"run log: {log.path}", soft_wrap=True, highlight=False)
     print_summary(summary)
+    _log_run_file(cfg, summary["mlflow_run_id"], log.path)
+
+
+def _log_run_file(cfg, run_id: str, path: Path) -> None:
+    """The run's log file, to the pipeline's MLflow run (finished by now: MLflow takes artifacts after the end)."""
+    from alignpipe import tracking
+
+    try:
+        tracking.client_for(tracking.tracking_uri(cfg)).log_artifact(run_id, str(path), "logs")
+    except Exception as exc:  # noqa: BLE001 - the run itself succeeded; the file is still on disk
+        err.print(f"[yellow]warning:[/yellow] the run log was not logged to MLflow: {escape(str(exc))}")
+    console.print(f"run log: {path} (MLflow: logs/{path.name})", soft_wrap=True, highlight=False)
 
 
 def _exit_on_sigterm(signum, frame):
@@ -97,18 +121,31 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _run_with_progress(pipeline: str, run_flow):
-    """Run the flow under a live per-stage table (see cli/progress.py); plain logs when not a terminal."""
-    from alignpipe.cli.progress import StageProgress
+def _run_with_progress(pipeline: str, run_flow, log, verbose: bool):
+    """Run the flow with its output recorded in the run log (cli/runlog.py) and, on a terminal, under one live view
+    (the stage table and the current training or evaluation progress, cli/progress.py); elsewhere plain lines."""
     from rich.live import Live
 
-    if not console.is_terminal:
-        return run_flow()
+    from alignpipe import progress
+    from alignpipe.cli.progress import BoardPoller, ProgressLines, StageProgress, log_lines_above
+    from alignpipe.cli.runlog import recording
+
     view = StageProgress(pipeline)
     flow_logger = logging.getLogger("prefect.flow_runs")
     flow_logger.addHandler(view)
+    os.environ[progress.BOARD_ENV] = f"run-{log.path.parent.name}"  # ray_runner.ensure_ray starts it
     try:
-        with Live(view, console=console, refresh_per_second=2):
+        if not console.is_terminal:
+            with recording(log, verbose), BoardPoller(view, ProgressLines(view, print)):
+                try:
+                    return run_flow()
+                except BaseException:
+                    for line in view.fail_running():
+                        print(line)
+                    raise
+        live_console = Console(file=sys.stdout)  # the terminal itself, not the streams replaced below
+        with Live(view, console=live_console, refresh_per_second=2), log_lines_above(live_console), \
+                recording(log, verbose), BoardPoller(view):
             try:
                 return run_flow()
             except BaseException:
@@ -116,6 +153,7 @@ def _run_with_progress(pipeline: str, run_flow):
                 raise
     finally:
         flow_logger.removeHandler(view)
+        os.environ.pop(progress.BOARD_ENV, None)
 
 
 class _NoTracebackForUserErrors(logging.Filter):

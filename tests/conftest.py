@@ -78,6 +78,20 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def progress_board(ray_local, monkeypatch):
+    """A progress board of this test's own (alignpipe.progress), started as `ensure_ray` starts one; its name."""
+    import time
+
+    from alignpipe import progress
+
+    name = f"test-board-{time.monotonic_ns()}"
+    monkeypatch.setenv(progress.BOARD_ENV, name)
+    progress.start_board()
+    yield name
+    progress.clear_board()  # its last handle goes, and Ray ends the actor
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness

@@ -20,6 +20,21 @@ def run_context(cfg, base_model: str, name: str = "test-parent"):
                       workdir=cfg.workdir, base_model=base_model, storage=Storage.for_compute(cfg.compute, cfg.workdir))
 
 
+def wait_for_progress(stage: str, until=lambda entry: True, timeout_s: float = 60.0) -> dict:
+    """The run's progress board entry for `stage` once `until(entry)` holds (reports are fire-and-forget)."""
+    import time
+
+    from alignpipe import progress
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        entry = progress.read_board().get(stage)
+        if entry and until(entry):
+            return entry
+        time.sleep(0.1)
+    raise AssertionError(f"no {stage} progress on the board: {progress.read_board()}")
+
+
 def canonical_split(cfg, which: str, out_dir):
     """Normalise one configured source to a canonical JSONL file; returns (path, digest)."""
     from alignpipe.data.formats import load_sft, write_jsonl
