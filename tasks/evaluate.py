@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from alignpipe import cascade, chat, models, ray_runner, serving_choice, tracking
+from alignpipe import cascade, chat, models, progress, ray_runner, serving_choice, tracking
 from alignpipe.config import PipelineConfig
 from alignpipe.config.evaluate import EvaluateConfig
 from alignpipe.config.quantize import QuantizeConfig
@@ -341,7 +341,8 @@ def evaluate_model(spec: ModelSpec, eval_path: str, job: EvalJob,
     prompts = [chat.render(tokenizer, msgs, add_generation_prompt=True) for msgs, _ in convs]
     references = [ref for _, ref in convs]
 
-    predictions, logprobs, gen_tokens, gen_time, latencies = _generate(model, tokenizer, prompts, e)
+    predictions, logprobs, gen_tokens, gen_time, latencies = _generate(model, tokenizer, prompts, e,
+                                                                       progress.generation_reporter(spec.label))
     metrics = score(predictions, references, job.json_targets)
     n_ppl = e.perplexity_rows or len(prompts)
     metrics["perplexity"] = _perplexity(model, tokenizer, prompts[:n_ppl], references[:n_ppl], e.batch_size)
@@ -417,11 +418,12 @@ def _preference_metrics(model, tokenizer, spec: ModelSpec, job: EvalJob, referen
     return {**metrics_from_logps(policy, job.beta, reference), "preference_pairs": len(pairs)}, policy
 
 
-def _generate(model, tokenizer, prompts: list[str], e: EvaluateConfig):
+def _generate(model, tokenizer, prompts: list[str], e: EvaluateConfig, on_batch=None):
     """Batched greedy decoding with the KV cache; prompts sorted by length so batches pad little.
 
     Returns answers, each answer's mean token log-prob (its own confidence: the cascade's signal), generated
-    tokens, decoding time, and one latency per request: the wall time of the batch that served it.
+    tokens, decoding time, and one latency per request: the wall time of the batch that served it. `on_batch`, if
+    given, is called after each batch with (rows done, rows in all, tokens so far, decoding seconds so far).
     """
     import torch
 
@@ -453,6 +455,8 @@ def _generate(model, tokenizer, prompts: list[str], e: EvaluateConfig):
             total_tokens += n
             answers[i] = tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
             logprobs[i] = lp[:n].mean().item() if n else float("-inf")
+        if on_batch is not None:
+            on_batch(start + len(idx), len(prompts), total_tokens, total_time)
     return answers, logprobs, total_tokens, total_time, latencies
 
 
