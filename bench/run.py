@@ -181,8 +181,7 @@ def int8_speed(workdir: str, rows: int = 64, repeats: int = 3) -> dict:
     cfg = load_pipeline(ROOT / "pipelines.yaml", "demo", {"workdir": workdir}, env={})
     [merged] = Path(workdir).glob("stages/quantize/*/merged")
     quant = merged.parent / "quantized"
-    eval_path = next(Path(workdir).glob("stages/validate/*/eval.jsonl"), None) or \
-        next(Path(workdir).glob("stages/validate/*/*eval*.jsonl"))
+    [eval_path] = [p for p in Path(workdir).glob("stages/validate/*/eval") if p.is_dir()]  # validate's shards
     out = {}
     for bs, n in ((16, rows), (1, 8)):
         job = job_for(cfg, threads=2).model_copy(update={"dtype": "float32", "evaluate": cfg.evaluate.model_copy(

@@ -36,10 +36,14 @@ class ValidateConfig(Section):
     max_duplicate_rate: float = Field(0.01, ge=0, le=1, description="Largest allowed share of duplicate rows.")
     allow_pii: bool = Field(False, description="Allow e-mail addresses, phone numbers and API-key-like strings.")
     sample_rows: int = Field(5, ge=1, le=50, description="Offending rows quoted per failed expectation.")
-    max_file_mb: float = Field(
-        1024, gt=0, description="Largest data file read whole (validate holds every row in memory for GX); a "
-        "larger one is refused from its size alone. With data.<split>.limit, .jsonl and .csv files are streamed "
-        "up to the limit instead, whatever their size.")
+    batch_rows: int = Field(
+        1024, ge=1, description="Rows checked (parsed, chat-templated, tokenized, hashed) at a time: the rows "
+        "validate holds in memory, per process, whatever the file's size.")
+    stream_threshold_mb: float = Field(
+        16, ge=0, description="A .jsonl source larger than this is checked in parallel on Ray Data (in parts of the "
+        "file, one Ray worker per CPU); a smaller one, or any file read with data.<split>.limit, in this process, "
+        "where Ray's start-up would cost more than it saves. With compute.ray_address set, every .jsonl goes to Ray. "
+        ".json, .csv, .parquet and hf:// sources are read whole in this process, then checked in batches.")
     max_line_kb: int = Field(
         1024, ge=1, description="Longest JSONL line read; a longer one is refused without reading it whole (a "
         "conversation within max_tokens is a few KB, so this catches files that are not one row per line).")

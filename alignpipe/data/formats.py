@@ -18,7 +18,6 @@ from alignpipe.errors import AlignpipeError
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt")
 REQUIRED = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
             "alpaca": ("instruction", "output"), "sharegpt": ("conversations",)}
-STREAMED = (".jsonl", ".csv")  # with a row limit these are read only up to that row; the rest are read whole
 BOM = b"\xef\xbb\xbf"  # Windows tools (Excel, Notepad) start UTF-8 files with it; it is not data
 
 
@@ -27,36 +26,23 @@ class RowError(ValueError):
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def read_rows(path: str, limit: int | None = None, max_bytes: int | None = None,
-              max_line_bytes: int | None = None) -> list[dict[str, Any]]:
+def read_rows(path: str, limit: int | None = None, max_line_bytes: int | None = None) -> list[dict[str, Any]]:
     """Read a local JSONL/JSON/CSV/Parquet file (or `hf://id[:split]`) into a list of dicts.
 
     Args:
         path: the file, or `hf://<dataset id>[:split]`.
-        limit: read only the first N rows (streamed for .jsonl and .csv, so the file's size does not matter).
-        max_bytes: refuse a file larger than this that would be read whole (None = no cap).
+        limit: read only the first N rows (streamed for .jsonl and .csv).
         max_line_bytes: refuse a JSONL line longer than this, without reading the rest of it (None = no cap).
 
     Raises:
-        AlignpipeError: unreadable file, bad encoding, too large, or an invalid row (with its line number).
+        AlignpipeError: unreadable file, bad encoding, or an invalid row (with its line number).
     """
     if path.startswith("hf://"):
         return _read_hub(path[len("hf://") :], limit)
-    p = Path(path)
-    if p.is_dir():
-        raise AlignpipeError(f"{path}: is a folder, not a file; point at the .jsonl/.json/.csv/.parquet file in it")
-    if not p.is_file():
-        raise AlignpipeError(f"{path}: no such file")
+    p = check_file(path)
     suffix = p.suffix.lower()
-    size = p.stat().st_size  # from the file system: a huge (or sparse) file is refused without reading it
-    if max_bytes is not None and size > max_bytes and not (limit is not None and suffix in STREAMED):
-        raise AlignpipeError(
-            f"{path}: {size / 2**20:,.0f} MB is over validate.max_file_mb ({max_bytes / 2**20:g} MB), and "
-            f"validate loads the whole file into memory; set data.<split>.limit to read only the first N rows "
-            f"(streamed for .jsonl and .csv), split the file, or raise validate.max_file_mb"
-        )
     if suffix == ".jsonl":
-        return [dict(row, __line__=lineno) for lineno, row in _iter_jsonl(p, limit, max_line_bytes)]
+        return [dict(row, __line__=lineno) for lineno, row in iter_jsonl(p, limit, max_line_bytes)]
     if suffix == ".json":
         try:
             data = json.loads(_read_text(p))
@@ -88,6 +74,16 @@ def read_rows(path: str, limit: int | None = None, max_bytes: int | None = None,
     raise AlignpipeError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
 
 
+def check_file(path: str) -> Path:
+    """The path of an existing data file; a folder or a missing file is a clear error."""
+    p = Path(path)
+    if p.is_dir():
+        raise AlignpipeError(f"{path}: is a folder, not a file; point at the .jsonl/.json/.csv/.parquet file in it")
+    if not p.is_file():
+        raise AlignpipeError(f"{path}: no such file")
+    return p
+
+
 def detect_format(row: dict[str, Any], source: str = "") -> str:
     """Name the format of one row from its keys (`source` names the file in the error)."""
     if "messages" in row:
@@ -106,13 +102,15 @@ def detect_format(row: dict[str, Any], source: str = "") -> str:
     )
 
 
-def normalise(rows: list[dict[str, Any]], fmt: str = "auto", source: str = "") -> list[dict[str, Any]]:
+def normalise(rows: list[dict[str, Any]], fmt: str = "auto", source: str = "",
+              detected: bool = False) -> list[dict[str, Any]]:
     """Convert rows to canonical `{"line", "messages"}` rows. Bad content is kept for validation to report.
 
     Args:
         rows: rows from `read_rows` (each with its `__line__`).
         fmt: one of FORMATS, or `auto` to detect it from the first row's columns.
         source: the file, named in error messages.
+        detected: `fmt` was detected from the file's first row (a later batch of a streamed file), not configured.
 
     Raises:
         AlignpipeError: a row lacks its format's columns or holds a wrong type (file and line named).
@@ -120,18 +118,20 @@ def normalise(rows: list[dict[str, Any]], fmt: str = "auto", source: str = "") -
     converters = {"messages": _from_messages, "prompt_completion": _from_prompt_completion, "alpaca": _from_alpaca,
                   "sharegpt": _from_sharegpt}
     return [{"line": line, "messages": msgs}
-            for line, msgs in convert_rows(rows, fmt, source, detect_format, converters, REQUIRED)]
+            for line, msgs in convert_rows(rows, fmt, source, detect_format, converters, REQUIRED, detected)]
 
 
 def convert_rows(rows: list[dict[str, Any]], fmt: str, source: str, detect: Callable[[dict, str], str],
-                 converters: dict[str, Callable[[dict], Any]], required: dict[str, tuple[str, ...]]):
-    """(line, converted row) for each row, through its format's converter (`auto`: detected from the first row).
+                 converters: dict[str, Callable[[dict], Any]], required: dict[str, tuple[str, ...]],
+                 detected: bool = False):
+    """(line, converted row) for each row, through its format's converter (`auto`: detected from the first row;
+    `detected`: `fmt` was detected earlier, from the first row of the file).
 
     Raises:
         AlignpipeError: a row lacks its format's columns or holds a wrong type (file and line named).
     """
-    detected = fmt == "auto"
-    if detected and rows:
+    detected = detected or fmt == "auto"
+    if fmt == "auto" and rows:
         fmt = detect(rows[0], source)
     for i, row in enumerate(rows, start=1):
         line = row.get("__line__", i)
@@ -154,10 +154,10 @@ def check_columns(row: dict[str, Any], required: tuple[str, ...], fmt: str, dete
                              f"{', '.join(row_columns(row)) or '(none)'}")
 
 
-def load_sft(path: str, fmt: str = "auto", limit: int | None = None, max_bytes: int | None = None,
+def load_sft(path: str, fmt: str = "auto", limit: int | None = None,
              max_line_bytes: int | None = None) -> list[dict[str, Any]]:
-    """Read and normalise one SFT source (see `read_rows` for the size caps)."""
-    return normalise(read_rows(path, limit, max_bytes, max_line_bytes), fmt, path)
+    """Read and normalise one SFT source (see `read_rows` for the line cap)."""
+    return normalise(read_rows(path, limit, max_line_bytes), fmt, path)
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -169,9 +169,14 @@ def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def load_canonical(path: str | Path) -> list[dict[str, Any]]:
-    """Read a canonical JSONL file written by `write_jsonl`."""
-    return [row for _, row in _iter_jsonl(Path(path), None, None)]
+def load_canonical(path: str | Path, rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
+    """Read canonical rows: a JSONL file written by `write_jsonl`, or a folder of Parquet shards written by
+    `validate` (`alignpipe.data.shards`), of which `rank` of `world_size` reads only its own disjoint row groups."""
+    if Path(path).is_dir():
+        from alignpipe.data.shards import read_shards
+
+        return read_shards(path, rank, world_size)
+    return [row for _, row in iter_jsonl(Path(path), None, None)]
 
 
 def text_field(value: Any, where: str) -> str:
@@ -277,12 +282,19 @@ def _read_text(p: Path) -> str:
         raise AlignpipeError(f"{p}: not UTF-8 text (byte {exc.start}); re-encode the file as UTF-8") from None
 
 
-def _iter_jsonl(p: Path, limit: int | None, max_line_bytes: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Stream a JSONL file line by line, so a huge file is never loaded whole (nor one huge line)."""
+def iter_jsonl(p: Path, limit: int | None, max_line_bytes: int | None, start: int = 0, end: int | None = None,
+               first_line: int = 1) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Stream a JSONL file line by line, so a huge file is never loaded whole (nor one huge line).
+
+    `start`/`end` (byte offsets at line starts) and `first_line` (the line number at `start`) read one range of it.
+    """
     count = 0
     with p.open("rb") as f:
-        for lineno in itertools.count(1):
+        f.seek(start)
+        for lineno in itertools.count(first_line):
             if limit is not None and count >= limit:
+                return
+            if end is not None and f.tell() >= end:
                 return
             raw = f.readline(-1 if max_line_bytes is None else max_line_bytes + 1)
             if not raw:

@@ -47,7 +47,8 @@ def detect_preference_format(row: dict[str, Any], source: str = "") -> str:
     )
 
 
-def normalise_preference(rows: list[dict[str, Any]], fmt: str = "auto", source: str = "") -> list[dict[str, Any]]:
+def normalise_preference(rows: list[dict[str, Any]], fmt: str = "auto", source: str = "",
+                         detected: bool = False) -> list[dict[str, Any]]:
     """Convert rows to canonical pairs. Bad content (blank answers, mismatched prompts) is kept for validation.
 
     Raises:
@@ -57,7 +58,7 @@ def normalise_preference(rows: list[dict[str, Any]], fmt: str = "auto", source: 
                   "ultrafeedback": _from_ultrafeedback}
     out = []
     for line, (prompt, chosen, rejected_prompt, rejected) in convert_rows(rows, fmt, source, detect_preference_format,
-                                                                          converters, REQUIRED):
+                                                                          converters, REQUIRED, detected):
         canonical = {"line": line, "prompt": prompt, "chosen": chosen, "rejected": rejected}
         if rejected_prompt != prompt:
             canonical["rejected_prompt"] = rejected_prompt
@@ -65,10 +66,10 @@ def normalise_preference(rows: list[dict[str, Any]], fmt: str = "auto", source: 
     return out
 
 
-def load_preference(path: str, fmt: str = "auto", limit: int | None = None, max_bytes: int | None = None,
+def load_preference(path: str, fmt: str = "auto", limit: int | None = None,
                     max_line_bytes: int | None = None) -> list[dict[str, Any]]:
-    """Read and normalise one preference source (see `formats.read_rows` for the size caps)."""
-    return normalise_preference(read_rows(path, limit, max_bytes, max_line_bytes), fmt, path)
+    """Read and normalise one preference source (see `formats.read_rows` for the line cap)."""
+    return normalise_preference(read_rows(path, limit, max_line_bytes), fmt, path)
 
 
 def as_conversations(row: dict[str, Any], system_prompt: str | None) -> dict[str, list[dict[str, str]]]:

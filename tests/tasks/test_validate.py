@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from alignpipe import tracking
+from alignpipe.data.formats import load_canonical, load_sft
 from alignpipe.errors import DataValidationError
 from alignpipe.runs import RunContext, file_digest
+from alignpipe.tasks import validate
 from alignpipe.tasks.validate import run_validate, validate_data
 from testlib import run_context
 
@@ -51,9 +54,9 @@ def test_demo_data_passes(smoke_cfg):
 
     assert report.success, "\n".join(report.failures)
     assert report.failures == []
-    assert len(Path(report.train_path).read_text().splitlines()) == 64  # the smoke pipeline's row limits
-    assert len(Path(report.eval_path).read_text().splitlines()) == 16
-    assert json.loads(Path(report.train_path).read_text().splitlines()[0])["line"] == 1
+    train = load_canonical(report.train_path)  # the normalised rows, as Parquet shards
+    assert len(train) == 64 and len(load_canonical(report.eval_path)) == 16  # the smoke pipeline's row limits
+    assert train[0]["line"] == 1 and train == load_sft(smoke_cfg.data.sft.path, limit=64)
     assert (Path(report.docs_dir) / "index.html").is_file()
     splits = {"sft", "eval", "preference", "preference_eval"}
     assert set(json.loads(Path(report.result_path).read_text())) == splits
@@ -61,9 +64,9 @@ def test_demo_data_passes(smoke_cfg):
     stats = report.stats
     assert (stats["rows_train"], stats["rows_eval"]) == (64, 16)
     assert (stats["rows_preference"], stats["rows_preference_eval"]) == (32, 16)  # smoke limits
-    pair = json.loads(Path(report.preference_path).read_text().splitlines()[0])
+    pair = load_canonical(report.preference_path)[0]
     assert set(pair) == {"line", "prompt", "chosen", "rejected"}
-    assert len(Path(report.preference_eval_path).read_text().splitlines()) == 16
+    assert len(load_canonical(report.preference_eval_path)) == 16
     assert 0 < stats["max_tokens_seen"] <= smoke_cfg.validate_.max_tokens
     for rate in ("duplicate_rate", "duplicate_rate_eval", "leak_rate"):
         assert 0.0 <= stats[rate] <= 1.0
@@ -118,6 +121,7 @@ def test_phone_formats_and_sample_rows(smoke_cfg, tmp_path):
 
 def test_duplicates_above_threshold(smoke_cfg, tmp_path):
     variant = conv("  ANA LIMA (34) lives in\tPorto. ", card(0)["messages"][1]["content"])
+    smoke_cfg.validate_.batch_rows = 2  # the copy (line 4) is in another batch than the original (line 1)
     report = run(smoke_cfg, tmp_path, [card(0), card(1), card(2), variant])
 
     assert report.stats["duplicate_rate"] == 0.25
@@ -228,3 +232,40 @@ def test_bad_pairs_stop_the_task_before_compute(smoke_cfg, tmp_path):
     ctx = run_context(smoke_cfg, smoke_cfg.model.name)
     with pytest.raises(DataValidationError, match="data.preference: chosen differs failed"):
         run_validate(smoke_cfg, ctx)
+
+
+def test_large_file_streams_on_ray_data_one_batch_at_a_time(smoke_cfg, ray_local, tmp_path, monkeypatch):
+    """Above the streaming threshold (1 MB here) a file 20x the batch size is checked on Ray Data in parts, one
+    batch of rows at a time; the exact duplicate and held-out leakage checks still see across batches and parts."""
+    batch = 300
+    smoke_cfg.validate_.stream_threshold_mb, smoke_cfg.validate_.batch_rows = 1, batch
+    train = [conv(f"{name} ({age}) lives in {city}; ref {i:06d}.", json.dumps({"name": name, "age": age,
+                                                                                 "city": city, "ref": i}))
+             for i in range(20 * batch) for name, age, city in [PEOPLE[i % len(PEOPLE)]]]
+    train[4999] = train[5]  # line 6 again at line 5000: another batch, another part
+    held = [card(4), card(5), conv(train[3999]["messages"][0]["content"].upper(), "{}")]  # line 4000's prompt
+
+    peaks, check_source = {}, validate.check_source
+
+    def measured(split, *args):  # the driver's Python allocations while a split streams through
+        tracemalloc.start()
+        try:
+            return check_source(split, *args)
+        finally:
+            peaks[split] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+
+    monkeypatch.setattr(validate, "check_source", measured)
+    ray_local.data.from_items([0]).take_all()  # Ray Data's first run sets itself up: not measured
+
+    report = run(smoke_cfg, tmp_path, train, held)
+
+    assert Path(smoke_cfg.data.sft.path).stat().st_size > 2**20
+    assert len(list(Path(report.train_path).glob("part-*.parquet"))) > 1  # checked in parts, on Ray Data
+    assert report.stats["rows_train"] == 20 * batch and report.stats["max_batch_rows"] == batch
+    assert [b.splitlines()[0].split(" failed")[0] for b in report.failures] == ["data.sft: duplicates",
+                                                                                  "data.eval: held-out leakage"]
+    assert "line 5000:" in failure(report, "duplicates") and "line 3:" in failure(report, "held-out leakage")
+    assert load_canonical(report.train_path)[4999]["line"] == 5000
+    # the 6,000 rows as Python dicts take ~6 MB; the driver holds their result table and a 1 MB read chunk
+    assert peaks["sft"] < 4 * 2**20, peaks

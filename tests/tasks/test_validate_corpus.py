@@ -12,6 +12,7 @@ import json
 import time
 import tracemalloc
 from pathlib import Path
+from unittest.mock import patch
 
 import pandas as pd
 import pytest
@@ -19,7 +20,7 @@ import pytest
 from alignpipe import tracking
 from alignpipe.config import load_pipeline
 from alignpipe.errors import DataValidationError
-from alignpipe.tasks.validate import run_validate
+from alignpipe.tasks.validate import check_source, run_validate
 from testlib import PIPELINES, REPO, run_context
 
 CORPUS = REPO / "tests" / "corpus" / "data"
@@ -77,7 +78,7 @@ CASES = {
     "directory_not_file": ("sft", (".jsonl", lambda p: p.mkdir()), {}, "is a folder, not a file"),
     "missing_file": ("sft", (".jsonl", lambda p: None), {}, ": no such file"),
     "eval_overlaps_train": ("eval", "eval_leaks_train.jsonl", {}, "data.eval: held-out leakage failed"),
-    "two_gb_file": ("sft", (".jsonl", _sparse(TWO_GB)), {}, "2,048 MB is over validate.max_file_mb (1024 MB)"),
+    "two_gb_file": ("sft", (".jsonl", _sparse(TWO_GB)), {}, ":1: line is longer than validate.max_line_kb (1024 KB)"),
     "two_gb_line_with_limit": ("sft", (".jsonl", _sparse(TWO_GB)), {"limit": 8},
                                ":1: line is longer than validate.max_line_kb (1024 KB)"),
     "pairs_chosen_equals_rejected": ("preference", "pairs_chosen_equals_rejected.jsonl", {}, "chosen differs failed"),
@@ -139,7 +140,7 @@ def test_bad_data_stops_at_validate(store, tmp_path, case):
     cfg, ctx = _config(store, split, path, changes), store[1]
     before = len(_stages_and_models(ctx)[0])
 
-    tracemalloc.start()  # a huge file must be refused from its size / one capped line, never read whole
+    tracemalloc.start()  # a huge file is streamed: its one capped line is refused, the file never read whole
     t0 = time.perf_counter()
     try:
         with pytest.raises(DataValidationError) as err:
@@ -158,6 +159,47 @@ def test_bad_data_stops_at_validate(store, tmp_path, case):
     stages, models = _stages_and_models(ctx)
     assert stages[before:] == ["validate"] and "sft" not in stages  # one failed validate run, nothing trained
     assert models == []
+
+
+JSONL_CASES = [c for c, (_, source, changes, _) in CASES.items()
+               if isinstance(source, str) and source.endswith(".jsonl") and not changes]
+
+
+def _outcome(split: str, cfg, tiny_model: str, out: Path):
+    """What `check_source` makes of one split: its error message, or its per-row result table."""
+    try:
+        return check_source(split, getattr(cfg.data, split), cfg, tiny_model, out)
+    except DataValidationError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("case", JSONL_CASES)
+def test_ray_data_path_matches_in_process(store, ray_local, tiny_model, tmp_path, case):
+    """Every JSONL file of the corpus, checked on Ray Data (in parts of a few lines) and in this process: the same
+    error message, or the same per-row result table, from which GX makes the same failures."""
+    split, source, _, _ = CASES[case]
+    cfg = _config(store, split, CORPUS / source, {})
+    cfg.validate_.batch_rows = 2  # several batches per file, and several parts on Ray
+    in_process = _outcome(split, cfg, tiny_model, tmp_path / "local")
+    cfg.validate_.stream_threshold_mb = 0
+    with patch("alignpipe.tasks.validate._part_bytes", lambda path, cfg: 1):  # a part per line
+        on_ray = _outcome(split, cfg, tiny_model, tmp_path / "ray")
+    if isinstance(in_process, str):
+        assert on_ray == in_process
+    else:
+        assert len(list((tmp_path / "ray" / split).glob("part-*.parquet"))) > (len(in_process) > 1)  # in parts
+        pd.testing.assert_frame_equal(on_ray, in_process)
+
+
+@pytest.mark.parametrize("case", ["invalid_jsonl_line", "pii_email"])
+def test_bad_data_stops_at_validate_on_ray_data(store, ray_local, case):
+    """The whole task on the Ray Data path: the message names the same problem and line."""
+    split, source, _, expected = CASES[case]
+    cfg = _config(store, split, CORPUS / source, {})
+    cfg.validate_.stream_threshold_mb = 0
+    with pytest.raises(DataValidationError) as err:
+        run_validate(cfg, store[1])
+    assert expected in str(err.value) and ("line 3:" in str(err.value)) == (case == "pii_email")
 
 
 def test_flow_stops_before_sft_and_registers_nothing(prefect_harness, tiny_model, tmp_path):

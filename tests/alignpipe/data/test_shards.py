@@ -1,0 +1,60 @@
+"""Tests for alignpipe.data.shards: JSONL parts that start at a line, and Parquet shards read back per rank."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pytest
+
+from alignpipe.data import shards
+from alignpipe.data.formats import iter_jsonl, load_canonical
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+SCHEMA = pa.schema([("line", pa.int64()), ("messages", MESSAGES)])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_parts_cover_every_row_once_with_its_line(tmp_path, seed, monkeypatch):
+    rnd = random.Random(seed)
+    lines = ["" if rnd.random() < 0.1 else json.dumps({"a": "x" * rnd.randint(0, 30)}) for _ in range(rnd.randint(0, 40))]
+    path = tmp_path / "rows.jsonl"
+    text = "\n".join(lines) + ("\n" if seed % 2 else "")
+    path.write_text(text)
+    monkeypatch.setattr(shards, "SCAN_CHUNK", rnd.randint(1, 50))  # part boundaries across read chunks
+
+    parts, total = shards.plan_parts(str(path), rnd.randint(1, 100))
+
+    rows = [(r.pop("__line__"), r) for part in parts for batch in shards.raw_batches(part, 3, None) for r in batch]
+    assert rows == list(iter_jsonl(path, None, None))
+    assert total == text.count("\n") + (text[-1:] not in ("", "\n"))  # lines, the last one without its newline
+    assert all(len(b) <= 3 for part in parts for b in shards.raw_batches(part, 3, None))
+
+
+def test_ranks_read_disjoint_row_groups_that_make_up_the_whole(tmp_path):
+    """Two training workers (ranks 0 and 1 of 2) each read their own row groups: none twice, none left out."""
+    line = 0
+    for index in range(3):  # three parts of uneven sizes, one row group per batch of up to 4 rows
+        writer = shards.ShardWriter(tmp_path, index, SCHEMA)
+        for size in (4, 4, index + 1):
+            rows = [{"line": line + i + 1, "messages": [{"role": "user", "content": f"q{line + i + 1}"}]}
+                    for i in range(size)]
+            line += size
+            writer.write(rows)
+        writer.close()
+
+    everything = load_canonical(tmp_path)
+    rank0, rank1 = load_canonical(tmp_path, 0, 2), load_canonical(tmp_path, 1, 2)
+
+    assert [r["line"] for r in everything] == list(range(1, line + 1))  # in source order
+    assert rank0 and rank1 and not {r["line"] for r in rank0} & {r["line"] for r in rank1}
+    assert sorted(r["line"] for r in rank0 + rank1) == list(range(1, line + 1))
+    assert shards.largest_row_group(tmp_path) == 4
+
+
+def test_progress_line_has_rate_and_eta():
+    out: list[str] = []
+    progress = shards.Progress("validate: data.sft", 1000, every=0.0, out=out.append)
+    progress.add(250)
+    assert out and out[0].startswith("validate: data.sft: 250 rows, ") and "25% of ~1,000, ETA" in out[0]
