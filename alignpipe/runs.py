@@ -69,6 +69,11 @@ def dir_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def data_digest(path: str | Path) -> str:
+    """sha256 of a data file, or of a folder of shards (`dir_digest`)."""
+    return dir_digest(path) if Path(path).is_dir() else file_digest(path)
+
+
 def publish_model(storage: Storage, folder: str) -> str:
     """The base model where every worker can read it: a folder under the storage root as it is, else published once
     under `<root>/models/<name>-<digest>` (a hub id stays a hub id: each worker fetches it itself)."""

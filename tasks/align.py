@@ -1,7 +1,7 @@
 """Align stage: preference tuning of the SFT model with TRL inside Ray Train (DPO, ORPO, KTO or RLHF).
 
-Reads the SFT adapter and the canonical preference pairs written by `validate`, from storage. The SFT adapter is
-first merged into the base (a Ray task) and published: that folder is the reference policy, and a NEW adapter is
+Reads the SFT adapter and the validated preference pairs (Parquet shards written by `validate`), from storage.
+The SFT adapter is first merged into the base (a Ray task) and published: that folder is the reference policy, and a NEW adapter is
 trained on top of it, so "adapter disabled" is exactly the SFT model. Publishes the merged folder and the alignment
 adapter under the stage's content-addressed folder in storage; streams curves to the nested `align` run. The
 driver side (`run_align`) and what each Ray Train worker runs (`train_loop`) are both here; what they share with
@@ -22,7 +22,7 @@ from alignpipe.config import PipelineConfig
 from alignpipe.config.align import AlignConfig
 from alignpipe.data.formats import load_canonical
 from alignpipe.data.preference import as_conversations, to_unpaired
-from alignpipe.runs import RunContext, content_key, dir_digest
+from alignpipe.runs import RunContext, content_key, data_digest, dir_digest
 
 REWARD_MARKER = "reward.json"
 DPO_CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -52,9 +52,11 @@ class AlignJob(training.TrainJob):
 
 def cache_key(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, preference_path: str,
               preference_digest: str, preference_eval_path: str | None = None) -> str:
-    """The align and model sections, the worker count, the pairs' digest and the SFT adapter's digest."""
+    """The align and model sections, the worker count, the digest of the pairs the workers read (the shards
+    themselves; `preference_digest` is the source file's) and the SFT adapter's digest."""
     return content_key("align", {"align": cfg.align, "model": cfg.model, "compute": cfg.compute.num_workers},
-                       {"preference": preference_digest, "sft_adapter": dir_digest(ctx.local(sft_adapter_dir)),
+                       {"preference": data_digest(ctx.local(preference_path)), "source": preference_digest,
+                        "sft_adapter": dir_digest(ctx.local(sft_adapter_dir)),
                         "base_model": ctx.base_model, "preference_eval": str(preference_eval_path)})
 
 

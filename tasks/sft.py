@@ -1,7 +1,7 @@
 """SFT stage: a PEFT adapter (LoRA by default) trained with TRL's SFTTrainer inside Ray Train.
 
-Reads the canonical training JSONL written by `validate` and the base model, both from storage (`alignpipe.storage`:
-the workdir, or object storage on a cluster); publishes the adapter + tokenizer folder under the stage's
+Reads the validated training rows (Parquet shards written by `validate`) and the base model, both from storage
+(`alignpipe.storage`: the workdir, or object storage on a cluster); publishes the adapter + tokenizer folder under the stage's
 content-addressed folder there and streams curves to the stage's nested MLflow run. The driver side (`run_sft`) and
 what each Ray Train worker runs (`train_loop`) are both here; what they share with `align` is `alignpipe.training`.
 """
@@ -16,7 +16,7 @@ from alignpipe import chat, models, ray_runner, tracking, training
 from alignpipe.config import PipelineConfig
 from alignpipe.config.sft import SftConfig
 from alignpipe.data.formats import load_canonical
-from alignpipe.runs import RunContext, content_key
+from alignpipe.runs import RunContext, content_key, data_digest
 
 
 class SftOutput(BaseModel):
@@ -42,9 +42,11 @@ def job_for(cfg: PipelineConfig, base_model: str, train_path: str, **run) -> Sft
 # --- driver side -------------------------------------------------------------------------------------------------
 
 def cache_key(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest: str) -> str:
-    """The sft and model sections, the worker count, the training data's digest and the base model."""
+    """The sft and model sections, the worker count, the digest of the training rows the workers read (the shards
+    themselves; `train_digest` is the source file's) and the base model."""
     return content_key("sft", {"sft": cfg.sft, "model": cfg.model, "compute": cfg.compute.num_workers},
-                       {"train": train_digest, "base_model": ctx.base_model})
+                       {"train": data_digest(ctx.local(train_path)), "source": train_digest,
+                        "base_model": ctx.base_model})
 
 
 def run_sft(cfg: PipelineConfig, ctx: RunContext, train_path: str, train_digest: str) -> SftOutput:
@@ -102,7 +104,7 @@ def build_trainer(job: SftJob, output_dir: str, callbacks: list, log_progress: b
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing)
     train_ds, eval_ds = build_datasets(tokenizer, load_canonical(job.storage.fetch(job.train_path)), job.system_prompt,
-                                       s.max_length, s.eval_fraction, s.seed)
+                                       s.max_length, s.eval_fraction, s.seed, s.eval_max_rows)
     longest = max((len(ids) for ids in train_ds["input_ids"]), default=0)
     model.set_attn_implementation(models.training_attention(s.attention, use_gpu, longest))
     args = SFTConfig(
@@ -122,15 +124,16 @@ def build_trainer(job: SftJob, output_dir: str, callbacks: list, log_progress: b
 
 
 def build_datasets(tokenizer, rows: list[dict], system_prompt: str | None, max_length: int, eval_fraction: float,
-                   seed: int):
-    """Tokenize canonical rows with assistant-only loss masks; split off a validation slice."""
+                   seed: int, eval_max_rows: int | None = None):
+    """Tokenize canonical rows with assistant-only loss masks; split off a validation slice (`eval_fraction` of the
+    rows, at most `eval_max_rows`)."""
     from datasets import Dataset
 
     encoded = [chat.tokenize_for_sft(tokenizer, chat.with_system(r["messages"], system_prompt), max_length)
                for r in rows]
     encoded = [e for e in encoded if any(e["assistant_masks"])]  # truncated away entirely: nothing to learn
     random.Random(seed).shuffle(encoded)
-    n_eval = int(len(encoded) * eval_fraction)
+    n_eval = min(int(len(encoded) * eval_fraction), eval_max_rows or len(encoded))
     train = Dataset.from_list(encoded[n_eval:])
     return train, (Dataset.from_list(encoded[:n_eval]) if n_eval else None)
 

@@ -11,6 +11,9 @@ __all__ = ["PeftConfig", "SftConfig"]
 
 class SftConfig(TrainingConfig):
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of training rows held back for eval loss.")
+    eval_max_rows: int = Field(
+        200, ge=1, description="At most this many of the held-back rows go through the eval loss (eval_fraction of "
+        "a large dataset would make each eval longer than the training steps between them).")
     eval_steps: int = Field(50, ge=1, description="Compute the eval loss every N steps.")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after N evals without improvement.")
     quantized_base: Literal["nf4"] | None = Field(None, description="QLoRA: load the base in 4-bit (GPU only).")

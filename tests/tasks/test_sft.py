@@ -3,7 +3,9 @@
 from pathlib import Path
 
 from alignpipe import tracking
-from alignpipe.tasks.sft import run_sft
+from alignpipe.runs import file_digest
+from alignpipe.tasks.sft import cache_key, run_sft
+from alignpipe.tasks.validate import check_source
 from testlib import canonical_split, run_context
 
 
@@ -23,7 +25,8 @@ def _cfg(smoke_cfg):
 def test_sft_lowers_loss_and_logs_everything(smoke_cfg, tiny_model, ray_local, tmp_path, capfd):
     cfg = _cfg(smoke_cfg)
     ctx = run_context(cfg, tiny_model)
-    train_path, digest = canonical_split(cfg, "sft", tmp_path)
+    check_source("sft", cfg.data.sft, cfg, tiny_model, tmp_path)  # validate's Parquet shards, as the flow hands over
+    train_path, digest = str(tmp_path / "sft"), file_digest(cfg.data.sft.path)
     out = run_sft(cfg, ctx, train_path, digest)
     # the in-process Ray has no state API: its placement-group cleaner's failing checks stay off the console
     assert "PlacementGroupCleaner" not in capfd.readouterr().err
@@ -49,6 +52,9 @@ def test_sft_lowers_loss_and_logs_everything(smoke_cfg, tiny_model, ray_local, t
     again = run_sft(cfg, ctx, train_path, digest)
     assert again.content_key == out.content_key and again.metrics == out.metrics
     assert tracking.metric_history(ctx.tracking_uri, again.mlflow_run_id, "loss") == []
+    # the key follows the shards the workers read, not only the source file
+    (tmp_path / "sft" / "part-00000.parquet").write_bytes(b"changed")
+    assert cache_key(cfg, ctx, train_path, digest) != out.content_key
 
 
 def test_zero_steps_gives_an_untrained_adapter(smoke_cfg, tiny_model, ray_local, tmp_path):
@@ -115,3 +121,17 @@ def test_checkpointing_and_attention_settings_reach_the_trainer_without_a_deprec
         # auto: eager attention on CPU for the smoke rows (all far below 256 tokens); an explicit choice wins
         assert trainer.model.config._attn_implementation == ("eager" if attention == "auto" else attention)
         assert not [w for w in caught if "`gradient_checkpointing` is deprecated" in str(w.message)]
+
+
+def test_eval_slice_is_capped_by_eval_max_rows(tiny_model):
+    """eval_fraction of a large dataset would put thousands of rows through every eval: eval_max_rows caps it."""
+    from alignpipe.data.formats import load_sft
+    from alignpipe.models import load_tokenizer
+    from alignpipe.tasks.sft import build_datasets
+    from testlib import DEMO_DATA
+
+    tok, rows = load_tokenizer(tiny_model), load_sft(str(DEMO_DATA / "sft_train.jsonl"), limit=40)
+    train, held = build_datasets(tok, rows, None, 256, 0.25, seed=0, eval_max_rows=3)
+    assert (len(train), len(held)) == (37, 3)
+    train, held = build_datasets(tok, rows, None, 256, 0.25, seed=0, eval_max_rows=200)
+    assert (len(train), len(held)) == (30, 10)  # under the cap: eval_fraction alone, as before
