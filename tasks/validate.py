@@ -191,18 +191,18 @@ def _on_ray_data(parts: list[shards.Part], fmt: str, detected: bool, checker: di
     come back as they are made."""
     import ray
     import ray.data
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ray_runner.ensure_ray(cfg.compute, cpus=ray_runner.local_cpus(cfg))
     context = ray.data.DataContext.get_current()  # our own progress line instead of Ray Data's bars and plan dumps
     context.enable_progress_bars, context.print_on_execution_start = False, False
-    # on this node: the tasks read the source file and write the shards where this process publishes them from
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    cpus = next(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == here.node_id)
+    # on this node (Ray's own node-id label): the tasks read the source file and write the shards where this process
+    # publishes them from
+    here = ray.get_runtime_context().get_node_id()
+    cpus = next(n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == here)
     workers = max(1, min(len(parts), int(cpus)))
     ds = ray.data.from_items([p.model_dump() for p in parts]).map_batches(
         check_parts, batch_size=1, batch_format="pandas", compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=1,
-        scheduling_strategy=here, fn_kwargs={"fmt": fmt, "detected": detected, "checker": checker})
+        label_selector={"ray.io/node-id": here}, fn_kwargs={"fmt": fmt, "detected": detected, "checker": checker})
     frames = []
     try:
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

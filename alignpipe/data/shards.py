@@ -108,29 +108,36 @@ def largest_row_group(folder: str | Path) -> int:
 
 
 class Progress:
-    """Prints rows done, rows/s and the time left for a long pass, at most every `every` seconds."""
+    """Prints rows done, rows/s and the time left for a long pass, at most every `every` seconds, and reports them
+    to the run's progress board (`alignpipe.progress`) as `stage`'s rows, where `alignpipe run` shows them."""
 
-    def __init__(self, label: str, total: int | None, every: float = 5.0, out: Callable[[str], None] = print):
+    def __init__(self, label: str, total: int | None, every: float = 5.0, out: Callable[[str], None] = print,
+                 stage: str = "validate"):
+        from alignpipe import progress
+
         self.label, self.total, self.every, self.out = label, total, every, out
+        self.reporter = progress.Reporter(stage)  # a no-op without a board (tests, benchmarks, before Ray starts)
         self.t0 = self.last = time.perf_counter()
         self.done = 0
 
     def add(self, rows: int) -> None:
         self.done += rows
         now = time.perf_counter()
+        total = max(self.total or 0, self.done)
+        # shown like evaluation's rows: `validate: data.sft 120000/1000000 rows (12%), ETA 1m45s`
+        self.reporter.report(final=self.done >= total, kind="eval", label=self.label.rsplit(" ", 1)[-1],
+                             done=self.done, total=total, eta_s=self.eta_s(now))
         if now - self.last >= self.every:
             self.last = now
             self.out(self.line(now))
 
-    def line(self, now: float | None = None) -> str:
-        elapsed = max((now or time.perf_counter()) - self.t0, 1e-9)
-        rate = self.done / elapsed
-        text = f"{self.label}: {self.done:,} rows, {rate:,.0f} rows/s"
-        if self.total and rate > 0:
-            left = max(self.total - self.done, 0)
-            text += f", {min(self.done / self.total, 1):.0%} of ~{self.total:,}, ETA {left / rate:.0f} s"
-        return text
+    def eta_s(self, now: float) -> float | None:
+        rate = self.done / max(now - self.t0, 1e-9)
+        return max(self.total - self.done, 0) / rate if self.total and rate > 0 else None
 
-    @property
-    def rows_per_s(self) -> float:
-        return self.done / max(time.perf_counter() - self.t0, 1e-9)
+    def line(self, now: float | None = None) -> str:
+        now = now or time.perf_counter()
+        text = f"{self.label}: {self.done:,} rows, {self.done / max(now - self.t0, 1e-9):,.0f} rows/s"
+        if (eta := self.eta_s(now)) is not None:
+            text += f", {min(self.done / self.total, 1):.0%} of ~{self.total:,}, ETA {eta:.0f} s"
+        return text

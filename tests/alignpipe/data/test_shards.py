@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import pyarrow as pa
 import pytest
@@ -58,3 +59,14 @@ def test_progress_line_has_rate_and_eta():
     progress = shards.Progress("validate: data.sft", 1000, every=0.0, out=out.append)
     progress.add(250)
     assert out and out[0].startswith("validate: data.sft: 250 rows, ") and "25% of ~1,000, ETA" in out[0]
+
+
+def test_progress_reaches_the_run_board(progress_board):
+    """`alignpipe run` shows validation's rows from the board, like evaluation's."""
+    from alignpipe import progress
+
+    shards.Progress("validate: data.sft", 1000, out=lambda line: None).add(1000)
+    deadline = time.monotonic() + 30
+    while not (entry := progress.read_board().get("validate")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert entry and (entry["kind"], entry["label"], entry["done"], entry["total"]) == ("eval", "data.sft", 1000, 1000)
