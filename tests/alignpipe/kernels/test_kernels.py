@@ -42,8 +42,8 @@ def test_select_enables_each_kernel_only_where_it_was_measured():
     bf16, avx2 = cpu_flags(BF16_HOST), cpu_flags(AVX2_HOST)
     assert select("auto", use_gpu=False, flags=bf16) == set(KERNELS) == {
         "compact_lm_head", "recomputing_swiglu", "int8_fbgemm"}
-    assert select("auto", use_gpu=False, flags=avx2) == frozenset()
-    assert select("auto", use_gpu=False, flags=frozenset({"avx512_vnni"})) == {"int8_fbgemm"}
+    assert select("auto", use_gpu=False, flags=avx2) == {"int8_fbgemm"}  # fbgemm's AVX2 kernels: no bf16 training
+    assert select("auto", use_gpu=False, flags=frozenset({"sse4_2", "avx"})) == frozenset()
     assert select("auto", use_gpu=True, flags=bf16) == frozenset()  # GPUs keep the libraries' kernels
     assert select("off", use_gpu=False, flags=bf16) == frozenset()
     assert select("off", use_gpu=True, flags=bf16) == frozenset()
@@ -53,7 +53,7 @@ def test_select_enables_each_kernel_only_where_it_was_measured():
 
 def test_the_table_names_each_kernels_flags():
     assert KERNELS == {"compact_lm_head": ("avx512_bf16",), "recomputing_swiglu": ("avx512_bf16",),
-                       "int8_fbgemm": ("avx512_vnni",)}
+                       "int8_fbgemm": ("avx2",)}
 
 
 def _trainer(tiny_model, tmp_path) -> SFTTrainer:
@@ -96,7 +96,7 @@ def test_kernels_auto_on_a_bf16_cpu_patches_both(tiny_model, tmp_path):
     enabled = select("auto", use_gpu=False, flags=cpu_flags(BF16_HOST))
     assert apply_training_kernels(trainer, enabled) == ["compact_lm_head", "recomputing_swiglu"]
     assert _patched(trainer) == {"compact_lm_head": True, "recomputing_swiglu": True}
-    # int8_fbgemm alone (a VNNI CPU without bf16) is an inference kernel: training keeps plain modules
+    # int8_fbgemm alone (an AVX2 CPU without bf16) is an inference kernel: training keeps plain modules
     plain = _trainer(tiny_model, tmp_path / "plain")
-    assert apply_training_kernels(plain, select("auto", use_gpu=False, flags=frozenset({"avx512_vnni"}))) == []
+    assert apply_training_kernels(plain, select("auto", use_gpu=False, flags=frozenset({"avx2"}))) == []
     assert _patched(plain) == {"compact_lm_head": False, "recomputing_swiglu": False}
