@@ -94,7 +94,10 @@ def validate_data(cfg: PipelineConfig, tokenizer_path: str, out_dir: str | Path)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sources = {"sft": cfg.data.sft, "eval": cfg.data.eval, **_preference_sources(cfg)}
-    frames = {split: check_source(split, src, cfg, tokenizer_path, out_dir) for split, src in sources.items()}
+    frames, ray_used = {}, False
+    for split, src in sources.items():
+        frames[split] = check_source(split, src, cfg, tokenizer_path, out_dir, ray_used)
+        ray_used = ray_used or _on_ray(src, cfg)
     train, held = frames["sft"], frames["eval"]  # held-out leakage: a held-out prompt hash among the training ones
     train_prompts = pd.MultiIndex.from_frame(train.loc[train["has_prompt"], ["p1", "p2"]])
     held["leaks_into_train"] = held["has_prompt"] & pd.MultiIndex.from_frame(held[["p1", "p2"]]).isin(train_prompts)
@@ -129,10 +132,12 @@ def _preference_sources(cfg: PipelineConfig) -> dict:
 
 # --- streaming the rows: in this process, or on Ray Data for a large file -----------------------------------------
 
-def check_source(split: str, src, cfg: PipelineConfig, tokenizer_path: str, out_dir: Path) -> pd.DataFrame:
+def check_source(split: str, src, cfg: PipelineConfig, tokenizer_path: str, out_dir: Path,
+                 ray_used: bool = False) -> pd.DataFrame:
     """The per-row result table of one source (one row per row of the file, in file order, `is_duplicate` set),
     its normalised rows written as shards to `out_dir/<split>`. A file that cannot be read (bad JSON, wrong
-    columns) stops at its first bad row and names its `data.<split>` key."""
+    columns) stops at its first bad row and names its `data.<split>` key. `ray_used`: an earlier split went to Ray
+    Data (this one follows it there, see `_on_ray`)."""
     v, pairs = cfg.validate_, split in PREFERENCE_SPLITS
     folder = out_dir / split
     shutil.rmtree(folder, ignore_errors=True)  # same content key, same output: no shard of an earlier run survives
@@ -143,7 +148,7 @@ def check_source(split: str, src, cfg: PipelineConfig, tokenizer_path: str, out_
         if not src.path.startswith("hf://"):
             check_file(src.path)
         fmt, detected = _format(src, pairs, checker["max_line_bytes"])
-        if _on_ray(src, cfg):
+        if _on_ray(src, cfg, ray_used):
             parts, total = shards.plan_parts(src.path, _part_bytes(src.path, cfg))
             frames = _on_ray_data(parts, fmt, detected, checker, cfg, shards.Progress(f"validate: data.{split}", total))
         else:
@@ -173,11 +178,13 @@ def _format(src, pairs: bool, max_line_bytes: int) -> tuple[str, bool]:
     return detect(first[1], src.path), True
 
 
-def _on_ray(src, cfg: PipelineConfig) -> bool:
-    """Large JSONL files, or every JSONL file when a cluster is configured, are checked on Ray Data."""
+def _on_ray(src, cfg: PipelineConfig, ray_used: bool = False) -> bool:
+    """Large JSONL files are checked on Ray Data; so is every JSONL file when a cluster is configured, or when an
+    earlier split of this validation went to Ray (its workers hold a tokenizer: this process need not load one)."""
     if not src.path.endswith(".jsonl") or src.limit is not None or src.path.startswith("hf://"):
         return False
-    return bool(cfg.compute.ray_address) or os.path.getsize(src.path) > cfg.validate_.stream_threshold_mb * 2**20
+    return (ray_used or bool(cfg.compute.ray_address)
+            or os.path.getsize(src.path) > cfg.validate_.stream_threshold_mb * 2**20)
 
 
 def _part_bytes(path: str, cfg: PipelineConfig) -> int:
