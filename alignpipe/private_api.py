@@ -18,6 +18,9 @@ ALLOWED: dict[str, str] = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner (logger name)":
         "ray_runner.py: quiets the logger of Ray Train's placement-group cleaner on the in-process Ray, whose state "
         "API queries fail every second without a dashboard; no setting turns the cleaner off",
+    "torch._int_mm":
+        "bench/int8_cpu.py --micro: times the integer matmul torchao's int8 path calls, alone, to split its cost "
+        "from the quantize/rescale ops around it (a measurement only; no runtime path calls it)",
     "trl.trainer.utils.add_fused_lm_head":
         "kernels/lm_head.py: wraps the forward TRL's fused LM head installs on the model instance "
         "(`vars(model)['forward']`), an undocumented detail of trl.trainer.utils",

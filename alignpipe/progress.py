@@ -13,6 +13,7 @@ An entry on the board is one stage's latest progress: `kind` ("train" or "eval")
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Any
 
@@ -21,6 +22,10 @@ NAMESPACE = "alignpipe-progress"        # explicit, so Ray Train's workers find 
 EVERY_S = 1.0                           # at most one report a second per worker
 
 _board = None  # the driver's handle: a named actor lives only while a handle to it does
+# Held around every read of the board (the CLI reads it from a thread of its own) and by `clear_board`, which
+# ray_runner.shutdown calls before Ray shuts down: a read in flight while Ray's core worker shuts down can abort
+# the process (a SIGTERMed `alignpipe run` exited with SIGABRT instead of 143).
+_reading = threading.Lock()
 
 
 class Board:
@@ -53,18 +58,20 @@ def read_board(timeout_s: float = 0.5) -> dict[str, dict[str, Any]]:
     import sys
 
     ray = sys.modules.get("ray")  # never import Ray just to find it was not running
-    if _board is None or ray is None or not ray.is_initialized():
-        return {}
-    try:
-        return ray.get(_board.snapshot.remote(), timeout=timeout_s)
-    except Exception:  # noqa: BLE001 - a slow or gone board only means no progress to show this time
-        return {}
+    with _reading:
+        if _board is None or ray is None or not ray.is_initialized():
+            return {}
+        try:
+            return ray.get(_board.snapshot.remote(), timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - a slow or gone board only means no progress to show this time
+            return {}
 
 
 def clear_board() -> None:
-    """Forget this process's board (Ray shut down, or a test's run ended)."""
+    """Forget this process's board (before Ray shuts down, or when a test's run ended); waits for a read in flight."""
     global _board
-    _board = None
+    with _reading:
+        _board = None
 
 
 class Reporter:

@@ -238,12 +238,20 @@ def _ray_placement_group_cleaner_logger() -> None:
     assert "logging.getLogger(__name__)" in source and "Failed to query Ray Train Controller actor state" in source
 
 
+def _torch_int_mm() -> None:
+    import torch
+
+    a, b = torch.randint(-128, 127, (32, 64), dtype=torch.int8), torch.randint(-128, 127, (64, 32), dtype=torch.int8)
+    assert torch.equal(torch._int_mm(a, b), a.int() @ b.int())  # int32 products, exact
+
+
 CHECKS = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner (logger name)":
         _ray_placement_group_cleaner_logger,
     "prefect.deployments.runner.RunnerDeployment._parameter_openapi_schema": _prefect_parameter_schema,
     "torch._log_softmax_backward_data": _torch_log_softmax_backward,
     "trl.trainer.utils.add_fused_lm_head": _trl_fused_lm_head,
+    "torch._int_mm": _torch_int_mm,
 }
 
 
