@@ -90,8 +90,13 @@ class Reporter:
         self._last = now
         try:
             if not self._looked_up:
-                import ray
+                import sys
 
+                ray = sys.modules.get("ray")
+                # Ray's API starts a default local Ray when none is up: in the driver before `ensure_ray` (validate
+                # reports from the flow process) that Ray would lack the pipeline's runtime env, board included
+                if ray is None or not ray.is_initialized():
+                    return
                 self._looked_up = True
                 self._actor = ray.get_actor(self.name, namespace=NAMESPACE)
             if self._actor is not None:

@@ -1,5 +1,6 @@
 """The progress board: a Ray worker's reports reach the driver through the named actor; with no board, nothing is sent."""
 
+import os
 import threading
 
 import pytest
@@ -38,6 +39,20 @@ def test_without_a_board_reporting_is_a_no_op(monkeypatch):
     reporter = progress.Reporter("sft")
     reporter.report(final=True, kind="train", done=1, total=2)
     assert reporter._actor is None and not reporter._looked_up  # Ray was never asked
+
+
+def test_a_report_before_ray_is_up_does_not_start_one():
+    """validate reports from the flow process, before `ensure_ray`: a lookup there would start Ray's default local
+    instance, without the pipeline's runtime env (board, malloc, ISA caps, niceness), which ensure_ray then reuses."""
+    import subprocess
+    import sys
+
+    code = ("import ray\nfrom alignpipe import progress\n"
+            "progress.Reporter('validate').report(final=True, kind='eval', done=1, total=2)\n"
+            "print(ray.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, progress.BOARD_ENV: "run-test"})
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 def test_eta_is_the_pace_so_far():
