@@ -23,8 +23,7 @@ EVERY_S = 1.0                           # at most one report a second per worker
 
 _board = None  # the driver's handle: a named actor lives only while a handle to it does
 # Held around every read of the board (the CLI reads it from a thread of its own) and by `clear_board`, which
-# ray_runner.shutdown calls before Ray shuts down: a read in flight while Ray's core worker shuts down can abort
-# the process (a SIGTERMed `alignpipe run` exited with SIGABRT instead of 143).
+# ray_runner.shutdown calls before Ray shuts down, so no read is in flight while Ray's core worker shuts down.
 _reading = threading.Lock()
 
 
