@@ -7,6 +7,7 @@ rebuilt once from its config and state dict into a plain safetensors folder unde
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
@@ -189,13 +190,13 @@ def _embedded_tokenizer(models_dir: Path):
 
 def _build_embedded(out: Path) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf()
     print(f"Building the embedded model once from {gguf.name} (dequantizing Q4_1 to fp32, ~30 s)...")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cfg = copy.deepcopy(gguf_model.config)  # the config read with the weights (parsing the GGUF again costs ~4 s)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config  # a plain fp32 model now; keeping it would make transformers expect GGUF
     cfg.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (dequantized Q4_1 GGUF)"

@@ -10,6 +10,9 @@ Ray. The rule, in order:
    contender (a candidate must win by more than the margin: host speed drifts between runs).
 3. Size: the smallest contender (size_mb) wins; ties go to the better objective, then to the order given.
 
+Quality is compared on the rows every candidate was scored on: when the evaluation screened the quantized model on
+fewer rows than the model it was made from, `shared` holds both models' quality figures on those rows.
+
 A candidate without a finite figure for the objective, size_mb or a quality metric is an error (ConfigError naming
 the metric and what evaluation did measure), never a silent pick: a typo in `register.serve.quality` must not
 decide what gets served.
@@ -44,13 +47,16 @@ class ServingChoice(BaseModel):
     margin: float
     quality: list[str]
     candidates: list[Candidate]
+    quality_rows: int | None = None  # quality compared on the first N held-out rows (every candidate's); None = all
 
     def markdown(self) -> str:
         """The decision table (a markdown section) for the register run and the flow's summary."""
         metrics = list(self.candidates[0].figures) if self.candidates else []
         lines = [f"**Registered: `{self.winner}`**: {self.reason}", "",
                  (f"Objective `{self.objective}`, margin {self.margin:.0%}, quality: "
-                  f"{', '.join(f'`{q}`' for q in self.quality) or 'none'}."), "",
+                  f"{', '.join(f'`{q}`' for q in self.quality) or 'none'}"
+                  + (f", compared on the first {self.quality_rows} held-out rows (the rows every candidate was "
+                     f"scored on)." if self.quality_rows else ".")), "",
                  "| candidate | " + " | ".join(metrics) + " | eligible | note |",
                  "|---|" + "---:|" * len(metrics) + "---|---|"]
         for c in self.candidates:
@@ -59,13 +65,16 @@ class ServingChoice(BaseModel):
         return "\n".join(lines) + "\n"
 
 
-def choose(labels: list[str], metrics: dict[str, dict[str, float]], serve: ServeConfig) -> ServingChoice:
+def choose(labels: list[str], metrics: dict[str, dict[str, float]], serve: ServeConfig,
+           shared: dict[str, dict[str, float]] | None = None) -> ServingChoice:
     """Pick the artifact to register among `labels` from their measured figures.
 
     Args:
         labels: The candidates' evaluation labels, the full-precision model first (e.g. ["aligned", "quantized"]).
         metrics: Evaluation figures, label -> metric -> value (`EvalOutput.metrics`).
         serve: `register.serve`: the objective, the quality constraints and the margin.
+        shared: Quality figures on the rows every candidate was scored on (`EvalOutput.shared`), label -> metric
+            -> value (with `rows`); used for the quality constraints when it covers every candidate.
 
     Returns:
         The winner and the decision table (each candidate, its figures, eligible or not, and why).
@@ -76,7 +85,11 @@ def choose(labels: list[str], metrics: dict[str, dict[str, float]], serve: Serve
         raise ValueError(f"candidate labels repeat: {labels}")
     objective = serve.objective
     needed = list(dict.fromkeys([objective, SIZE, *(q.metric for q in serve.quality)]))
-    figures = {label: _figures(label, metrics, needed) for label in labels}
+    paired = bool(shared) and all(label in shared for label in labels)
+    quality_metrics = [m for m in dict.fromkeys(q.metric for q in serve.quality) if m not in (objective, SIZE)]
+    figures = {label: {**_figures(label, metrics, [objective, SIZE]),
+                       **_figures(label, shared if paired else metrics, quality_metrics)} for label in labels}
+    figures = {label: {m: figures[label][m] for m in needed} for label in labels}
 
     failures = {label: [] for label in labels}
     for q in serve.quality:
@@ -134,6 +147,7 @@ def choose(labels: list[str], metrics: dict[str, dict[str, float]], serve: Serve
     return ServingChoice(
         winner=winner, reason=kept + reason, objective=objective, margin=serve.margin,
         quality=[str(q) for q in serve.quality],
+        quality_rows=int(min(shared[label].get("rows", 0) for label in labels)) or None if paired else None,
         candidates=[Candidate(label=label, figures=figures[label], eligible=label in pool, note=notes[label])
                     for label in labels])
 

@@ -128,7 +128,8 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         if cfg.register_.enabled:
             # the registered artifact: the trained model or its quantized form, whichever serves better here
             candidates = [last] + [s for s in specs if s.label == "quantized"]  # never base
-            choice = serving_choice.choose([s.label for s in candidates], scores.metrics, cfg.register_.serve)
+            choice = serving_choice.choose([s.label for s in candidates], scores.metrics, cfg.register_.serve,
+                                           scores.shared)  # quality on the rows both were scored on
             final = next(s for s in candidates if s.label == choice.winner)
             print(f"serving choice: {choice.winner}: {choice.reason}")
             lineage.update({f"data_digest.{k}": v for k, v in data.digests.items()})

@@ -52,6 +52,9 @@ class EvalOutput(BaseModel):
     table_path: str
     mlflow_run_id: str
     cascade: dict[str, Any] | None = None  # best operating point and both ends, when a quantized artifact ran
+    # a screened quantized model and the model it was made from, scored on the rows both saw (label -> metric ->
+    # value, with "rows"); empty when both saw every row. register.serve compares their quality on these.
+    shared: dict[str, dict[str, float]] = Field(default_factory=dict)
 
 
 class EvalJob(BaseModel):
@@ -247,7 +250,9 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
         for spec in specs:  # one at a time: concurrent runs would share the same cores and skew tokens/s
             cap = screen if spec.screen else None
             print(f"evaluate: {spec.label} on {eval_path}" + (f" (first {cap} rows: screened)" if cap else ""))
-            res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label), cap))
+            # its preference pairs are screened too, unless a later artifact reuses them as its DPO reference
+            pairs_cap = cap if cap and not any(s.reference_label == spec.label for s in specs) else None
+            res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label), cap, pairs_cap))
             rival = results.get(spec.quantized_from or "")
             if cap and rival and res["metrics"]["rows"] < rival["rows"] and cfg.register_.enabled \
                     and serving_choice.within_reach(res["metrics"], rival, cfg.register_.serve):
@@ -264,11 +269,17 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
             tracking.client_for(ctx.tracking_uri).log_artifact(run_id, str(pred_file), "predictions")
             tracking.log_metrics(ctx.tracking_uri, run_id, {f"{spec.label}/{k}": v for k, v in res["metrics"].items()})
         md, csv_rows = comparison_table(results)
-        summary = None
+        summary, shared = None, {}
         for spec in specs:  # the cascade pairs a quantized artifact with the model it was made from
             if spec.quantized_from in rows:
                 costs = (cascade.request_cost(results[spec.label]), cascade.request_cost(results[spec.quantized_from]))
                 n = min(len(rows[spec.label]), len(rows[spec.quantized_from]))  # a screened challenger: its rows
+                if n < max(len(rows[spec.label]), len(rows[spec.quantized_from])):
+                    shared = {label: {**score([p["prediction"] for p in rows[label][:n]],
+                                              [p["reference"] for p in rows[label][:n]], cfg.data.json_targets),
+                                      "rows": n} for label in (spec.quantized_from, spec.label)}
+                    tracking.log_metrics(ctx.tracking_uri, run_id, {f"shared/{label}/{k}": v for label, m in
+                                                                    shared.items() for k, v in m.items()})
                 summary, cmd, ccsv, fig = cascade.report(rows[spec.label][:n], rows[spec.quantized_from][:n],
                                                          cfg.evaluate.cascade_tolerance,
                                                          (spec.label, spec.quantized_from), costs)
@@ -282,7 +293,7 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
         tracking.log_metrics(ctx.tracking_uri, ctx.parent_run_id,
                              {f"eval/{label}/{k}": v for label, m in results.items() for k, v in m.items()})
     return EvalOutput(metrics=results, table_path=str(out_dir / "comparison.md"), mlflow_run_id=run_id,
-                      cascade=summary)
+                      cascade=summary, shared=shared)
 
 
 # --- in each artifact's Ray task ---------------------------------------------------------------------------------
@@ -308,11 +319,13 @@ def score(predictions: list[str], references: list[str], json_targets: bool) -> 
 
 
 def evaluate_model(spec: ModelSpec, eval_path: str, job: EvalJob,
-                   reference_logps: dict | None = None, rows_cap: int | None = None) -> dict[str, Any]:
+                   reference_logps: dict | None = None, rows_cap: int | None = None,
+                   pairs_cap: int | None = None) -> dict[str, Any]:
     """Load one model, generate greedily for every held-out prompt, score it. Runs inside a Ray task.
 
     `reference_logps`: the pair log-probs of `spec.reference_label`, when the suite scored that model already.
     `rows_cap`: score only the first N held-out rows (a screened artifact; `evaluate.limit` still applies).
+    `pairs_cap`: score only the first N held-out preference pairs (`evaluate.preference_rows` still applies).
     """
     e = job.evaluate
     ray_runner.set_worker_threads(job.threads)
@@ -354,7 +367,7 @@ def evaluate_model(spec: ModelSpec, eval_path: str, job: EvalJob,
     metrics["rows"] = len(rows)
     pair_logps = None
     if job.preference_eval_path:
-        preference, pair_logps = _preference_metrics(model, tokenizer, spec, job, reference_logps)
+        preference, pair_logps = _preference_metrics(model, tokenizer, spec, job, reference_logps, pairs_cap)
         metrics.update(preference)
     return {"label": spec.label, "metrics": metrics, "pair_logps": pair_logps,
             "predictions": [{"prompt": p, "reference": r, "prediction": y, "mean_logprob": lp,
@@ -398,7 +411,8 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def _preference_metrics(model, tokenizer, spec: ModelSpec, job: EvalJob, reference: dict | None):
+def _preference_metrics(model, tokenizer, spec: ModelSpec, job: EvalJob, reference: dict | None,
+                        pairs_cap: int | None = None):
     """Held-out preference accuracy; with a reference, also the mean DPO reward margin against it.
 
     The reference's log-probs are `reference` when the suite already scored that model (the sft artifact, for
@@ -408,7 +422,7 @@ def _preference_metrics(model, tokenizer, spec: ModelSpec, job: EvalJob, referen
     from alignpipe.preference import metrics_from_logps, pair_logps
 
     e = job.evaluate
-    caps = [n for n in (e.limit, e.preference_rows) if n]
+    caps = [n for n in (e.limit, e.preference_rows, pairs_cap) if n]
     pairs = load_canonical(job.storage.fetch(job.preference_eval_path))[: min(caps) if caps else None]
     policy = pair_logps(model, tokenizer, pairs, job.system_prompt, e.batch_size)
     if reference is None and spec.reference_path:

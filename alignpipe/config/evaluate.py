@@ -19,7 +19,8 @@ class EvaluateConfig(Section):
         64, ge=0, description="Artifacts that are not the verdict (an intermediate model such as sft before "
         "align, and the quantized challenger) are scored on the first N held-out rows only; the challenger gets "
         "every row when, on those rows, it is within register.serve's margin of the model it was made from on "
-        "the serving objective (it could be registered). The base model and the last trained model always get "
+        "the serving objective (it could be registered). A screened artifact's preference pairs are capped at N "
+        "too, unless a later artifact reuses them as its DPO reference. The base model and the last trained model always get "
         "every row. 0 = every artifact on every row.")
     compare_base: bool = Field(True, description="Also evaluate the untuned base model, side by side.")
     precision: Literal["auto", "fp32", "bf16"] = Field(

@@ -77,6 +77,28 @@ def test_the_quality_constraint_excludes_a_fast_but_inaccurate_candidate():
     assert choose(["aligned", "quantized"], metrics, SERVE).winner == "quantized"
 
 
+def test_quality_is_compared_on_the_rows_both_candidates_saw():
+    # the native demo of 2026-12-06: int8 screened on 64 rows (0.797), aligned on 400 (0.830); on the same 64 rows
+    # aligned had 0.797 too, so int8 is not excluded for quality: it loses on latency, and the reason says that
+    metrics = {"aligned": figures(2314, 540, exact_match=0.830, rows=400),
+               "quantized": figures(3514, 170, exact_match=0.797, rows=64)}
+    assert "excluded by the quality constraints: quantized" in choose(["aligned", "quantized"], metrics, SERVE).reason
+    shared = {"aligned": {"exact_match": 0.797, "rows": 64}, "quantized": {"exact_match": 0.797, "rows": 64}}
+    choice = choose(["aligned", "quantized"], metrics, SERVE, shared)
+    assert choice.winner == "aligned" and choice.quality_rows == 64
+    assert "excluded" not in choice.reason and "by more than the 10% margin" in choice.reason
+    rows = {c.label: c for c in choice.candidates}
+    assert rows["quantized"].eligible and rows["aligned"].figures["exact_match"] == 0.797
+    assert rows["aligned"].figures["latency_p95_ms"] == 2314  # the objective still from the full evaluation
+    assert "compared on the first 64 held-out rows" in choice.markdown()
+    # and a challenger worse on the shared rows is still excluded
+    worse = {**shared, "quantized": {"exact_match": 0.75, "rows": 64}}
+    assert "excluded by the quality constraints: quantized" in choose(["aligned", "quantized"], metrics, SERVE,
+                                                                        worse).reason
+    # shared figures that do not cover every candidate are not used
+    assert choose(["aligned", "quantized"], metrics, SERVE, {"aligned": shared["aligned"]}).quality_rows is None
+
+
 def test_several_constraints_and_lower_is_better_ones():
     serve = ServeConfig(quality=["exact_match >= best - 0.01", "perplexity <= 1.05 * best"])
     metrics = {"aligned": figures(6300, 540, perplexity=2.0), "quantized": figures(1000, 170, perplexity=2.2)}

@@ -32,6 +32,10 @@ def test_comparison_table_has_delta_column():
     assert "| exact_match | 0.1000 | 0.9000 | +0.8000 |" in md
 
 
+def run_metrics(ctx, out):
+    return tracking.client_for(ctx.tracking_uri).get_run(out.mlflow_run_id).data.metrics
+
+
 def test_every_model_gets_every_metric(smoke_cfg, tiny_model, ray_local, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -39,11 +43,17 @@ def test_every_model_gets_every_metric(smoke_cfg, tiny_model, ray_local, tmp_pat
     adapter = tmp_path / "adapter"
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules="all-linear")) \
         .save_pretrained(adapter)
-    ctx = run_context(smoke_cfg, tiny_model)
-    eval_path, digest = canonical_split(smoke_cfg, "eval", tmp_path)
-    out = run_evaluate(smoke_cfg, ctx, eval_path, digest,
+    # sft stands in for a screened challenger of base: served by size with no margin it cannot win (base + its
+    # adapter is larger), so it keeps its screen of 4 rows, and its quality is also given on the rows both saw
+    cfg = smoke_cfg.model_copy(deep=True)
+    cfg.evaluate.screen_rows = 4
+    cfg.register_.serve.objective, cfg.register_.serve.margin = "size_mb", 0.0
+    ctx = run_context(cfg, tiny_model)
+    eval_path, digest = canonical_split(cfg, "eval", tmp_path)
+    out = run_evaluate(cfg, ctx, eval_path, digest,
                        [ModelSpec(label="base", base_path=tiny_model),
-                        ModelSpec(label="sft", base_path=tiny_model, adapter_dir=str(adapter))])
+                        ModelSpec(label="sft", base_path=tiny_model, adapter_dir=str(adapter), quantized_from="base",
+                                  screen=True)])
 
     assert list(out.metrics) == ["base", "sft"]
     for metrics in out.metrics.values():
@@ -52,10 +62,20 @@ def test_every_model_gets_every_metric(smoke_cfg, tiny_model, ray_local, tmp_pat
             assert key in metrics, key
         for key in ("exact_match", "json_validity", "field_accuracy"):
             assert 0.0 <= metrics[key] <= 1.0
-        assert metrics["rows"] == 16 and metrics["peak_rss_mb"] > 50 and metrics["tokens_per_s"] > 0
+        assert metrics["peak_rss_mb"] > 50 and metrics["tokens_per_s"] > 0
         assert metrics["latency_p95_ms"] >= metrics["latency_p50_ms"] > 0 and metrics["size_mb"] > 1
-    # LoRA B starts at zero: an untrained adapter must score exactly like its base.
-    assert out.metrics["sft"]["perplexity"] == pytest.approx(out.metrics["base"]["perplexity"], rel=1e-4)
+    assert (out.metrics["base"]["rows"], out.metrics["sft"]["rows"]) == (16, 4)
+    assert "sft on its first 4 of the 16 held-out rows" in open(out.table_path).read()
+    # quality on the rows both saw, for register.serve: base's own figures recomputed on its first 4 rows
+    assert set(out.shared) == {"base", "sft"} and out.shared["sft"]["rows"] == out.shared["base"]["rows"] == 4
+    assert out.shared["sft"]["exact_match"] == out.metrics["sft"]["exact_match"]
+    base_rows = [json.loads(line) for line in open(out.table_path.replace("comparison.md", "predictions_base.jsonl"))]
+    assert out.shared["base"]["exact_match"] == sum(r["correct"] for r in base_rows[:4]) / 4
+    # LoRA B starts at zero: an untrained adapter must score exactly like its base, row by row.
+    sft_rows = [json.loads(line) for line in open(out.table_path.replace("comparison.md", "predictions_sft.jsonl"))]
+    assert [r["prediction"] for r in sft_rows] == [r["prediction"] for r in base_rows[:4]]
+    assert [r["mean_logprob"] for r in sft_rows] == pytest.approx([r["mean_logprob"] for r in base_rows[:4]], rel=1e-4)
+    assert run_metrics(ctx, out)["shared/base/rows"] == 4
 
     client = tracking.client_for(ctx.tracking_uri)
     paths = {a.path for folder in ("evaluation", "plots", "predictions")

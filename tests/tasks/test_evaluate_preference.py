@@ -23,6 +23,9 @@ def test_preference_accuracy_and_reward_margin(smoke_cfg, tiny_model, tmp_path):
         update={"evaluate": job.evaluate.model_copy(update={"limit": None, "preference_rows": 3})}))
     assert capped["metrics"]["preference_pairs"] == 3 and len(capped["pair_logps"]["chosen"]) == 3
     assert capped["metrics"]["rows"] == 16                            # the generations are not capped by it
+    screened = evaluate_model(spec, eval_path, job.model_copy(update={"evaluate": job.evaluate.model_copy(
+        update={"limit": None})}), rows_cap=5, pairs_cap=2)             # a screened artifact nobody reuses
+    assert (screened["metrics"]["rows"], screened["metrics"]["preference_pairs"]) == (5, 2)
 
     plain = evaluate_model(spec.model_copy(update={"reference_path": None}), eval_path,
                            job.model_copy(update={"preference_eval_path": None}))
