@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from alignpipe import kernels, progress, ray_runner, tracking
 from alignpipe.config.compute import ComputeConfig
 from alignpipe.config.training import PeftConfig, TrainingConfig
+from alignpipe.data.formats import load_canonical
 from alignpipe.metric_buffer import MetricBuffer, spool_path
 from alignpipe.storage import Storage, join
 
@@ -189,14 +190,24 @@ class WorkerRun:
         self.stream = MlflowStream(job.tracking_uri, job.mlflow_run_id, spool=spool_path(job.mlflow_run_id, self.rank))
         self.callbacks = [self.stream, RayTrainReportCallback()] + ([ProgressReport(stage)] if self.rank0 else [])
 
+    def rows(self, path: str) -> list[dict[str, Any]]:
+        """This worker's canonical rows of `path` (validate's shards: only its own row groups, disjoint across the
+        workers; a JSONL file: all of it). With several workers, the summary says whether they were disjoint."""
+        rows = load_canonical(path, self.rank, self.world_size)
+        if self.world_size > 1:
+            self.summary.update(rows_disjoint(rows))
+        return rows
+
     def prepare(self, trainer):
-        """Ray Train's wrapping of the trainer; the adapter's size goes to the summary (and to MLflow at step 0)."""
+        """Ray Train's wrapping of the trainer; the adapter's size goes to the summary (and to MLflow at step 0).
+
+        With several workers the trainer iterates this worker's own rows (`rank_local`), the same count on each."""
         from ray.train.huggingface.transformers import prepare_trainer
 
-        trainer = prepare_trainer(trainer)  # its loss lines and bars reach `alignpipe run`'s log file, off the console
-        trainable, total = trainer.model.get_nb_trainable_parameters()
+        trainer = prepare_trainer(rank_local(trainer, self.world_size))  # its loss lines and bars reach
+        trainable, total = trainer.model.get_nb_trainable_parameters()  # `alignpipe run`'s log file, off the console
         self.summary.update({"trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
-                             "train_rows": len(trainer.train_dataset)})
+                             "train_rows": len(trainer.train_dataset) * self.world_size})
         if self.rank0:
             self.stream.buffer.log(self.summary, step=0)
         return trainer
@@ -222,6 +233,82 @@ class WorkerRun:
             (final_dir / FINAL_MARKER).write_text(json.dumps(self.summary))
         ray_runner.report_final(self.summary, final_dir, self.rank0, self.resume_dir)
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def rank_local(trainer, world_size: int):
+    """With several DDP workers, `trainer` iterates its own dataset whole instead of a slice of it.
+
+    Each worker holds only its rows (`WorkerRun.rows`); the Trainer would shard them again across the processes
+    (accelerate) and keep 1/world_size of them. So, as Ray's `prepare_trainer` does for Ray Data iterables, its
+    train and eval dataloaders are built over the local datasets, with the trainer's collator and sampling
+    strategy; every worker first keeps the same number of rows of each (the smallest worker's, after the
+    trainer's own filtering), so the workers step, and gather eval losses, in lockstep. One worker: unchanged.
+    """
+    if world_size < 2:
+        return trainer
+    trainer.train_dataset = _equal_count(trainer.train_dataset)
+    if trainer.eval_dataset is not None and not isinstance(trainer.eval_dataset, dict):
+        trainer.eval_dataset = _equal_count(trainer.eval_dataset)
+    base = trainer.__class__
+
+    class RankLocal(base):
+        def get_train_dataloader(self):
+            return _local_loader(self, self.train_dataset, self.args.per_device_train_batch_size, training=True)
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            if isinstance(eval_dataset, str) or isinstance(self.eval_dataset, dict):
+                return super().get_eval_dataloader(eval_dataset)
+            data = self.eval_dataset if eval_dataset is None else eval_dataset
+            return _local_loader(self, data, self.args.per_device_eval_batch_size, training=False)
+
+    RankLocal.__name__ = RankLocal.__qualname__ = base.__name__
+    trainer.__class__ = RankLocal
+    return trainer
+
+
+def _equal_count(dataset):
+    """The first n rows of `dataset`, n the smallest count over the workers (a collective: call it on every rank)."""
+    import torch
+    import torch.distributed as dist
+
+    n = torch.tensor([len(dataset)])
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    return dataset if int(n) == len(dataset) else dataset.select(range(int(n)))
+
+
+def _local_loader(trainer, dataset, batch_size: int, training: bool):
+    """A DataLoader over a worker's own dataset, not sharded again: the Trainer's collator, its sampling strategy
+    (group_by_length, else random) seeded by `args.seed`, in order for evaluation."""
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    args = trainer.args
+    generator = torch.Generator().manual_seed(args.seed)
+    if not training:
+        sampler = SequentialSampler(dataset)
+    elif args.train_sampling_strategy == "group_by_length":
+        sampler = LengthGroupedSampler(batch_size * args.gradient_accumulation_steps, dataset=dataset,
+                                       generator=generator)
+    else:
+        sampler = RandomSampler(dataset, generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=trainer.data_collator,
+                      drop_last=args.dataloader_drop_last and training, num_workers=args.dataloader_num_workers)
+
+
+def rows_disjoint(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Whether no row was read by two workers (64-bit hashes gathered from every rank; a collective), and how many
+    rows they read in all."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    mine = {hashlib.blake2b(json.dumps(r, sort_keys=True).encode(), digest_size=8).digest() for r in rows}
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (len(rows), mine))
+    union = set().union(*(hashes for _, hashes in every))
+    return {"rows_disjoint": float(len(union) == sum(len(h) for _, h in every)),
+            "rows_read": float(sum(n for n, _ in every))}
 
 
 def fit(train_loop: Callable[[dict], None], job: TrainJob, name: str, out_dir: Path, out_uri: str,

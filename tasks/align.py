@@ -109,7 +109,8 @@ def train_loop(config: dict) -> None:
         trainer, tokenizer = build_policy_trainer(job, reward_model, run.scratch, run.callbacks)
         extra = {"reward_adapter": reward_dir}  # rank 0's copy goes into the final checkpoint
     else:
-        trainer, tokenizer = build_trainer(job, run.scratch, run.callbacks)
+        rows = run.rows(job.storage.fetch(job.preference_path))  # this worker's own share of the rows
+        trainer, tokenizer = build_trainer(job, run.scratch, run.callbacks, rows)
     trainer = run.prepare(trainer)
     if a.max_steps != 0:
         policy_eval = a.method == "rlhf" and trainer.eval_dataset is not None
@@ -118,19 +119,22 @@ def train_loop(config: dict) -> None:
         run.train(trainer)
         if policy_eval:
             run.summary["policy/reward_end"] = policy_reward(trainer, a.seed)
+        if run.world_size > 1:  # DDP kept every rank's weights identical?
+            run.summary["ranks_in_sync"] = float(ray_runner.ranks_in_sync(trainer.model))
     tokenizer.padding_side = "right"
     run.finish(trainer, tokenizer, extra if run.rank0 else None)
 
 
-def build_trainer(job: AlignJob, output_dir: str, callbacks: list):
-    """The TRL trainer of `align.method` (dpo, orpo or kto) on the merged SFT model; rlhf has its own two."""
+def build_trainer(job: AlignJob, output_dir: str, callbacks: list, rows: list[dict] | None = None):
+    """The TRL trainer of `align.method` (dpo, orpo or kto) on the merged SFT model, trained on `rows` (default:
+    every preference pair); rlhf has its own two."""
     a, use_gpu = job.align, job.compute.use_gpu
     dtype = models.dtype_for(a.precision)
     reference = job.storage.fetch(job.reference_path)
     tokenizer = models.load_tokenizer(reference)
     model = models.load_model(reference, dtype=dtype)
     model.set_attn_implementation(models.training_attention(a.attention, use_gpu, a.max_length))
-    rows = load_canonical(job.storage.fetch(job.preference_path))
+    rows = load_canonical(job.storage.fetch(job.preference_path)) if rows is None else rows
     common = training.trainer_args(a, output_dir, use_gpu, dtype)
     peft = training.peft_config(a.peft)
     if a.method == "dpo":

@@ -78,7 +78,8 @@ def train_loop(config: dict) -> None:
     run = training.WorkerRun(job, "sft")
     if run.finished:
         return
-    trainer, tokenizer = build_trainer(job, run.scratch, run.callbacks, log_progress=run.rank0)
+    rows = run.rows(job.storage.fetch(job.train_path))  # this worker's own share of the rows
+    trainer, tokenizer = build_trainer(job, run.scratch, run.callbacks, log_progress=run.rank0, rows=rows)
     trainer = run.prepare(trainer)
     if job.sft.max_steps != 0:
         run.train(trainer)
@@ -89,8 +90,10 @@ def train_loop(config: dict) -> None:
     run.finish(trainer, tokenizer)
 
 
-def build_trainer(job: SftJob, output_dir: str, callbacks: list, log_progress: bool = True):
-    """The TRL SFTTrainer for `job`; used by Ray workers, tests and benchmarks."""
+def build_trainer(job: SftJob, output_dir: str, callbacks: list, log_progress: bool = True,
+                  rows: list[dict] | None = None):
+    """The TRL SFTTrainer for `job` on `rows` (default: every training row); used by Ray workers, tests and
+    benchmarks. With several workers each passes its own rows, and its share of `sft.eval_max_rows`."""
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -103,8 +106,10 @@ def build_trainer(job: SftJob, output_dir: str, callbacks: list, log_progress: b
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing)
-    train_ds, eval_ds = build_datasets(tokenizer, load_canonical(job.storage.fetch(job.train_path)), job.system_prompt,
-                                       s.max_length, s.eval_fraction, s.seed, s.eval_max_rows)
+    rows = load_canonical(job.storage.fetch(job.train_path)) if rows is None else rows
+    eval_cap = -(-s.eval_max_rows // job.compute.num_workers) if s.eval_max_rows else None  # each worker's share
+    train_ds, eval_ds = build_datasets(tokenizer, rows, job.system_prompt, s.max_length, s.eval_fraction, s.seed,
+                                       eval_cap)
     longest = max((len(ids) for ids in train_ds["input_ids"]), default=0)
     model.set_attn_implementation(models.training_attention(s.attention, use_gpu, longest))
     args = SFTConfig(

@@ -169,14 +169,20 @@ def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def load_canonical(path: str | Path, rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
+def load_canonical(path: str | Path, rank: int = 0, world_size: int = 1,
+                   limit: int | None = None) -> list[dict[str, Any]]:
     """Read canonical rows: a JSONL file written by `write_jsonl`, or a folder of Parquet shards written by
-    `validate` (`alignpipe.data.shards`), of which `rank` of `world_size` reads only its own disjoint row groups."""
+    `validate` (`alignpipe.data.shards`), of which `rank` of `world_size` reads only its own share (disjoint);
+    only the first `limit` rows (of the share) when given."""
     if Path(path).is_dir():
         from alignpipe.data.shards import read_shards
 
-        return read_shards(path, rank, world_size)
-    return [row for _, row in iter_jsonl(Path(path), None, None)]
+        return read_shards(path, rank, world_size, limit)
+    if world_size == 1:
+        return [row for _, row in iter_jsonl(Path(path), limit, None)]
+    rows = [row for _, row in iter_jsonl(Path(path), None, None)]  # a JSONL file: read whole, then the same share
+    share = rows[len(rows) * rank // world_size : len(rows) * (rank + 1) // world_size]
+    return share if limit is None else share[:limit]
 
 
 def text_field(value: Any, where: str) -> str:

@@ -3,7 +3,7 @@
 `validate` reads a source in parts (byte ranges of a JSONL file that start at a line, or the whole file), checks
 each batch of rows and writes the normalised rows of each part to one Parquet file, one row group per batch; only
 one batch of rows is held at a time. The training stages read those shards back (`read_shards`), each Ray Train
-worker only its own row groups.
+worker only its own contiguous share of the rows.
 """
 
 from __future__ import annotations
@@ -83,19 +83,25 @@ class ShardWriter:
         self.writer.close()
 
 
-def read_shards(folder: str | Path, rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
-    """The canonical rows of a shard folder in source order; with `world_size` > 1, only the row groups
-    `rank`, `rank + world_size`, ... (disjoint across ranks, together all of them)."""
+def read_shards(folder: str | Path, rank: int = 0, world_size: int = 1, limit: int | None = None) -> list[dict[str, Any]]:
+    """The canonical rows of a shard folder in source order; with `world_size` > 1, only rank `rank`'s contiguous
+    share of them (rows `total * rank // world_size` up to the next rank's first): disjoint across ranks, together
+    all of them, counts within one of each other, whatever the row groups; its first `limit` rows when given. Reads
+    only the row groups it needs."""
     import pyarrow.parquet as pq
 
-    rows, group = [], 0
-    for path in sorted(Path(folder).glob("part-*.parquet")):
-        f = pq.ParquetFile(path)
-        for i in range(f.num_row_groups):
-            if group % world_size == rank:
-                rows += [{k: v for k, v in row.items() if v is not None}
-                         for row in f.read_row_group(i).to_pylist()]
-            group += 1
+    files = [pq.ParquetFile(path) for path in sorted(Path(folder).glob("part-*.parquet"))]
+    groups = [(f, i, f.metadata.row_group(i).num_rows) for f in files for i in range(f.num_row_groups)]
+    total = sum(n for _, _, n in groups)
+    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+    hi = hi if limit is None else min(hi, lo + limit)
+    rows, offset = [], 0
+    for f, i, n in groups:
+        start, stop = max(lo, offset), min(hi, offset + n)
+        if start < stop:
+            rows += [{k: v for k, v in row.items() if v is not None}
+                     for row in f.read_row_group(i).slice(start - offset, stop - start).to_pylist()]
+        offset += n
     return rows
 
 

@@ -135,8 +135,8 @@ def launched_run(local_stack, deployed, server):
     state (the UI test opens its page)."""
     with _client(local_stack) as client:
         run = client.create_flow_run_from_deployment(
-            deployed[1]["smoke"], parameters={"overrides": {"compute.num_workers": 2, "align.method": "none",
-                                                            "quantize.method": "none"}})  # SFT is under test
+            deployed[1]["smoke"], parameters={"overrides": {"compute.num_workers": 2, "quantize.method": "none"}})
+        # SFT and DPO are under test
         return _wait_state(client, run.id, lambda s: s.is_final())
 
 
@@ -145,10 +145,16 @@ def test_run_launched_through_the_api_trains_ddp_on_two_nodes(local_stack, launc
     assert launched_run.state.is_completed(), launched_run.state.message
 
     mlflow = tracking.client_for(local_stack.env["MLFLOW_TRACKING_URI"])
-    (sft_run,) = mlflow.search_runs([mlflow.get_experiment_by_name("alignpipe-smoke").experiment_id],
-                                   f"tags.`{tracking.TAG_FLOW_RUN}` = '{launched_run.id}' and tags.`{tracking.TAG_STAGE}` = 'sft'")
-    # Two workers of 1 CPU on nodes of 1 CPU each: one per node; DDP kept their weights identical.
-    assert sft_run.data.metrics["final/ranks_in_sync"] == 1.0
+    experiment = mlflow.get_experiment_by_name("alignpipe-smoke").experiment_id
+    for stage, rows, steps in (("sft", 64, 6), ("align", 32, 4)):  # smoke's rows and pairs, max_steps
+        (run,) = mlflow.search_runs([experiment], f"tags.`{tracking.TAG_FLOW_RUN}` = '{launched_run.id}' and "
+                                                  f"tags.`{tracking.TAG_STAGE}` = '{stage}'")
+        metrics = run.data.metrics
+        # Two workers of 1 CPU on nodes of 1 CPU each: one per node; DDP kept their weights identical.
+        assert metrics["final/ranks_in_sync"] == 1.0, stage
+        # Each read only its own half of validate's shards (one row group: split within it), none twice.
+        assert (metrics["final/rows_disjoint"], metrics["final/rows_read"]) == (1.0, rows), stage
+        assert metrics["final/global_step"] == steps, stage
 
 
 def test_cancelling_a_run_stops_its_ray_training_workers(local_stack, deployed, server):

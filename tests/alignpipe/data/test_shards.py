@@ -33,8 +33,9 @@ def test_parts_cover_every_row_once_with_its_line(tmp_path, seed, monkeypatch):
     assert all(len(b) <= 3 for part in parts for b in shards.raw_batches(part, 3, None))
 
 
-def test_ranks_read_disjoint_row_groups_that_make_up_the_whole(tmp_path):
-    """Two training workers (ranks 0 and 1 of 2) each read their own row groups: none twice, none left out."""
+def test_ranks_read_disjoint_shares_that_make_up_the_whole(tmp_path):
+    """Training workers (ranks of 2 or 3, more than the row groups) each read their own share: none twice, none
+    left out, in source order, counts within one of each other."""
     line = 0
     for index in range(3):  # three parts of uneven sizes, one row group per batch of up to 4 rows
         writer = shards.ShardWriter(tmp_path, index, SCHEMA)
@@ -46,12 +47,19 @@ def test_ranks_read_disjoint_row_groups_that_make_up_the_whole(tmp_path):
         writer.close()
 
     everything = load_canonical(tmp_path)
-    rank0, rank1 = load_canonical(tmp_path, 0, 2), load_canonical(tmp_path, 1, 2)
-
     assert [r["line"] for r in everything] == list(range(1, line + 1))  # in source order
-    assert rank0 and rank1 and not {r["line"] for r in rank0} & {r["line"] for r in rank1}
-    assert sorted(r["line"] for r in rank0 + rank1) == list(range(1, line + 1))
+    assert everything[0]["messages"] == [{"role": "user", "content": "q1"}]
+    for world in (2, 3, 5, 30):
+        shares = [[r["line"] for r in load_canonical(tmp_path, rank, world)] for rank in range(world)]
+        assert sum(shares, []) == list(range(1, line + 1)), world   # disjoint, all of them, in order
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1, world
     assert shards.largest_row_group(tmp_path) == 4
+
+    small = tmp_path / "one-group"  # the smoke pipeline's 64 rows are one row group: both ranks still get rows
+    writer = shards.ShardWriter(small, 0, SCHEMA)
+    writer.write([{"line": i, "messages": []} for i in range(5)])
+    writer.close()
+    assert [len(load_canonical(small, rank, 2)) for rank in (0, 1)] == [2, 3]
 
 
 def test_progress_line_has_rate_and_eta():
@@ -70,3 +78,12 @@ def test_progress_reaches_the_run_board(progress_board):
     while not (entry := progress.read_board().get("validate")) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert entry and (entry["kind"], entry["label"], entry["done"], entry["total"]) == ("eval", "data.sft", 1000, 1000)
+
+
+def test_a_jsonl_file_is_shared_out_the_same_way(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"line": i}) + "\n" for i in range(7)))
+    shares = [[r["line"] for r in load_canonical(path, rank, 3)] for rank in range(3)]
+    assert shares == [[0, 1], [2, 3], [4, 5, 6]]
+    assert [r["line"] for r in load_canonical(path, 2, 3, limit=2)] == [4, 5]
+    assert [r["line"] for r in load_canonical(path, limit=3)] == [0, 1, 2]
