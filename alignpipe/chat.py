@@ -48,3 +48,32 @@ def split_prompt_answer(messages: list[dict[str, str]]) -> tuple[list[dict[str, 
     """Everything before the last assistant turn (the prompt) and that turn's text (the reference answer)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return messages[:last], messages[last]["content"]
+
+
+JSON_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+              dict: "an object", type(None): "null"}
+
+
+def task_instructions(system_prompt: str | None, reference: str | None) -> str:
+    """The prompted base model's system turn: the task (the pipeline's system prompt) and, when the answers are JSON
+    objects, the exact schema read off one reference answer (its keys, in order, with their JSON types)."""
+    import json
+
+    text = (system_prompt or "").strip()
+    try:
+        example = json.loads(reference) if reference else None
+    except json.JSONDecodeError:
+        example = None
+    if isinstance(example, dict) and example:
+        keys = ", ".join(f'"{k}" ({JSON_TYPES.get(type(v), "a value")})' for k, v in example.items())
+        text += f" Reply with only the JSON object, on one line, with exactly these keys: {keys}."
+    return text.strip()
+
+
+def few_shot(messages: list[dict[str, str]], instructions: str,
+             examples: list[list[dict[str, str]]]) -> list[dict[str, str]]:
+    """`messages` (a prompt: everything before the answer) behind a system turn of `instructions` and the `examples`
+    (whole conversations, their own system turns dropped) as earlier user/assistant turns: in-context learning."""
+    shots = [m for conv in examples for m in conv if m["role"] != "system"]
+    own = [m for m in messages if m["role"] != "system"]
+    return [{"role": "system", "content": instructions}, *shots, *own]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alignpipe.config import PipelineConfig
-from alignpipe.registry import KEY_METRICS, higher_is_better
+from alignpipe.registry import KEY_METRICS, better_base, higher_is_better
 
 
 def model_card(cfg: PipelineConfig, name: str, candidate: str, metrics: dict[str, dict[str, float]],
@@ -20,10 +20,11 @@ def model_card(cfg: PipelineConfig, name: str, candidate: str, metrics: dict[str
         artifact: One line saying what was logged (merged / quantized weights or adapter + base reference).
     """
     mine = metrics.get(candidate, {})
-    base = metrics.get("base", {})
+    base_label, base = better_base(metrics, cfg.register_.primary_metric)
     names = [m for m in KEY_METRICS if m in mine] + sorted(m for m in mine if m not in KEY_METRICS and "/" not in m)
     champ_head = f"champion v{champion[0]}" if champion else "champion (none yet)"
-    rows = [f"| metric | {candidate} | base | vs base | {champ_head} | vs champion |", "|---|---|---|---|---|---|"]
+    rows = [f"| metric | {candidate} | {base_label or 'base'} | vs base | {champ_head} | vs champion |",
+            "|---|---|---|---|---|---|"]
     for m in names:
         b = base.get(m)
         c = champion[1].get(m) if champion else None

@@ -43,6 +43,21 @@ def higher_is_better(metric: str) -> bool:
     return not (metric == "perplexity" or "latency" in metric or metric.endswith(("_ms", "_mb", "_bytes")))
 
 
+BASE_LABELS = ("base", "prompted_base")  # evaluation labels of the untuned model: as is, and told the task
+
+
+def better_base(metrics: dict[str, dict[str, float]], primary_metric: str) -> tuple[str | None, dict[str, float]]:
+    """(label, figures) of the base model the gates and "beats base" compare with: of the plain and the prompted
+    base, among those scored on the most held-out rows, the better on the primary metric ((None, {}) if neither)."""
+    scored = [label for label in BASE_LABELS if primary_metric in metrics.get(label, {})]
+    if not scored:
+        return None, {}
+    most = max(metrics[label].get("rows", 0) for label in scored)
+    pick = (max if higher_is_better(primary_metric) else min)(
+        (label for label in scored if metrics[label].get("rows", 0) == most), key=lambda l: metrics[l][primary_metric])
+    return pick, metrics[pick]
+
+
 def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

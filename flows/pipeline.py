@@ -106,7 +106,13 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
         if cfg.align.method != "none":
             aligned = clock.run("align", _stage("align", cfg), cfg, ctx, tuned.adapter_dir, data.preference_path,
                                 data.digests["preference"], data.preference_eval_path)
-        specs = [ModelSpec(label="base", base_path=base)] if cfg.evaluate.compare_base else []
+        specs = []
+        if cfg.evaluate.compare_base:  # the prompted base first: the plain one is screened against it
+            prompted = cfg.evaluate.prompted_base
+            if prompted.enabled:
+                specs.append(ModelSpec(label="prompted_base", base_path=base, few_shot=prompted.k))
+            specs.append(ModelSpec(label="base", base_path=base, screen=prompted.enabled,
+                                   rival="prompted_base" if prompted.enabled else None))
         specs.append(ModelSpec(label="sft", base_path=base, adapter_dir=tuned.adapter_dir))
         last, last_key = specs[-1], tuned.content_key  # the last trained artifact: quantized, a serving candidate
         if aligned:
@@ -122,7 +128,7 @@ def alignpipe_pipeline(pipeline: str = "demo", overrides: dict[str, Any] | None 
             specs.append(ModelSpec(label="quantized", base_path=quantized.merged_dir, quantized_dir=quantized.model_dir,
                                    quantized_from=last.label, screen=True))
         scores = clock.run("evaluate", _stage("evaluate", cfg), cfg, ctx, data.eval_path, data.digests["eval"], specs,
-                           data.preference_eval_path)
+                           data.preference_eval_path, data.train_path)
         artifacts.publish_evaluation(cfg.name, scores)  # the table on the flow-run page
         registered = choice = None
         if cfg.register_.enabled:

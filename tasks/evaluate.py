@@ -45,6 +45,10 @@ class ModelSpec(BaseModel):
     quantized_dir: str | None = None    # a quantized model folder: loaded instead of base_path (+ adapter)
     quantized_from: str | None = None   # label of the full-precision artifact it was made from (for the cascade)
     screen: bool = False                # not the verdict: first `evaluate.screen_rows` rows (see run_evaluate)
+    rival: str | None = None            # screened: every row too when, on its rows, it is as good as this earlier
+                                        # artifact on exact match (the plain base against the prompted base)
+    few_shot: int | None = None         # the prompted base: the task and schema in a system turn and this many
+                                        # training conversations in context (`EvalJob.instructions`, `.examples`)
 
 
 class EvalOutput(BaseModel):
@@ -68,6 +72,8 @@ class EvalJob(BaseModel):
     json_targets: bool = False
     system_prompt: str | None = None
     preference_eval_path: str | None = None
+    instructions: str | None = None              # the prompted base's system turn (chat.task_instructions)
+    examples: list[list[dict[str, str]]] = Field(default_factory=list)  # its in-context training conversations
     beta: float = 0.1                            # align.beta: the DPO reward margin's scale
     use_gpu: bool = False                        # compute.use_gpu: every model runs on CUDA
     # where the URIs of the specs and paths point (compute.storage_path); default: local paths
@@ -106,6 +112,8 @@ def comparison_table(results: dict[str, dict[str, float]]) -> tuple[str, list[li
     md += ["| " + " | ".join(r) + " |" for r in rows]
     most = max((c for c in counts if c is not None), default=None)
     fewer = [f"{label} on its first {int(c)}" for label, c in zip(labels, counts) if c is not None and c < most]
+    if len(labels) > 1:
+        md += ["", f"delta: {labels[-1]} minus {labels[0]}."]
     if fewer:
         md += ["", f"Screened (not the registered model, nor what it is compared with): {', '.join(fewer)} of the "
                    f"{int(most)} held-out rows; the others on all {int(most)}."]
@@ -202,33 +210,44 @@ def _log_figure(uri: str, run_id: str, fig, path: str) -> None:
 
 
 def cache_key(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest: str, specs: list[ModelSpec],
-              preference_eval_path: str | None = None) -> str:
+              preference_eval_path: str | None = None, train_path: str | None = None) -> str:
     """The evaluate section (+ the settings it borrows), the held-out digest and every artifact's folders.
 
-    Stage output folders are content-addressed, so an artifact's paths change whenever its weights do.
+    Stage output folders are content-addressed, so an artifact's paths change whenever its weights do. The
+    prompted base's instructions and in-context examples are part of it (read from `train_path`).
     """
+    in_context = prompted_base_context(cfg, ctx, train_path, specs)
     section = {"evaluate": cfg.evaluate, "system_prompt": cfg.model.system_prompt, "json": cfg.data.json_targets,
                **cfg.quantize.cpu_runtime(cfg.compute.kernels), "beta": cfg.align.beta,
                "serve": cfg.register_.serve}  # decides whether a screened challenger gets every row
     return content_key("evaluate", section,
                        {"eval": eval_digest, **{s.label: f"{s.base_path}|{s.adapter_dir}|{s.quantized_dir}|"
-                                                         f"{s.reference_path}|{s.reference_label}|{s.screen}"
+                                                         f"{s.reference_path}|{s.reference_label}|{s.screen}|"
+                                                         f"{s.rival}|{s.few_shot}"
                                                 for s in specs},
-                        "preference_eval": str(preference_eval_path)})
+                        "preference_eval": str(preference_eval_path),
+                        "in_context": json.dumps(in_context, sort_keys=True)})  # the prompted base's instructions
+                                                                                # and examples
 
 
 def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_digest: str,
-                 specs: list[ModelSpec], preference_eval_path: str | None = None) -> EvalOutput:
+                 specs: list[ModelSpec], preference_eval_path: str | None = None,
+                 train_path: str | None = None) -> EvalOutput:
     """Plain function behind the task: one Ray task per artifact (fresh process), then tables, charts, cascade.
 
     Specs marked `screen` are scored on the first `evaluate.screen_rows` held-out rows. A screened challenger (a
     quantized form of an artifact scored before it) is scored again on every row when, on its rows, it is within
     `register.serve`'s margin of that artifact on the serving objective, so the artifact that can be registered is
-    always judged on every row; one that is slower beyond the margin cannot be, and keeps its screen.
+    always judged on every row; one that is slower beyond the margin cannot be, and keeps its screen. A screened
+    spec with a `rival` (the plain base, against the prompted base) is scored again on every row when, on its
+    rows, its exact match is at least the rival's on the same rows.
+
+    A `few_shot` spec (the prompted base) reads its in-context examples from the first rows of `train_path`.
     """
     import ray
 
-    key = cache_key(cfg, ctx, eval_path, eval_digest, specs, preference_eval_path)
+    in_context = prompted_base_context(cfg, ctx, train_path, specs)
+    key = cache_key(cfg, ctx, eval_path, eval_digest, specs, preference_eval_path, train_path)
     out_dir = ctx.stage_dir("evaluate", key)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "evaluate", key) as run_id:
         tracking.log_params(ctx.tracking_uri, run_id, cfg.evaluate.model_dump(mode="json"), prefix="evaluate")
@@ -237,7 +256,10 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
         print(f"evaluate: {why}")
         ray_runner.ensure_ray(cfg.compute)
         cpus = ray_runner.task_cpus(cfg.evaluate.cpus, cfg.compute.resources)
-        job = job_for(cfg, max(1, int(cpus)), preference_eval_path, ctx.storage)
+        job = job_for(cfg, max(1, int(cpus)), preference_eval_path, ctx.storage).model_copy(update=in_context or {})
+        if in_context:
+            print(f"evaluate: prompted base: {in_context['instructions']!r} and {len(in_context['examples'])} "
+                  "training conversations in context")
         tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.eval_dtype", job.dtype)
         # max_calls=1: each model gets a fresh worker process, so one model's peak RSS cannot hide another's.
         remote = ray.remote(**ray_runner.task_options(cfg.compute, cpus))(evaluate_model)
@@ -248,8 +270,9 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
             tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.lm_eval", note[:5000])
         screen = cfg.evaluate.screen_rows or None
         for spec in specs:  # one at a time: concurrent runs would share the same cores and skew tokens/s
-            cap = screen if spec.screen else None
-            print(f"evaluate: {spec.label} on {eval_path}" + (f" (first {cap} rows: screened)" if cap else ""))
+            cap = (screen if spec.screen else None) if spec.few_shot is None else cfg.evaluate.prompted_base.rows
+            print(f"evaluate: {spec.label} on {eval_path}" + (f" (first {cap} rows" + (": screened)" if spec.screen
+                                                                                      else ")") if cap else ""))
             # its preference pairs are screened too, unless a later artifact reuses them as its DPO reference
             pairs_cap = cap if cap and not any(s.reference_label == spec.label for s in specs) else None
             res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label), cap, pairs_cap))
@@ -258,6 +281,11 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
                     and serving_choice.within_reach(res["metrics"], rival, cfg.register_.serve):
                 print(f"evaluate: {spec.label} is within reach of {spec.quantized_from} on "
                       f"{cfg.register_.serve.objective} over {cap} rows: scoring it on every row")
+                res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label)))
+            elif cap and res["metrics"]["rows"] == cap and spec.rival in rows \
+                    and as_good_as(res["predictions"], rows[spec.rival], job.json_targets):
+                print(f"evaluate: {spec.label} is as good as {spec.rival} on exact match over its {cap} rows: "
+                      "scoring it on every row")
                 res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label)))
             logps[spec.label] = res.pop("pair_logps")
             if cfg.evaluate.lm_eval_tasks and not note:
@@ -294,6 +322,29 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
                              {f"eval/{label}/{k}": v for label, m in results.items() for k, v in m.items()})
     return EvalOutput(metrics=results, table_path=str(out_dir / "comparison.md"), mlflow_run_id=run_id,
                       cascade=summary, shared=shared)
+
+
+def prompted_base_context(cfg: PipelineConfig, ctx: RunContext, train_path: str | None,
+                          specs: list[ModelSpec]) -> dict[str, Any] | None:
+    """The prompted base's system turn and in-context examples (the first k training conversations), or None
+    when no spec asks for them."""
+    k = max((s.few_shot for s in specs if s.few_shot is not None), default=None)
+    if k is None:
+        return None
+    if train_path is None:
+        raise ValueError("a few_shot spec (the prompted base) needs the training split: pass train_path")
+    rows = load_canonical(ctx.local(train_path), limit=max(k, 1))
+    examples = [chat.with_system(r["messages"], cfg.model.system_prompt) for r in rows]
+    instructions = cfg.evaluate.prompted_base.instructions or chat.task_instructions(
+        cfg.model.system_prompt, chat.split_prompt_answer(examples[0])[1] if cfg.data.json_targets else None)
+    return {"instructions": instructions, "examples": examples[:k]}
+
+
+def as_good_as(mine: list[dict], theirs: list[dict], json_targets: bool) -> bool:
+    """Is a screened artifact's exact match, on its rows, at least another's on the same rows?"""
+    n = min(len(mine), len(theirs))
+    return score([p["prediction"] for p in mine[:n]], [p["reference"] for p in mine[:n]], json_targets)["exact_match"] \
+        >= score([p["prediction"] for p in theirs[:n]], [p["reference"] for p in theirs[:n]], json_targets)["exact_match"]
 
 
 # --- in each artifact's Ray task ---------------------------------------------------------------------------------
@@ -351,14 +402,20 @@ def evaluate_model(spec: ModelSpec, eval_path: str, job: EvalJob,
     caps = [n for n in (e.limit, rows_cap) if n]
     rows = load_canonical(job.storage.fetch(eval_path))[: min(caps) if caps else None]
     convs = [chat.split_prompt_answer(chat.with_system(r["messages"], job.system_prompt)) for r in rows]
-    prompts = [chat.render(tokenizer, msgs, add_generation_prompt=True) for msgs, _ in convs]
+    prefix = ""
+    if spec.few_shot is not None:  # the prompted base: told the task, shown k training conversations
+        prompts, prefix = prompted_prompts(tokenizer, [msgs for msgs, _ in convs], job.instructions or "",
+                                           job.examples[: spec.few_shot])
+    else:
+        prompts = [chat.render(tokenizer, msgs, add_generation_prompt=True) for msgs, _ in convs]
     references = [ref for _, ref in convs]
 
     predictions, logprobs, gen_tokens, gen_time, latencies = _generate(model, tokenizer, prompts, e,
-                                                                       progress.generation_reporter(spec.label))
+                                                                       progress.generation_reporter(spec.label), prefix)
     metrics = score(predictions, references, job.json_targets)
-    n_ppl = e.perplexity_rows or len(prompts)
-    metrics["perplexity"] = _perplexity(model, tokenizer, prompts[:n_ppl], references[:n_ppl], e.batch_size)
+    if spec.few_shot is None:  # the prompted base's would measure its in-context examples as much as the model
+        n_ppl = e.perplexity_rows or len(prompts)
+        metrics["perplexity"] = _perplexity(model, tokenizer, prompts[:n_ppl], references[:n_ppl], e.batch_size)
     metrics["tokens_per_s"] = gen_tokens / gen_time if gen_time else 0.0
     metrics["latency_p50_ms"] = _percentile(latencies, 0.50) * 1000
     metrics["latency_p95_ms"] = _percentile(latencies, 0.95) * 1000
@@ -366,13 +423,23 @@ def evaluate_model(spec: ModelSpec, eval_path: str, job: EvalJob,
     metrics["size_mb"] = size_on_disk(spec) / 1e6
     metrics["rows"] = len(rows)
     pair_logps = None
-    if job.preference_eval_path:
+    if job.preference_eval_path and spec.few_shot is None:  # preference pairs are scored without a task prompt
         preference, pair_logps = _preference_metrics(model, tokenizer, spec, job, reference_logps, pairs_cap)
         metrics.update(preference)
     return {"label": spec.label, "metrics": metrics, "pair_logps": pair_logps,
             "predictions": [{"prompt": p, "reference": r, "prediction": y, "mean_logprob": lp,
                              "correct": y.strip() == r.strip()}
                             for (p, _), r, y, lp in zip(convs, references, predictions, logprobs)]}
+
+
+def prompted_prompts(tokenizer, prompts: list[list[dict[str, str]]], instructions: str,
+                     examples: list[list[dict[str, str]]]) -> tuple[list[str], str]:
+    """The prompted base's rendered prompts (`chat.few_shot`), and the text they all start with (the instructions
+    and examples; "" if the chat template does not keep it whole), which decoding computes once."""
+    rendered = [chat.render(tokenizer, chat.few_shot(msgs, instructions, examples), add_generation_prompt=True)
+                for msgs in prompts]
+    prefix = chat.render(tokenizer, chat.few_shot([], instructions, examples))
+    return rendered, prefix if all(p.startswith(prefix) for p in rendered) else ""
 
 
 def local_spec(spec: ModelSpec, storage: Storage) -> ModelSpec:
@@ -432,13 +499,19 @@ def _preference_metrics(model, tokenizer, spec: ModelSpec, job: EvalJob, referen
     return {**metrics_from_logps(policy, job.beta, reference), "preference_pairs": len(pairs)}, policy
 
 
-def _generate(model, tokenizer, prompts: list[str], e: EvaluateConfig, on_batch=None):
+def _generate(model, tokenizer, prompts: list[str], e: EvaluateConfig, on_batch=None, prefix: str = ""):
     """Batched greedy decoding with the KV cache; prompts sorted by length so batches pad little.
+
+    `prefix`, when every prompt starts with it (the prompted base's instructions and examples), is run through the
+    model once and its keys and values reused by every batch, as a server caches a shared prompt prefix; each
+    batch computes only what follows it (left-padded after the prefix, the padding masked out).
 
     Returns answers, each answer's mean token log-prob (its own confidence: the cascade's signal), generated
     tokens, decoding time, and one latency per request: the wall time of the batch that served it. `on_batch`, if
     given, is called after each batch with (rows done, rows in all, tokens so far, decoding seconds so far).
     """
+    import copy
+
     import torch
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -447,13 +520,29 @@ def _generate(model, tokenizer, prompts: list[str], e: EvaluateConfig, on_batch=
     total_tokens, total_time, latencies = 0, 0.0, []
     eos = tokenizer.eos_token_id
     bs = e.batch_size
+    if prefix and not all(p.startswith(prefix) for p in prompts):
+        raise ValueError("every prompt must start with the shared prefix")
+    head, head_cache = None, None
+    if prefix:
+        from transformers import DynamicCache
+
+        head = tokenizer(prefix, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+        with torch.inference_mode():
+            head_cache = model(input_ids=head, past_key_values=DynamicCache(), use_cache=True).past_key_values
     for start in range(0, len(order), bs):
         idx = order[start : start + bs]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+        enc = tokenizer([prompts[i][len(prefix):] for i in idx], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(model.device)
+        extra = {}
+        if head is not None:  # [prefix][padding][own tokens]: the prefix from the cache, the padding masked
+            enc = {"input_ids": torch.cat([head.expand(len(idx), -1), enc["input_ids"]], dim=1),
+                   "attention_mask": torch.cat([torch.ones_like(head).expand(len(idx), -1), enc["attention_mask"]],
+                                               dim=1)}
+            extra["past_key_values"] = copy.deepcopy(head_cache)
+            extra["past_key_values"].batch_repeat_interleave(len(idx))
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=e.max_new_tokens, do_sample=False,
+            out = model.generate(**enc, **extra, max_new_tokens=e.max_new_tokens, do_sample=False,
                                  eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, use_cache=True,
                                  output_logits=True, return_dict_in_generate=True)
         elapsed = time.perf_counter() - t0

@@ -117,7 +117,7 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
         adapter_dir: PEFT adapter trained on `base_path`, or None.
         quantized_dir: A folder `AutoModelForCausalLM.from_pretrained` loads (quantization ran), or None.
         metrics: Evaluation metrics, label -> metric -> value; `metrics[candidate]` are the registered
-            artifact's, `metrics["base"]` the base model's.
+            artifact's; the gates compare with the better base (`registry.better_base`: plain or prompted).
         candidate: Label of the registered artifact ("sft", "aligned", "quantized").
         lineage: Tags for the version: config/data digests, git commit, stage run ids, flow run id.
             An `input_example` key, if present, is used as the logged input example instead of a tag.
@@ -170,7 +170,7 @@ def register_model(cfg: PipelineConfig, ctx: RunContext, base_path: str, adapter
                 )
                 # before the version exists, so no reader ever finds a version without its metrics
                 registry.log_version_metrics(client, run_id, info.model_id, numbers.get(candidate, {}),
-                                             numbers.get("base", {}))
+                                             registry.better_base(numbers, cfg.register_.primary_metric)[1])
                 # Under the lock, so two runs with the same weights can't both create a version; still inside
                 # the fluent run: the SQL registry resolves the logged model through the *global* tracking URI.
                 with registry.registry_lock(client, uri, name, lock_url=cfg.register_.lock_url,

@@ -7,6 +7,19 @@ from pydantic import Field
 from alignpipe.config.base import Section
 
 
+class PromptedBaseConfig(Section):
+    """The base model told the task: the strongest untuned baseline (in-context learning instead of fine-tuning)."""
+
+    enabled: bool = Field(True, description="Also score the base model with the task, the answers' JSON schema and "
+                          "k training conversations in context; gates and 'beats base' use the better base.")
+    k: int = Field(8, ge=0, le=64, description="Training conversations shown in context (the first k of the "
+                   "validated training split). Chosen on a development slice: bench/PROTOCOL.md, issue 30.")
+    rows: int | None = Field(None, ge=1, description="Score it on the first N held-out rows only (None = all).")
+    instructions: str | None = Field(
+        None, description="Its system turn; None = model.system_prompt plus the exact JSON schema of the training "
+        "answers (their keys and types) when data.json_targets.")
+
+
 class EvaluateConfig(Section):
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch (greedy, KV cache on).")
     max_new_tokens: int = Field(64, ge=1, description="Generation budget per answer.")
@@ -16,13 +29,15 @@ class EvaluateConfig(Section):
         128, ge=1, description="Held-out preference pairs scored for preference accuracy and reward margin "
         "(None = all; `limit` caps them too). Each pair costs two forward passes per artifact.")
     screen_rows: int = Field(
-        64, ge=0, description="Artifacts that are not the verdict (an intermediate model such as sft before "
-        "align, and the quantized challenger) are scored on the first N held-out rows only; the challenger gets "
-        "every row when, on those rows, it is within register.serve's margin of the model it was made from on "
-        "the serving objective (it could be registered). A screened artifact's preference pairs are capped at N "
-        "too, unless a later artifact reuses them as its DPO reference. The base model and the last trained model always get "
-        "every row. 0 = every artifact on every row.")
+        64, ge=0, description="Artifacts that are not the verdict are scored on the first N held-out rows only: an "
+        "intermediate model (sft before align); the quantized challenger, which gets every row when, on those rows, "
+        "it is within register.serve's margin of the model it was made from on the serving objective (it could be "
+        "registered); the plain base model when the prompted base is on, which gets every row when, on those rows, "
+        "it is at least as good as the prompted base. Their preference pairs are capped at N too, unless a later "
+        "artifact reuses them as its DPO reference. The better base and the last trained model always get every "
+        "row. 0 = every artifact on every row.")
     compare_base: bool = Field(True, description="Also evaluate the untuned base model, side by side.")
+    prompted_base: PromptedBaseConfig = Field(default_factory=PromptedBaseConfig)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Weights dtype while evaluating; auto = bf16 where computed natively (~3x faster "
         "decoding on AVX512-BF16 CPUs), else fp32. Every model in one run is evaluated with the same precision.")

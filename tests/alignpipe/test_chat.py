@@ -1,5 +1,6 @@
 """Loss masks cover exactly the assistant answers (and their end-of-turn), in every turn."""
 
+from alignpipe import chat
 from alignpipe.chat import split_prompt_answer, tokenize_for_sft, with_system
 from alignpipe.models import load_tokenizer
 
@@ -31,3 +32,15 @@ def test_system_prompt_only_when_missing():
     assert with_system(own[1:], None) == own[1:]
     prompt, answer = split_prompt_answer([*own, {"role": "assistant", "content": "a"}])
     assert prompt == own and answer == "a"
+
+
+def test_the_prompted_base_is_told_the_task_and_the_exact_schema_and_shown_examples():
+    text = chat.task_instructions("Extract the contact card.", '{"name": "Ana", "age": 34, "city": "Porto"}')
+    assert text == ('Extract the contact card. Reply with only the JSON object, on one line, with exactly these keys: '
+                    '"name" (a string), "age" (an integer), "city" (a string).')
+    assert chat.task_instructions("Summarise.", "not JSON") == "Summarise."
+    shot = [{"role": "system", "content": "own"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    prompt = [{"role": "system", "content": "own"}, {"role": "user", "content": "q"}]
+    assert chat.few_shot(prompt, text, [shot, shot]) == [
+        {"role": "system", "content": text}, *shot[1:], *shot[1:], {"role": "user", "content": "q"}]
+    assert chat.few_shot(prompt, text, []) == [{"role": "system", "content": text}, {"role": "user", "content": "q"}]

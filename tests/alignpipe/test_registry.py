@@ -142,6 +142,22 @@ def test_versions_registered_with_metric_tags_still_promote_and_gate(client, mlf
     assert _promote(client, mlflow_uri, better).promoted and _alias(client, "previous") == old
 
 
+def test_the_gates_base_is_the_better_of_the_plain_and_the_prompted_base():
+    plain, told = {"exact_match": 0.0, "rows": 400}, {"exact_match": 0.41, "rows": 400}
+    assert registry.better_base({"base": plain, "prompted_base": told, "sft": {"exact_match": 0.9}},
+                                "exact_match") == ("prompted_base", told)
+    assert registry.better_base({"base": {**plain, "exact_match": 0.5}, "prompted_base": told},
+                                "exact_match")[0] == "base"
+    # a base kept on its screen (fewer rows) is never the comparison: the full evaluation decides
+    assert registry.better_base({"base": {"exact_match": 0.5, "rows": 64}, "prompted_base": told},
+                                "exact_match")[0] == "prompted_base"
+    assert registry.better_base({"base": {"perplexity": 9.0, "rows": 400}, "prompted_base": {"perplexity": 4.0,
+                                                                                          "rows": 400}},
+                                "perplexity")[0] == "prompted_base"  # lower is better
+    assert registry.better_base({"base": plain}, "exact_match") == ("base", plain)
+    assert registry.better_base({"sft": {"exact_match": 0.9}}, "exact_match") == (None, {})
+
+
 def test_first_version_must_beat_base(client, mlflow_uri, tmp_path):
     v = _version(client, tmp_path, 0.1)  # equal to base: the primary metric must be strictly better
     decision = _promote(client, mlflow_uri, v)

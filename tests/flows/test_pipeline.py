@@ -169,23 +169,27 @@ def _check_stages_runs_and_model(summary, client, mlflow_uri, tmp_path):
         assert 0.0 <= by_stage["evaluate"].data.metrics[f"{label}/preference_accuracy"] <= 1.0
     assert "aligned/reward_margin" in by_stage["evaluate"].data.metrics
     # One suite over every artifact: every metric for each, side by side, with charts and the cascade report.
-    assert list(summary["metrics"]) == ["base", "sft", "aligned", "quantized"]
+    assert list(summary["metrics"]) == ["prompted_base", "base", "sft", "aligned", "quantized"]
     # Screened: sft (an intermediate) on the first 4 rows; the int8 challenger too, then on every row, as it can
-    # win on size (smoke's serving objective). Base and aligned (the verdict) on every row, and the table says so.
-    assert {label: m["rows"] for label, m in summary["metrics"].items()} == {"base": 16, "sft": 4, "aligned": 16,
-                                                                            "quantized": 16}
-    assert "| rows | 16 | 4 | 16 | 16 |" in summary["table"] and "sft on its first 4 of the 16" in summary["table"]
+    # win on size (smoke's serving objective); the plain base too, then on every row, as the tiny model's 0 exact
+    # match ties the prompted base's. Smoke's prompted base: 8 rows, k=1. Aligned (the verdict) on every row.
+    assert {label: m["rows"] for label, m in summary["metrics"].items()} == {
+        "prompted_base": 8, "base": 16, "sft": 4, "aligned": 16, "quantized": 16}
+    assert "| rows | 8 | 16 | 4 | 16 | 16 |" in summary["table"] and "sft on its first 4 of the 16" in summary["table"]
+    assert "delta: quantized minus prompted_base." in summary["table"]
     evaluated = by_stage["evaluate"].data.metrics
-    for label in ("base", "sft", "aligned", "quantized"):
+    for label in ("prompted_base", "base", "sft", "aligned", "quantized"):
         for metric in ("exact_match", "json_validity", "field_accuracy", "perplexity", "tokens_per_s",
                        "latency_p50_ms", "latency_p95_ms", "peak_rss_mb", "size_mb"):
-            assert f"{label}/{metric}" in evaluated, (label, metric)
+            assert f"{label}/{metric}" in evaluated or (label, metric) == ("prompted_base", "perplexity"), \
+                (label, metric)  # the prompted base's would measure its in-context examples
         assert evaluated[f"{label}/latency_p95_ms"] >= evaluated[f"{label}/latency_p50_ms"] > 0
     assert evaluated["quantized/size_mb"] < evaluated["aligned/size_mb"]
     assert {"plots/comparison.png", "plots/efficiency.png", "plots/cascade.png"} <= artifacts(by_stage["evaluate"], "plots")
     assert {"evaluation/comparison.md", "evaluation/comparison.csv", "evaluation/cascade.md",
             "evaluation/cascade.csv"} <= artifacts(by_stage["evaluate"], "evaluation")
-    assert "| exact_match |" in summary["table"] and "| metric | base | sft | aligned | quantized |" in summary["table"]
+    assert "| exact_match |" in summary["table"] and "| metric | prompted_base | base | sft | aligned | quantized |" in \
+        summary["table"]
     cascade = summary["cascade"]
     assert (cascade["quantized"], cascade["full"]) == ("quantized", "aligned")
     assert cascade["quantized_accuracy"] == summary["metrics"]["quantized"]["exact_match"]

@@ -91,3 +91,29 @@ def test_every_model_gets_every_metric(smoke_cfg, tiny_model, ray_local, tmp_pat
     assert "eval/sft/perplexity" in client.get_run(ctx.parent_run_id).data.metrics
     with open(out.table_path.replace(".md", ".csv")) as f:
         assert next(csv.reader(f)) == ["metric", "base", "sft", "delta"]
+
+
+def test_the_prompted_bases_shared_prefix_is_computed_once_with_the_same_answers(smoke_cfg, tiny_model):
+    from alignpipe import chat
+    from alignpipe.data.formats import load_canonical
+    from alignpipe.models import load_model, load_tokenizer
+    from alignpipe.tasks.evaluate import _generate, prompted_prompts
+    from testlib import DEMO_DATA
+
+    rows = load_canonical(DEMO_DATA / "sft_train.jsonl", limit=8)
+    convs = [chat.split_prompt_answer(chat.with_system(r["messages"], "Extract.")) for r in rows]
+    examples = [chat.with_system(r["messages"], "Extract.") for r in rows[:2]]
+    instructions = chat.task_instructions("Extract.", convs[0][1])
+    prompts, prefix = prompted_prompts(load_tokenizer(tiny_model), [m for m, _ in convs[2:]], instructions, examples)
+    assert prefix and instructions in prefix and convs[0][1] in prefix and convs[1][1] in prefix  # told and shown
+    assert all(p.startswith(prefix) and convs[i + 2][0][-1]["content"] in p[len(prefix):] for i, p in enumerate(prompts))
+
+    model, tokenizer = load_model(tiny_model).eval(), load_tokenizer(tiny_model)
+    tokenizer.padding_side = "left"
+    e = smoke_cfg.evaluate.model_copy(update={"batch_size": 4})
+    whole = _generate(model, tokenizer, prompts, e)
+    cached = _generate(model, tokenizer, prompts, e, prefix=prefix)
+    assert cached[0] == whole[0] and cached[2] == whole[2]  # the same answers, token for token
+    assert cached[1] == pytest.approx(whole[1], abs=1e-4)
+    with pytest.raises(ValueError, match="shared prefix"):
+        _generate(model, tokenizer, prompts, e, prefix="not the start")

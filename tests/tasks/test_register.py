@@ -196,6 +196,16 @@ def test_worse_run_stays_challenger_better_becomes_champion_and_rollback(smoke_c
     assert _alias(client, name, "champion") == "1"
 
 
+def test_the_first_version_must_beat_the_better_base_the_prompted_one(smoke_cfg, ctx, merged):
+    metrics = {**evaluation(0.5), "prompted_base": {**BASE, "exact_match": 0.6}}  # told the task, base does better
+    first = register_model(smoke_cfg, ctx, merged, None, None, metrics, "sft", LINEAGE)
+    assert not first.promoted and "exact_match > base: exact_match 0.5 > 0.6 (base 0.6)" in first.decision, \
+        first.decision
+    client = tracking.client_for(ctx.tracking_uri)
+    version = client.get_model_version(smoke_cfg.tracking.registered_model, first.version)
+    assert "| metric | sft | prompted_base |" in version.description  # the card compares with that base
+
+
 def test_same_weights_point_to_the_existing_version(smoke_cfg, ctx, merged):
     name, client = smoke_cfg.tracking.registered_model, tracking.client_for(ctx.tracking_uri)
     first = register_model(smoke_cfg, ctx, merged, None, None, evaluation(0.5), "sft", LINEAGE)
