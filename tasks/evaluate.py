@@ -45,7 +45,7 @@ class ModelSpec(BaseModel):
     quantized_dir: str | None = None    # a quantized model folder: loaded instead of base_path (+ adapter)
     quantized_from: str | None = None   # label of the full-precision artifact it was made from (for the cascade)
     screen: bool = False                # not the verdict: first `evaluate.screen_rows` rows (see run_evaluate)
-    rival: str | None = None            # screened: every row too when, on its rows, it is as good as this earlier
+    rival: str | None = None            # screened: every row too when, on its rows, it beats this earlier
                                         # artifact on exact match (the plain base against the prompted base)
     few_shot: int | None = None         # the prompted base: the task and schema in a system turn and this many
                                         # training conversations in context (`EvalJob.instructions`, `.examples`)
@@ -240,7 +240,7 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
     `register.serve`'s margin of that artifact on the serving objective, so the artifact that can be registered is
     always judged on every row; one that is slower beyond the margin cannot be, and keeps its screen. A screened
     spec with a `rival` (the plain base, against the prompted base) is scored again on every row when, on its
-    rows, its exact match is at least the rival's on the same rows.
+    rows, its exact match is above the rival's on the same rows.
 
     A `few_shot` spec (the prompted base) reads its in-context examples from the first rows of `train_path`.
     """
@@ -283,8 +283,8 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
                       f"{cfg.register_.serve.objective} over {cap} rows: scoring it on every row")
                 res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label)))
             elif cap and res["metrics"]["rows"] == cap and spec.rival in rows \
-                    and as_good_as(res["predictions"], rows[spec.rival], job.json_targets):
-                print(f"evaluate: {spec.label} is as good as {spec.rival} on exact match over its {cap} rows: "
+                    and beats(res["predictions"], rows[spec.rival], job.json_targets):
+                print(f"evaluate: {spec.label} beats {spec.rival} on exact match over its {cap} rows: "
                       "scoring it on every row")
                 res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label)))
             logps[spec.label] = res.pop("pair_logps")
@@ -340,11 +340,12 @@ def prompted_base_context(cfg: PipelineConfig, ctx: RunContext, train_path: str 
     return {"instructions": instructions, "examples": examples[:k]}
 
 
-def as_good_as(mine: list[dict], theirs: list[dict], json_targets: bool) -> bool:
-    """Is a screened artifact's exact match, on its rows, at least another's on the same rows?"""
+def beats(mine: list[dict], theirs: list[dict], json_targets: bool) -> bool:
+    """Is a screened artifact's exact match, on its rows, above another's on the same rows? (On a tie the other,
+    scored on every row already, stays the comparison.)"""
     n = min(len(mine), len(theirs))
     return score([p["prediction"] for p in mine[:n]], [p["reference"] for p in mine[:n]], json_targets)["exact_match"] \
-        >= score([p["prediction"] for p in theirs[:n]], [p["reference"] for p in theirs[:n]], json_targets)["exact_match"]
+        > score([p["prediction"] for p in theirs[:n]], [p["reference"] for p in theirs[:n]], json_targets)["exact_match"]
 
 
 # --- in each artifact's Ray task ---------------------------------------------------------------------------------

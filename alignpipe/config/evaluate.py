@@ -33,7 +33,7 @@ class EvaluateConfig(Section):
         "intermediate model (sft before align); the quantized challenger, which gets every row when, on those rows, "
         "it is within register.serve's margin of the model it was made from on the serving objective (it could be "
         "registered); the plain base model when the prompted base is on, which gets every row when, on those rows, "
-        "it is at least as good as the prompted base. Their preference pairs are capped at N too, unless a later "
+        "it beats the prompted base. Their preference pairs are capped at N too, unless a later "
         "artifact reuses them as its DPO reference. The better base and the last trained model always get every "
         "row. 0 = every artifact on every row.")
     compare_base: bool = Field(True, description="Also evaluate the untuned base model, side by side.")
