@@ -1,11 +1,18 @@
 """The `demo` pipeline's work done with TRL directly: LoRA SFT, DPO, torchao int8, four-model greedy evaluation.
 
 No Prefect, Ray, MLflow or Great Expectations: one process, read top to bottom. The hyperparameters are the
-`demo` pipeline's, read from pipelines.yaml at start; everything else is TRL's default (its chat-template
-handling, its loss on the whole conversation, fp32 weights + bf16 autocast, gradient checkpointing on). Writes the fine-tuned
-folders under --out and prints one JSON object (wall time, per-stage seconds, metrics) that bench/run.py reads.
+`demo` pipeline's, read from pipelines.yaml at start. Two recipes (bench/PROTOCOL.md lists what still differs):
+  * `defaults`: everything else is TRL's default (its chat-template handling, its loss on the whole
+    conversation, fp32 weights + bf16 autocast, gradient checkpointing on, unsorted batches);
+  * `competent`: what a competent TRL user sets, as the pipeline does: loss on the answers only (prompt-completion
+    data, TRL's completion-only loss), gradient checkpointing off, bf16 weights where bf16 is native, batches
+    grouped by length; and it scores each model on the rows the pipeline scores it on (`evaluate.screen_rows`
+    for base, sft and int8; every held-out row for aligned).
+Writes the fine-tuned folders under --out and prints one JSON object (wall time, per-stage seconds, metrics, SFT
+tokens/s) that bench/run.py reads.
 
-    python bench/plain_trl.py --out bench/out/plain_trl            # the demo's full settings
+    python bench/plain_trl.py --out bench/out/plain_trl            # the demo's full settings, TRL's defaults
+    python bench/plain_trl.py --recipe competent --out bench/out/plain_trl_competent
     python bench/plain_trl.py --tiny --sft-steps 2 --dpo-steps 1 --eval-rows 4 --train-rows 32 --out /tmp/p
 """
 
@@ -56,7 +63,7 @@ def demo_settings(pipelines: Path = ROOT / "pipelines.yaml") -> dict:
                      target_modules=s.peft.target_modules, task_type="CAUSAL_LM"),
         "align_lora": dict(r=a.peft.r, lora_alpha=a.peft.alpha, lora_dropout=a.peft.dropout,
                            target_modules=a.peft.target_modules, task_type="CAUSAL_LM"),
-        "eval": dict(rows=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+        "eval": dict(rows=e.limit, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, screen_rows=e.screen_rows,
                      perplexity_rows=e.perplexity_rows,
                      preference_rows=e.preference_rows, beta=a.beta),
     }
@@ -87,33 +94,51 @@ def bf16_native() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def train_sft(model_path: str, out: Path, steps: int, train_rows: int | None) -> Path:
-    """LoRA SFT with TRL's defaults; the adapter is merged and saved as a plain folder (the DPO reference)."""
-    rows = [{"messages": with_system(r["messages"])} for r in read_jsonl(DATA / "sft_train.jsonl", train_rows)]
+def competent(native: bool) -> dict:
+    """The TrainingArguments a competent user sets (both trainers): no gradient checkpointing on a model this
+    small, bf16 weights and autocast where bf16 is native."""
+    return dict(gradient_checkpointing=False, bf16=native, model_init_kwargs={"dtype": "bfloat16" if native else "float32"})
+
+
+def train_sft(model_path: str, out: Path, steps: int, train_rows: int | None, recipe: str = "defaults",
+              native: bool = False) -> tuple[Path, float]:
+    """LoRA SFT; the adapter is merged and saved as a plain folder (the DPO reference). Returns it and the
+    training tokens/s (non-padding input tokens over the train runtime, the Trainer's own count)."""
+    convs = [with_system(r["messages"]) for r in read_jsonl(DATA / "sft_train.jsonl", train_rows)]
+    if recipe == "competent":  # prompt-completion data: TRL computes the loss on the completion (answer) only
+        rows = [{"prompt": c[:-1], "completion": c[-1:]} for c in convs]
+        extra = {**competent(native), "completion_only_loss": True, "train_sampling_strategy": "group_by_length"}
+    else:
+        rows, extra = [{"messages": c} for c in convs], {}
     split = Dataset.from_list(rows).train_test_split(test_size=SFT_EVAL["fraction"], seed=SFT["seed"])
     args = SFTConfig(output_dir=str(out / "sft_run"), **{**SFT, "max_steps": steps},
                      per_device_eval_batch_size=SFT["per_device_train_batch_size"], eval_strategy="steps",
-                     eval_steps=SFT_EVAL["steps"], report_to="none", use_cpu=True)  # the demo trains on CPU
+                     eval_steps=SFT_EVAL["steps"], report_to="none", use_cpu=True,  # the demo trains on CPU
+                     include_num_input_tokens_seen="non_padding", **extra)  # tokens/s as the pipeline counts them
     trainer = SFTTrainer(model=model_path, args=args, train_dataset=split["train"], eval_dataset=split["test"],
                          peft_config=LoraConfig(**LORA))
-    trainer.train()
+    result = trainer.train()
+    tokens_per_s = trainer.state.num_input_tokens_seen / result.metrics["train_runtime"]
     trainer.evaluate()  # the pipeline's final eval loss
     merged = out / "sft_merged"
-    trainer.model.merge_and_unload().save_pretrained(merged)
+    trainer.model.merge_and_unload().to(torch.float32).save_pretrained(merged)
     trainer.processing_class.save_pretrained(merged)
-    return merged
+    return merged, tokens_per_s
 
 
-def train_dpo(sft_path: Path, out: Path, steps: int, train_rows: int | None) -> Path:
+def train_dpo(sft_path: Path, out: Path, steps: int, train_rows: int | None, recipe: str = "defaults",
+              native: bool = False) -> Path:
     """DPO of a new LoRA on the merged SFT model; ref_model=None: TRL scores the reference with it disabled."""
     pairs = [{"prompt": with_system(r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
              for r in read_jsonl(DATA / "pref_train.jsonl", train_rows)]
-    args = DPOConfig(output_dir=str(out / "dpo_run"), **{**DPO, "max_steps": steps}, report_to="none", use_cpu=True)
+    extra = competent(native) if recipe == "competent" else {}
+    args = DPOConfig(output_dir=str(out / "dpo_run"), **{**DPO, "max_steps": steps}, report_to="none", use_cpu=True,
+                     **extra)
     trainer = DPOTrainer(model=str(sft_path), ref_model=None, args=args, train_dataset=Dataset.from_list(pairs),
                          peft_config=LoraConfig(**ALIGN_LORA))
     trainer.train()
     merged = out / "aligned_merged"
-    trainer.model.merge_and_unload().save_pretrained(merged)
+    trainer.model.merge_and_unload().to(torch.float32).save_pretrained(merged)
     trainer.processing_class.save_pretrained(merged)
     return merged
 
@@ -226,6 +251,7 @@ def main() -> None:
     ap.add_argument("--dpo-steps", type=int, default=DPO["max_steps"])
     ap.add_argument("--eval-rows", type=int, default=EVAL["rows"], help="held-out rows (and pairs) per model")
     ap.add_argument("--train-rows", type=int, default=None, help="use only the first N SFT rows and pairs")
+    ap.add_argument("--recipe", choices=("defaults", "competent"), default="defaults")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "plain_trl"))
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -238,29 +264,33 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     seconds = {}
 
+    native = bf16_native()
     t0 = time.perf_counter()
-    sft_path = train_sft(args.model, out, args.sft_steps, args.train_rows)
+    sft_path, sft_tokens_per_s = train_sft(args.model, out, args.sft_steps, args.train_rows, args.recipe, native)
     seconds["sft"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    aligned_path = train_dpo(sft_path, out, args.dpo_steps, args.train_rows)
+    aligned_path = train_dpo(sft_path, out, args.dpo_steps, args.train_rows, args.recipe, native)
     seconds["align"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     int8_path = quantize(aligned_path, out)
     seconds["quantize"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    dtype = torch.bfloat16 if bf16_native() else torch.float32  # the pipeline's evaluate.precision: auto
+    dtype = torch.bfloat16 if native else torch.float32  # the pipeline's evaluate.precision: auto
     rows = read_jsonl(DATA / "sft_heldout.jsonl", args.eval_rows)
     caps = [n for n in (args.eval_rows, EVAL["preference_rows"]) if n]  # as `evaluate`: both cap the pairs
     pairs = read_jsonl(DATA / "pref_heldout.jsonl", min(caps) if caps else None)
+    screen = EVAL["screen_rows"] if args.recipe == "competent" and EVAL["screen_rows"] else None
+    few = rows[:screen] if screen else rows  # the pipeline's screen: not the verdict, fewer rows
     metrics = {}
-    metrics["base"], _ = evaluate(args.model, rows, pairs, dtype)
-    metrics["sft"], sft_logps = evaluate(sft_path, rows, pairs, dtype)
+    metrics["base"], _ = evaluate(args.model, few, pairs[:screen] if screen else pairs, dtype)
+    metrics["sft"], sft_logps = evaluate(sft_path, few, pairs, dtype)  # its pairs: aligned's reference
     metrics["aligned"], _ = evaluate(aligned_path, rows, pairs, dtype, sft_pair_logps=sft_logps)
-    metrics["quantized"], _ = evaluate(int8_path, rows, pairs, dtype)
+    metrics["quantized"], _ = evaluate(int8_path, few, pairs[:screen] if screen else pairs, dtype)
     seconds["evaluate"] = time.perf_counter() - t0
 
     result = {"wall_s": time.perf_counter() - t_start, "stage_s": seconds, "metrics": metrics,
+              "recipe": args.recipe, "sft_tokens_per_s": sft_tokens_per_s,
               "model": args.model, "eval_dtype": str(dtype).removeprefix("torch."),
               "settings": {"sft_steps": args.sft_steps, "dpo_steps": args.dpo_steps, "eval_rows": args.eval_rows,
                            "train_rows": args.train_rows, "sft": SFT, "dpo": DPO, "lora": LORA,

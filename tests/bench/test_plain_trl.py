@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from testlib import REPO
 
 # Runs the script as `python bench/plain_trl.py ...` would, then reports which orchestration packages it loaded.
@@ -17,10 +18,12 @@ RUN_AND_LIST_IMPORTS = textwrap.dedent("""
 """)
 
 
-def test_plain_trl_runs_end_to_end_with_tiny_settings(tmp_path, tiny_model):
+@pytest.mark.parametrize("recipe", ["defaults", "competent"])
+def test_plain_trl_runs_end_to_end_with_tiny_settings(tmp_path, tiny_model, recipe):
     out = tmp_path / "plain"
     args = [str(REPO / "bench" / "plain_trl.py"), "--tiny", "--models-dir", str(Path(tiny_model).parent),
-            "--sft-steps", "1", "--dpo-steps", "1", "--eval-rows", "2", "--train-rows", "16", "--out", str(out)]
+            "--sft-steps", "1", "--dpo-steps", "1", "--eval-rows", "2", "--train-rows", "16", "--out", str(out),
+            "--recipe", recipe]
     proc = subprocess.run([sys.executable, "-c", RUN_AND_LIST_IMPORTS, *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,8 +37,9 @@ def test_plain_trl_runs_end_to_end_with_tiny_settings(tmp_path, tiny_model):
     assert set(result["stage_s"]) == {"sft", "align", "quantize", "evaluate"}
     assert result["wall_s"] >= sum(result["stage_s"].values())
     assert list(result["metrics"]) == ["base", "sft", "aligned", "quantized"]
+    assert result["recipe"] == recipe and result["sft_tokens_per_s"] > 0
     for metrics in result["metrics"].values():
-        assert metrics["rows"] == 2
+        assert metrics["rows"] == 2  # the tiny run's 2 rows are below the pipeline's screen of 64
         for key in ("exact_match", "json_validity", "field_accuracy", "preference_accuracy"):
             assert 0.0 <= metrics[key] <= 1.0
         assert metrics["perplexity"] > 1.0
