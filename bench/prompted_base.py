@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from alignpipe import chat, models  # noqa: E402
 from alignpipe.config import load_pipeline  # noqa: E402
 from alignpipe.data.formats import load_canonical  # noqa: E402
-from alignpipe.tasks.evaluate import _generate, prompted_prompts, score  # noqa: E402
+from alignpipe.tasks.evaluate import generate, prompted_prompts, score  # noqa: E402
 
 DEV = slice(8, 72)  # rows 9-72 of the training split
 MAX_K = 8
@@ -50,7 +50,7 @@ def main() -> None:
     for k in args.ks:
         prompts, prefix = prompted_prompts(tokenizer, [msgs for msgs, _ in dev], instructions, examples[:k])
         t0 = time.perf_counter()
-        answers, _, tokens, seconds, _ = _generate(model, tokenizer, prompts, cfg.evaluate, prefix=prefix)
+        answers, _, tokens, seconds, _ = generate(model, tokenizer, prompts, cfg.evaluate, prefix=prefix)
         m = score(answers, [ref for _, ref in dev], cfg.data.json_targets)
         results[k] = {"exact_match": m["exact_match"], "json_validity": m.get("json_validity"),
                       "prompt_tokens_mean": sum(len(tokenizer(p)["input_ids"]) for p in prompts) / len(prompts),

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.run import _run_demo  # noqa: E402
+from bench.run import run_demo  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
               "register.enabled=false"]
     seeds = {}
     for seed in args.seeds:
-        wall, summary = _run_demo(work, *common, f"align.seed={seed}")
+        wall, summary = run_demo(work, *common, f"align.seed={seed}")
         train, m = summary["aligned"]["metrics"], summary["metrics"]
         seeds[seed] = {"wall_s": round(wall, 1), "reward_start": train["policy/reward_start"],
                        "reward_end": train["policy/reward_end"], "reward_model_accuracy": train.get("reward_model/accuracy"),

@@ -134,7 +134,7 @@ def ray_paused(base: str, rows: int, step_s: float, window: float = 10.0, cycles
     return {k: t[k] for k in ("pause_gain", "pause_cycles", "pause_window_s")}
 
 
-def _run_demo(work: Path, *sets: str) -> tuple[float, dict]:
+def run_demo(work: Path, *sets: str) -> tuple[float, dict]:
     """`alignpipe run demo` in `work` (with `--set`s); wall time and the run's summary."""
     args = [str(Path(sys.executable).parent / "alignpipe"), "run", "demo", "--set", f"workdir={work}"]
     for s in sets:
@@ -155,7 +155,7 @@ def demo_run(rlhf: bool = True) -> dict:
     models = ROOT / ".alignpipe" / "models"
     if models.is_dir():  # reuse the one-off GGUF conversion; its cost is reported by `prepare` in a fresh clone
         (work / "models").symlink_to(models)
-    wall, summary = _run_demo(work)
+    wall, summary = run_demo(work)
     m = summary["metrics"]
     q = summary["quantized"]
     out = {"demo_wall_s": wall, "demo_stage_s": {s["stage"]: round(s["seconds"], 1) for s in summary["stages"]},
@@ -164,12 +164,12 @@ def demo_run(rlhf: bool = True) -> dict:
                                                  "linear_fp32_bytes", "embedding_bytes")},
            "promotion": summary["promotion"], "demo_workdir": str(work)}
     # Unchanged re-run: every stage but register comes from the cache.
-    out["cached_wall_s"], again = _run_demo(work)
+    out["cached_wall_s"], again = run_demo(work)
     out["cached_stage_status"] = {s["stage"]: s["status"] for s in again["stages"]}
     if not rlhf:
         return out
     # RLHF on the same SFT model (validate and sft come from the cache): reward model + RLOO.
-    out["rlhf_wall_s"], rl = _run_demo(work, "align.method=rlhf", "quantize.method=none", "evaluate.limit=50",
+    out["rlhf_wall_s"], rl = run_demo(work, "align.method=rlhf", "quantize.method=none", "evaluate.limit=50",
                                        "register.enabled=false")
     out["rlhf_train"] = rl["aligned"]["metrics"]
     out["rlhf_stage_s"] = {s["stage"]: round(s["seconds"], 1) for s in rl["stages"]}

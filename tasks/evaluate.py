@@ -411,7 +411,7 @@ def evaluate_model(spec: ModelSpec, eval_path: str, job: EvalJob,
         prompts = [chat.render(tokenizer, msgs, add_generation_prompt=True) for msgs, _ in convs]
     references = [ref for _, ref in convs]
 
-    predictions, logprobs, gen_tokens, gen_time, latencies = _generate(model, tokenizer, prompts, e,
+    predictions, logprobs, gen_tokens, gen_time, latencies = generate(model, tokenizer, prompts, e,
                                                                        progress.generation_reporter(spec.label), prefix)
     metrics = score(predictions, references, job.json_targets)
     if spec.few_shot is None:  # the prompted base's would measure its in-context examples as much as the model
@@ -500,7 +500,7 @@ def _preference_metrics(model, tokenizer, spec: ModelSpec, job: EvalJob, referen
     return {**metrics_from_logps(policy, job.beta, reference), "preference_pairs": len(pairs)}, policy
 
 
-def _generate(model, tokenizer, prompts: list[str], e: EvaluateConfig, on_batch=None, prefix: str = ""):
+def generate(model, tokenizer, prompts: list[str], e: EvaluateConfig, on_batch=None, prefix: str = ""):
     """Batched greedy decoding with the KV cache; prompts sorted by length so batches pad little.
 
     `prefix`, when every prompt starts with it (the prompted base's instructions and examples), is run through the

@@ -97,7 +97,7 @@ def test_the_prompted_bases_shared_prefix_is_computed_once_with_the_same_answers
     from alignpipe import chat
     from alignpipe.data.formats import load_canonical
     from alignpipe.models import load_model, load_tokenizer
-    from alignpipe.tasks.evaluate import _generate, prompted_prompts
+    from alignpipe.tasks.evaluate import generate, prompted_prompts
     from testlib import DEMO_DATA
 
     rows = load_canonical(DEMO_DATA / "sft_train.jsonl", limit=8)
@@ -111,9 +111,9 @@ def test_the_prompted_bases_shared_prefix_is_computed_once_with_the_same_answers
     model, tokenizer = load_model(tiny_model).eval(), load_tokenizer(tiny_model)
     tokenizer.padding_side = "left"
     e = smoke_cfg.evaluate.model_copy(update={"batch_size": 4})
-    whole = _generate(model, tokenizer, prompts, e)
-    cached = _generate(model, tokenizer, prompts, e, prefix=prefix)
+    whole = generate(model, tokenizer, prompts, e)
+    cached = generate(model, tokenizer, prompts, e, prefix=prefix)
     assert cached[0] == whole[0] and cached[2] == whole[2]  # the same answers, token for token
     assert cached[1] == pytest.approx(whole[1], abs=1e-4)
     with pytest.raises(ValueError, match="shared prefix"):
-        _generate(model, tokenizer, prompts, e, prefix="not the start")
+        generate(model, tokenizer, prompts, e, prefix="not the start")
