@@ -303,9 +303,8 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
                 costs = (cascade.request_cost(results[spec.label]), cascade.request_cost(results[spec.quantized_from]))
                 n = min(len(rows[spec.label]), len(rows[spec.quantized_from]))  # a screened challenger: its rows
                 if n < max(len(rows[spec.label]), len(rows[spec.quantized_from])):
-                    shared = {label: {**score([p["prediction"] for p in rows[label][:n]],
-                                              [p["reference"] for p in rows[label][:n]], cfg.data.json_targets),
-                                      "rows": n} for label in (spec.quantized_from, spec.label)}
+                    shared = {label: {**score_rows(rows[label][:n], cfg.data.json_targets), "rows": n}
+                              for label in (spec.quantized_from, spec.label)}
                     tracking.log_metrics(ctx.tracking_uri, run_id, {f"shared/{label}/{k}": v for label, m in
                                                                     shared.items() for k, v in m.items()})
                 summary, cmd, ccsv, fig = cascade.report(rows[spec.label][:n], rows[spec.quantized_from][:n],
@@ -344,8 +343,12 @@ def beats(mine: list[dict], theirs: list[dict], json_targets: bool) -> bool:
     """Is a screened artifact's exact match, on its rows, above another's on the same rows? (On a tie the other,
     scored on every row already, stays the comparison.)"""
     n = min(len(mine), len(theirs))
-    return score([p["prediction"] for p in mine[:n]], [p["reference"] for p in mine[:n]], json_targets)["exact_match"] \
-        > score([p["prediction"] for p in theirs[:n]], [p["reference"] for p in theirs[:n]], json_targets)["exact_match"]
+    return score_rows(mine[:n], json_targets)["exact_match"] > score_rows(theirs[:n], json_targets)["exact_match"]
+
+
+def score_rows(predictions: list[dict], json_targets: bool) -> dict[str, float]:
+    """`score` of saved prediction rows (each with its prediction and reference), e.g. a subset of them."""
+    return score([p["prediction"] for p in predictions], [p["reference"] for p in predictions], json_targets)
 
 
 # --- in each artifact's Ray task ---------------------------------------------------------------------------------
