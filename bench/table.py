@@ -182,6 +182,12 @@ ROWS: tuple[Row, ...] = (
         lambda v: f"{v(RM_ACC):.3f}", lambda v: v(RM_ACC) >= 0.90),
     Row("RLHF policy mean reward, end ≥ start", (R_START, R_END),
         lambda v: minus(f"{v(R_END):.3f} vs {v(R_START):.3f} (one seed)"), lambda v: v(R_END) >= v(R_START)),
+    Row("RLHF from a 12-step SFT, 3 seeds: every end reward above every start; exact match gain > 0",
+        ("rlhf_evidence.verdict.every_end_above_every_start", "rlhf_evidence.verdict.exact_match_gain_mean"),
+        lambda v: (f"{'yes' if v('rlhf_evidence.verdict.every_end_above_every_start') else 'no'}; "
+                   + minus(f"{v('rlhf_evidence.verdict.exact_match_gain_mean'):+.3f}")),
+        lambda v: bool(v("rlhf_evidence.verdict.every_end_above_every_start"))
+        and v("rlhf_evidence.verdict.exact_match_gain_mean") > 0, optional=True),
     Row("int8 linear layers ÷ fp32 bytes ≤ 0.30", (QS + "linear_bytes", QS + "linear_fp32_bytes"),
         lambda v: f"{v(QS + 'linear_bytes') / v(QS + 'linear_fp32_bytes'):.3f}",
         lambda v: v(QS + "linear_bytes") / v(QS + "linear_fp32_bytes") <= 0.30),

@@ -56,6 +56,7 @@ def full_results() -> dict:
                              {"rows": 1_000_000, "seconds": 100.0, "rows_per_s": 10_000,
                               "peak_rss_largest_gib": 1.5, "peak_rss_sum_gib": 2.5}],
              gpu_check={"passed": 9, "failed": 0, "not_run": 0},
+             rlhf_evidence={"verdict": {"every_end_above_every_start": False, "exact_match_gain_mean": 0.003}},
              doc_bytes={"readme": 23_104, "notes": 8_200})
     for host in ("native", "avx2"):
         r.setdefault("any_cpu", {})[host] = {"wall_s": 614.2, "serving": {
