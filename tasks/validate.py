@@ -255,6 +255,7 @@ class Checker:
         self.batch_rows, self.max_line_bytes = batch_rows, max_line_bytes
         self.tok = _tokenizer(tokenizer_path, revision)
         self.pii = {column: re.compile(pattern) for column, pattern in PII.values()}
+        self.any_pii = re.compile("|".join(f"(?:{pattern})" for _, pattern in PII.values()))  # one pass per row
         self.allowed, self.order = re.compile(ALLOWED_ROLES), re.compile(ROLE_ORDER)
         msgs = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
         fields = ["prompt", "chosen", "rejected", "rejected_prompt"] if pairs else ["messages"]
@@ -284,7 +285,7 @@ class Checker:
                 cols[column].append(value)
             texts.append(text)
             prompts.append(_norm(_prompt(msgs)))
-            rendered.append(self.render(msgs, text))
+        rendered = self.render([row["messages"] for row in rows], texts)
         return self.finish(cols, texts, _token_counts(self.tok, rendered), prompts)
 
     def pair_table(self, pairs: list[dict]) -> pd.DataFrame:
@@ -303,14 +304,27 @@ class Checker:
                                   ("same_prompt", "rejected_prompt" not in pair)):
                 cols[column].append(value)
             texts.append(text)
-            rendered += [self.render(prompt + side, text) if prompt + side else "" for side in (chosen, rejected)]
+        sides = [(pair["prompt"] + pair[side], text) for pair, text in zip(pairs, texts) for side in ("chosen", "rejected")]
+        rendered = self.render([msgs for msgs, _ in sides], [text for _, text in sides])
         lengths = np.asarray(_token_counts(self.tok, rendered), dtype="int32").reshape(-1, 2)
         return self.finish(cols, texts, lengths.max(axis=1, initial=0), None)  # prompt + the longer answer
 
-    def render(self, msgs: list[dict], text: str) -> str:
-        """The conversation as the model will see it: chat template plus the configured system turn."""
+    def render(self, convs: list[list[dict]], texts: list[str]) -> list[str]:
+        """The conversations as the model will see them: chat template plus the configured system turn, in one call
+        for the batch (the template is compiled once); an empty conversation renders as ""."""
+        todo = [i for i, msgs in enumerate(convs) if msgs]
+        out = [""] * len(convs)
         try:
-            return render(self.tok, with_system(msgs, self.system_prompt)) if msgs else ""
+            batch = render(self.tok, [with_system(convs[i], self.system_prompt) for i in todo]) if todo else []
+        except (ValueError, jinja2.TemplateError):  # a template refused a malformed turn: find it row by row
+            batch = [self.render_one(convs[i], texts[i]) for i in todo]
+        for i, text in zip(todo, batch):
+            out[i] = text
+        return out
+
+    def render_one(self, msgs: list[dict], text: str) -> str:
+        try:
+            return render(self.tok, with_system(msgs, self.system_prompt))
         except (ValueError, jinja2.TemplateError):  # some templates refuse malformed turns; the role checks say why
             return text
 
@@ -319,8 +333,11 @@ class Checker:
         table = pd.DataFrame(cols)
         table["line"] = table["line"].astype("int64")
         table["n_tokens"] = np.asarray(n_tokens, dtype="int32")
+        flagged = [i for i, t in enumerate(texts) if self.any_pii.search(t)]  # most rows: one search, no match
         for column, pattern in self.pii.items():
-            table[column] = [bool(pattern.search(t)) for t in texts]
+            hits = np.zeros(len(texts), dtype=bool)
+            hits[[i for i in flagged if pattern.search(texts[i])]] = True
+            table[column] = hits
         table[["k1", "k2"]] = _hashes([_norm(t) for t in texts])
         if prompts is not None:
             table[["p1", "p2"]] = _hashes(prompts)

@@ -40,7 +40,7 @@ class ValidateConfig(Section):
         1024, ge=1, description="Rows checked (parsed, chat-templated, tokenized, hashed) at a time: the rows "
         "validate holds in memory, per process, whatever the file's size.")
     stream_threshold_mb: float = Field(
-        16, ge=0, description="A .jsonl source larger than this is checked in parallel on Ray Data (in parts of the "
+        64, ge=0, description="A .jsonl source larger than this is checked in parallel on Ray Data (in parts of the "
         "file, one Ray worker per CPU); a smaller one, or any file read with data.<split>.limit, in this process, "
         "where Ray's start-up would cost more than it saves. With compute.ray_address set, every .jsonl goes to Ray. "
         ".json, .csv, .parquet and hf:// sources are read whole in this process, then checked in batches.")
