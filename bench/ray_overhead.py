@@ -213,7 +213,7 @@ def pause_cycles(stamps: list[float], rates: list[float], windows: list[tuple[fl
     return out
 
 
-def _setup(steps: int, rows: int, model: str | None, cpus: int | None = None):
+def _setup(steps: int, rows: int, model: str | None, cpus: int | None = None, kernels: str | None = None):
     from alignpipe import tracking
     from alignpipe.config import load_pipeline
     from alignpipe.data.formats import load_sft, write_jsonl
@@ -224,6 +224,8 @@ def _setup(steps: int, rows: int, model: str | None, cpus: int | None = None):
                  "sft.save_steps": 10_000, "tracking.experiment": "bench"}
     if cpus:
         overrides["compute.cpus_per_worker"] = cpus
+    if kernels:
+        overrides["compute.kernels"] = kernels
     cfg = load_pipeline(ROOT / "pipelines.yaml", "demo", overrides, env={})
     base = model or resolve_model(cfg.model.name, ROOT / ".alignpipe" / "models")
     train = write_jsonl(load_sft(cfg.data.sft.path, limit=rows), work / "train.jsonl")
@@ -231,7 +233,7 @@ def _setup(steps: int, rows: int, model: str | None, cpus: int | None = None):
 
 
 def trial(mode: str, steps: int, rows: int, model: str | None, cpus: int | None = None,
-          pause: Pauser | None = None) -> dict:
+          pause: Pauser | None = None, kernels: str | None = None) -> dict:
     """One SFT run (`ray`: the pipeline's path, run_sft on Ray Train; `inproc`: the same trainer here).
 
     With `pause` (Ray only), Ray's other processes are stopped in windows (`Pauser`); the result adds, per window,
@@ -239,7 +241,7 @@ def trial(mode: str, steps: int, rows: int, model: str | None, cpus: int | None 
     from alignpipe import tracking
     from alignpipe.runs import RunContext, file_digest
 
-    cfg, base, train, work, uri, exp = _setup(steps, rows, model, cpus)
+    cfg, base, train, work, uri, exp = _setup(steps, rows, model, cpus, kernels)
     sampler = CpuSampler()
     sampler.start()
     if mode == "ray":
@@ -381,6 +383,10 @@ def main() -> None:
                     help="with --one ray: stop Ray's other processes in windows of this many seconds (see Pauser)")
     ap.add_argument("--pause-cycles", type=int, default=3, help="with --pause: paused windows (each followed by a "
                     "running one of the same length)")
+    ap.add_argument("--kernels", choices=["auto", "off"], help="with --one: compute.kernels (default: the demo's)")
+    ap.add_argument("--against-kernels-off", action="store_true",
+                    help="pair each Ray trial with a Ray trial under compute.kernels: off (instead of in-process): "
+                         "the share of the pipeline's own CPU kernels")
     ap.add_argument("--load", type=float, default=0.0,
                     help="share of one core (0-1) a nice-0 process keeps busy beside every trial")
     args = ap.parse_args()
@@ -389,7 +395,7 @@ def main() -> None:
         pause = Pauser(args.pause, args.pause_cycles) if args.pause else None
         if pause is not None and args.one != "ray":
             ap.error("--pause needs --one ray")
-        res = trial(args.one, args.steps, args.rows, args.model, args.cpus, pause)
+        res = trial(args.one, args.steps, args.rows, args.model, args.cpus, pause, args.kernels)
         if args.out:
             Path(args.out).write_text(json.dumps(res))
         print(json.dumps({k: v for k, v in res.items() if k != "cpu"}))
@@ -397,10 +403,12 @@ def main() -> None:
     if args.against:
         return compare_checkouts(Path(args.against).resolve(), args)
     trials = []
+    pair = ("ray", "ray-kernels-off") if args.against_kernels_off else ("ray", "inproc")
     for r in range(args.rounds):
-        for mode in (("ray", "inproc") if r % 2 == 0 else ("inproc", "ray")):  # A B B A: cancels drift
+        for mode in (pair if r % 2 == 0 else pair[::-1]):  # A B B A: cancels drift
             out = Path(tempfile.mkdtemp(prefix="rayoh-")) / "trial.json"
-            cmd = [sys.executable, __file__, "--one", mode, "--out", str(out), "--steps", str(args.steps),
+            one = ["--one", "ray", "--kernels", "off"] if mode == "ray-kernels-off" else ["--one", mode]
+            cmd = [sys.executable, __file__, *one, "--out", str(out), "--steps", str(args.steps),
                    "--rows", str(args.rows)] + (["--model", args.model] if args.model else []) + (
                        ["--cpus", str(args.cpus)] if args.cpus else [])
             burner = (subprocess.Popen([sys.executable, "-c", BURNER, str(min(args.load, 0.95))])
@@ -413,7 +421,7 @@ def main() -> None:
                     burner.wait()
             if proc.returncode:
                 sys.exit(f"{mode} trial failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            trials.append(json.loads(out.read_text()))
+            trials.append({**json.loads(out.read_text()), "mode": mode})
             print(f"round {r} {mode}: {trials[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(trials, indent=1))

@@ -48,7 +48,8 @@ MARK_BEGIN, MARK_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 DETAIL_KEYS = ("machine", "python", "versions", "allocator", "demo_workdir", "demo_stage_s",
                "sft_tokens_per_s_inprocess", "sft_ray_paused", "int8_tokens_per_s_bs1", "fp32_tokens_per_s_bs1",
                "int8_runtime", "plain_trl_metrics", "plain_trl_stage_s", "plain_trl_eval_dtype", "flops_n",
-               "matmul_flops_per_s", "matmul_dtype_used", "matmul_threads")
+               "matmul_flops_per_s", "matmul_dtype_used", "matmul_threads", "plain_trl_competent_stage_s",
+               "plain_trl_competent_metrics", "rlhf_stage_s")
 TOP_LEVEL_READ = {key.split(".")[0] for key in table.keys_read()} | set(DETAIL_KEYS)
 VERSIONED = ("torch", "transformers", "trl", "peft", "torchao", "datasets", "ray", "prefect", "mlflow")
 
@@ -95,6 +96,7 @@ def sft_throughput(steps: int, rows: int, rounds: int) -> dict:
            "sft_tokens_per_s_inprocess": statistics.median(by_mode["inproc"]),
            "sft_ray_trials": by_mode["ray"], "sft_inprocess_trials": by_mode["inproc"]}
     out["sft_ray_paused"] = ray_paused(base, rows, step_s=min(ray_step_s))
+    out.update(kernels_off(base, steps, rows, rounds=3))
     torch.set_num_threads(int(cfg.compute.cpus_per_worker))
 
     # 3. TRL's SFTTrainer with its defaults (same LoRA, batch size, length, data), in this process.
@@ -116,6 +118,21 @@ def sft_throughput(steps: int, rows: int, rounds: int) -> dict:
     trl_trainer.train()
     out["sft_tokens_per_s_trl_defaults"] = steady_tokens_per_s(uri, run_id)
     return out
+
+
+def kernels_off(base: str, steps: int, rows: int, rounds: int) -> dict:
+    """The pipeline's Ray SFT path with `compute.kernels: off` against `auto`, in interleaved pairs of fresh
+    processes (bench/ray_overhead.py --against-kernels-off): the share of the speed that is our own CPU kernels."""
+    trials = Path(tempfile.mkdtemp(prefix="bench-kernels-")) / "trials.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "ray_overhead.py"), "--against-kernels-off",
+                           "--rounds", str(rounds), "--steps", str(steps), "--rows", str(rows), "--model", base,
+                           "--json", str(trials)], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"bench/ray_overhead.py --against-kernels-off failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    by_mode: dict[str, list[float]] = {"ray": [], "ray-kernels-off": []}
+    for t in json.loads(trials.read_text()):
+        by_mode[t["mode"]].append(t["tokens_per_s"])
+    return {"sft_kernels_auto_trials": by_mode["ray"], "sft_kernels_off_trials": by_mode["ray-kernels-off"]}
 
 
 def ray_paused(base: str, rows: int, step_s: float, window: float = 10.0, cycles: int = 6) -> dict:
@@ -150,15 +167,18 @@ def run_demo(work: Path, *sets: str) -> tuple[float, dict]:
 
 
 def demo_run(rlhf: bool = True) -> dict:
-    """The whole demo pipeline in a fresh workdir, then the same again (cached), then `align: rlhf` beside it."""
-    work = Path(tempfile.mkdtemp(prefix="bench-demo-"))
-    models = ROOT / ".alignpipe" / "models"
-    if models.is_dir():  # reuse the one-off GGUF conversion; its cost is reported by `prepare` in a fresh clone
-        (work / "models").symlink_to(models)
-    wall, summary = run_demo(work)
-    m = summary["metrics"]
-    q = summary["quantized"]
-    out = {"demo_wall_s": wall, "demo_stage_s": {s["stage"]: round(s["seconds"], 1) for s in summary["stages"]},
+    """The demo as `make demo` runs it after the install (bench/any_cpu.py --hosts native: a fresh workdir, the
+    embedded model's conversion inside the timed run), then the same again in that workdir (cached), then
+    `align: rlhf` beside it on the same SFT model."""
+    native = script("any_cpu", "--hosts", "native")
+    if "native" not in native:
+        sys.exit("the native demo failed (bench/any_cpu.py); see its log under bench/out")
+    work = Path(native["workdir"]) / "native"
+    [first] = (work / "runs").glob("*.json")
+    summary = json.loads(first.read_text())
+    m, q = summary["metrics"], summary["quantized"]
+    out = {"any_cpu": {k: native[k] for k in ("native", "native_bf16", "user_avx2")},
+           "demo_wall_s": native["native"]["wall_s"], "demo_stage_s": native["native"]["stage_s"],
            "demo_metrics": m, "cascade": summary["cascade"], "align_train": summary["aligned"]["metrics"],
            "quantized_sizes": {k: q[k] for k in ("size_bytes", "fp32_size_bytes", "linear_bytes",
                                                  "linear_fp32_bytes", "embedding_bytes")},
@@ -225,12 +245,12 @@ def orchestration() -> dict:
     return json.loads((ROOT / "bench" / "out" / "orchestration.json").read_text())
 
 
-def script(name: str) -> dict:
+def script(name: str, *args: str) -> dict:
     """Run `bench/<name>.py` in its own process and read what it wrote to `bench/out/<name>.json` ({} if it failed):
     shared_stack (concurrent pipelines and promotions on one PostgreSQL-backed stack), any_cpu (the demo on both
     host classes)."""
     out = ROOT / "bench" / "out" / f"{name}.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--out", str(out), *args], cwd=ROOT,
                           capture_output=True, text=True)
     if proc.returncode:
         print(f"{name} bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -253,7 +273,8 @@ def plain_trl(args: list[str] | None = None) -> dict:
 def plain_summary(res: dict, wall: float) -> dict:
     """The plain TRL script's result.json as results.json keys."""
     return {"plain_trl_wall_s": wall, "plain_trl_stage_s": {k: round(v, 1) for k, v in res["stage_s"].items()},
-            "plain_trl_metrics": res["metrics"], "plain_trl_eval_dtype": res["eval_dtype"]}
+            "plain_trl_metrics": res["metrics"], "plain_trl_eval_dtype": res["eval_dtype"],
+            "plain_trl_sft_tokens_per_s": res.get("sft_tokens_per_s")}
 
 
 def lora_vs_full(steps: int, rows: int) -> dict:
@@ -439,6 +460,35 @@ def under_pipeline_malloc() -> str:
     return library or "the system's malloc"
 
 
+PARTS = ("demo", "int8", "sft", "plain-trl", "lora-full", "orchestration", "shared-stack", "storage",
+         "validate-scale", "avx2", "rlhf-evidence")
+
+
+def int8_avx2(workdir: str) -> dict:
+    """bench/int8_cpu.py under the AVX2 caps on the demo's merged and int8 models: fp32 and the default int8
+    runtime there (fbgemm, per-token layers dequantized), taking turns, 3 pairs (bench/PROTOCOL.md, issue 28)."""
+    [folder] = Path(workdir).glob("stages/quantize/*/merged")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "int8_cpu.py"), "--model-dir", str(folder.parent),
+                           "--emulate", "avx2", "--variants", "fp32", "fbgemm_dq", "--timing-rows", "64",
+                           "--rounds", "3"], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        print(f"int8_cpu bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return {}
+    timing = json.loads(proc.stdout)["avx2"]["timing"]
+    return {"int8_avx2": {"ratio": timing["fbgemm_dq"]["ratio_to_fp32"], "pairs": 3,
+                          "int8_tokens_per_s": timing["fbgemm_dq"]["tokens_per_s"],
+                          "fp32_tokens_per_s": timing["fp32"]["tokens_per_s"]}}
+
+
+def competent_peer() -> dict:
+    """bench/plain_trl.py --recipe competent (bench/PROTOCOL.md, issue 30), under its own keys."""
+    res = plain_trl(["--recipe", "competent"])
+    return {"plain_trl_competent_wall_s": res["plain_trl_wall_s"],
+            "plain_trl_competent_stage_s": res["plain_trl_stage_s"],
+            "plain_trl_competent_metrics": res["plain_trl_metrics"],
+            "sft_tokens_per_s_trl_competent": res["plain_trl_sft_tokens_per_s"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=30, help="SFT steps per throughput measurement (and per LoRA / "
@@ -447,51 +497,52 @@ def main() -> None:
     ap.add_argument("--sft-rounds", type=int, default=5,
                     help="Ray / in-process SFT trial pairs, taking turns (each trial a fresh process): single trials "
                          "vary with the host's speed, and with few pairs one slow trial moves the median ratio")
-    ap.add_argument("--skip-demo", action="store_true", help="reuse the demo numbers from the last results.json")
-    ap.add_argument("--int8-speed", action="store_true",
-                    help="with --skip-demo: measure int8 vs fp32 speed again on the last demo's artifacts")
-    ap.add_argument("--skip-sft", action="store_true", help="reuse the SFT throughput numbers from results.json")
-    ap.add_argument("--skip-rlhf", action="store_true", help="reuse the RLHF numbers from results.json")
-    ap.add_argument("--skip-orchestration", action="store_true", help="skip the local-stack overhead run")
-    ap.add_argument("--skip-any-cpu", action="store_true",
-                    help="skip the demo on both host classes (bench/any_cpu.py: two more demo runs, ~35 min)")
-    ap.add_argument("--skip-shared-stack", action="store_true",
-                    help="skip the concurrent pipelines and promotions on the PostgreSQL stack")
-    ap.add_argument("--skip-plain-trl", action="store_true",
-                    help="reuse the plain TRL script's numbers from results.json (its ratio is against the demo run)")
-    ap.add_argument("--skip-lora-full", action="store_true",
-                    help="reuse the LoRA vs full fine-tuning and FLOP/s numbers from results.json")
+    ap.add_argument("--skip", nargs="+", choices=PARTS, default=[],
+                    help="parts not measured: their rows read 'not measured in this sitting' (a sitting never "
+                         "carries a reading over from an earlier one)")
+    ap.add_argument("--int8-speed", metavar="WORKDIR",
+                    help="only measure int8 vs fp32 speed again on a demo workdir, into the current results.json")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     allocator = under_pipeline_malloc()
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    if not args.skip_demo and "demo_metrics" in results:  # the last sitting's, for the rows read against it
-        results["previous_sitting"] = {"date": results["date"],
-                                       "aligned_exact_match": results["demo_metrics"]["aligned"]["exact_match"]}
+    last = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if args.int8_speed:
+        last.update(int8_speed(args.int8_speed))
+        write(last)
+        return
     cpu = cpu_model()
-    results.update({"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu,
-                    "machine": f"{os.cpu_count()} CPU cores ({cpu}), "
-                               f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU",
-                    "python": platform.python_version(), "versions": versions(), "allocator": allocator})
-    if not args.skip_sft:
-        results.update(sft_throughput(args.steps, args.rows, args.sft_rounds))
-    if not args.skip_demo:
-        results.update(demo_run(rlhf=not args.skip_rlhf))
-    if not args.skip_demo or args.int8_speed:
-        if not Path(results.get("demo_workdir", "")).is_dir():
-            sys.exit("--int8-speed needs the last demo's workdir (bench/results.json demo_workdir): run the demo bench")
-        results.update(int8_speed(results["demo_workdir"]))
-    if not args.skip_plain_trl:  # in the same sitting as the demo: their two walls are compared
-        results.update(plain_trl())
-    if not args.skip_lora_full:
-        results.update(lora_vs_full(args.steps, args.rows))
-    if not args.skip_orchestration:
-        results["orchestration"] = orchestration()
-    if not args.skip_shared_stack:
-        results["shared_stack"] = script("shared_stack")
-    if not args.skip_any_cpu:
-        results["any_cpu"] = script("any_cpu")
-    write(results)
+    # One sitting: this run's readings only. The last sitting's aligned exact match is kept as the reference of
+    # the "within ±0.01" row, under its own key.
+    results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "cpu": cpu,
+               "machine": f"{os.cpu_count()} CPU cores ({cpu}), "
+                          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU",
+               "python": platform.python_version(), "versions": versions(), "allocator": allocator}
+    if "demo_metrics" in last:
+        results["previous_sitting"] = {"date": last["date"],
+                                       "aligned_exact_match": last["demo_metrics"]["aligned"]["exact_match"]}
+    todo = [p for p in PARTS if p not in args.skip]
+    steps = {
+        "demo": lambda: demo_run(),
+        "int8": lambda: {**int8_speed(results["demo_workdir"]), **int8_avx2(results["demo_workdir"])},
+        "sft": lambda: sft_throughput(args.steps, args.rows, args.sft_rounds),
+        "plain-trl": lambda: {**plain_trl(), **competent_peer()},  # the same sitting as the demo: walls compared
+        "lora-full": lambda: lora_vs_full(args.steps, args.rows),
+        "orchestration": lambda: {"orchestration": orchestration()},
+        "shared-stack": lambda: {"shared_stack": script("shared_stack")},
+        "storage": lambda: {"storage_overhead": script("storage_overhead")},
+        "validate-scale": lambda: {"validate_scale": script("validate_scale", "--rows", "100000", "200000",
+                                                            "1000000")},
+        "avx2": lambda: {"any_cpu": {**results.get("any_cpu", {}), **script("any_cpu", "--hosts", "avx2")}},
+        "rlhf-evidence": lambda: {"rlhf_evidence": script("rlhf_evidence")},
+    }
+    if "int8" in todo and "demo" not in todo:
+        sys.exit("int8 is measured on this sitting's demo: drop --skip demo, or skip int8 too")
+    for part in todo:
+        t0 = time.perf_counter()
+        print(f"bench: {part} ...", flush=True)
+        results.update({k: v for k, v in steps[part]().items() if v != {}})
+        print(f"bench: {part} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        write(results)  # after every part: a sitting cut short keeps what it measured
 
 
 if __name__ == "__main__":
