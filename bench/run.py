@@ -43,6 +43,8 @@ from bench import flops, ray_overhead, table  # noqa: E402
 RESULTS = ROOT / "bench" / "results.json"
 TABLE = ROOT / "bench" / "results.md"
 MARK_BEGIN, MARK_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+DEMO_BEGIN, DEMO_END = "<!-- demo:begin -->", "<!-- demo:end -->"  # the demo's side-by-side table
+CHART = ROOT / "docs" / "demo_comparison.png"  # the demo's side-by-side chart (evaluate's plots/comparison.png)
 # results.json keys read beyond the README table's (bench/table.py): results.md's header and detail, and
 # `--int8-speed`'s rerun on the last demo's artifacts. Nothing else is written to results.json.
 DETAIL_KEYS = ("machine", "python", "versions", "allocator", "demo_workdir", "demo_stage_s",
@@ -178,6 +180,7 @@ def demo_run(rlhf: bool = True) -> dict:
     [first] = (work / "runs").glob("*.json")
     summary = json.loads(first.read_text())
     m, q = summary["metrics"], summary["quantized"]
+    copy_chart(work, summary["mlflow_run_id"])
     out = {"any_cpu": {k: native[k] for k in ("native", "native_bf16", "user_avx2")},
            "demo_wall_s": native["native"]["wall_s"], "demo_stage_s": native["native"]["stage_s"],
            "demo_metrics": m, "cascade": summary["cascade"], "align_train": summary["aligned"]["metrics"],
@@ -195,6 +198,24 @@ def demo_run(rlhf: bool = True) -> dict:
     out["rlhf_train"] = rl["aligned"]["metrics"]
     out["rlhf_stage_s"] = {s["stage"]: round(s["seconds"], 1) for s in rl["stages"]}
     return out
+
+
+def copy_chart(work: Path, parent: str) -> None:
+    """The sitting's side-by-side chart (evaluate's plots/comparison.png, from the demo's MLflow store) to
+    docs/demo_comparison.png, which the README shows."""
+    client = tracking.client_for(f"sqlite:///{work}/mlflow.db")
+    exp = client.get_experiment_by_name("alignpipe")
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
+                                                   f"tags.`{tracking.TAG_STAGE}` = 'evaluate'")
+    for run in runs:
+        try:
+            path = client.download_artifacts(run.info.run_id, "plots/comparison.png", str(work))
+        except Exception as e:  # noqa: BLE001 - a missing chart leaves the last one in place, said so
+            print(f"bench: no comparison chart in evaluate run {run.info.run_id}: {e}")
+            continue
+        CHART.parent.mkdir(exist_ok=True)
+        CHART.write_bytes(Path(path).read_bytes())
+        return
 
 
 def int8_speed(workdir: str, rows: int = 64, repeats: int = 3) -> dict:
@@ -432,7 +453,10 @@ def write(results: dict) -> None:
     TABLE.write_text("\n".join(md) + "\n")
     RESULTS.write_text(json.dumps(r, indent=2) + "\n")
     if MARK_BEGIN in body:
-        readme.write_text(table.splice(body, text, MARK_BEGIN, MARK_END))
+        body = table.splice(body, text, MARK_BEGIN, MARK_END)
+        if DEMO_BEGIN in body and "demo_metrics" in r:
+            body = table.splice(body, table.demo_table(r), DEMO_BEGIN, DEMO_END)
+        readme.write_text(body)
     print(text)
 
 
@@ -491,6 +515,45 @@ def competent_peer() -> dict:
             "sft_tokens_per_s_trl_competent": res["plain_trl_sft_tokens_per_s"]}
 
 
+MEASURED_BY = {"demo": "demo_metrics", "int8": "int8_tokens_per_s_bs16", "sft": "sft_ray_trials",
+               "plain-trl": "plain_trl_competent_wall_s", "lora-full": "lora_vs_full", "orchestration": "orchestration",
+               "shared-stack": "shared_stack", "storage": "storage_overhead", "validate-scale": "validate_scale",
+               "avx2": "any_cpu.avx2", "rlhf-evidence": "rlhf_evidence"}
+
+
+def measured(part: str, results: dict) -> bool:
+    """Whether the sitting in `results` holds the part's readings (its key, as bench/table.py looks keys up)."""
+    return table.lookup(results, MEASURED_BY[part]) is not table.ABSENT
+
+
+def same_sitting(last: dict, cpu: str, today: str | None = None) -> bool:
+    """Whether results.json is a sitting `--resume` may go on with: this CPU, begun today or yesterday (UTC; a
+    sitting that runs past midnight keeps the date it began on)."""
+    if last.get("cpu") != cpu or "date" not in last:
+        return False
+    today_ = datetime.strptime(today or datetime.now(timezone.utc).strftime("%Y-%m-%d"), "%Y-%m-%d")
+    return 0 <= (today_ - datetime.strptime(last["date"], "%Y-%m-%d")).days <= 1
+
+
+def sit(todo: list[str], steps: dict, results: dict) -> list[str]:
+    """Measure each part in order into `results`, writing results.json and the README after each one (a sitting cut
+    short keeps what it measured); a part that fails leaves its rows unmeasured and the sitting goes on. Returns the
+    failed parts."""
+    failed = []
+    for part in todo:
+        t0 = time.perf_counter()
+        print(f"bench: {part} ...", flush=True)
+        try:
+            results.update({k: v for k, v in steps[part]().items() if v != {}})
+        except (Exception, SystemExit) as e:  # one part failing leaves its rows unmeasured, not the sitting
+            failed.append(part)
+            print(f"bench: {part} FAILED after {time.perf_counter() - t0:.0f} s: {e}", flush=True)
+            continue
+        print(f"bench: {part} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        write(results)
+    return failed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=30, help="SFT steps per throughput measurement (and per LoRA / "
@@ -502,6 +565,9 @@ def main() -> None:
     ap.add_argument("--skip", nargs="+", choices=PARTS, default=[],
                     help="parts not measured: their rows read 'not measured in this sitting' (a sitting never "
                          "carries a reading over from an earlier one)")
+    ap.add_argument("--resume", action="store_true",
+                    help="go on with today's sitting on this host: keep bench/results.json (same date and CPU) and "
+                         "measure only the parts it does not hold yet (those left out by --skip, failed or cut short)")
     ap.add_argument("--int8-speed", metavar="WORKDIR",
                     help="only measure int8 vs fp32 speed again on a demo workdir, into the current results.json")
     args = ap.parse_args()
@@ -519,10 +585,15 @@ def main() -> None:
                "machine": f"{os.cpu_count()} CPU cores ({cpu}), "
                           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, no GPU",
                "python": platform.python_version(), "versions": versions(), "allocator": allocator}
-    if "demo_metrics" in last:
+    if args.resume:
+        if not same_sitting(last, cpu):
+            sys.exit(f"--resume: bench/results.json is a sitting of {last.get('date')} on {last.get('cpu')}, not "
+                     f"one begun on this host since yesterday: run the whole bench")
+        results = last
+    elif "demo_metrics" in last:
         results["previous_sitting"] = {"date": last["date"],
                                        "aligned_exact_match": last["demo_metrics"]["aligned"]["exact_match"]}
-    todo = [p for p in PARTS if p not in args.skip]
+    todo = [p for p in PARTS if p not in args.skip and not (args.resume and measured(p, results))]
     steps = {
         "demo": lambda: demo_run(),
         "int8": lambda: {**int8_speed(results["demo_workdir"]), **int8_avx2(results["demo_workdir"])},
@@ -537,20 +608,9 @@ def main() -> None:
         "avx2": lambda: {"any_cpu": {**results.get("any_cpu", {}), **script("any_cpu", "--hosts", "avx2")}},
         "rlhf-evidence": lambda: {"rlhf_evidence": script("rlhf_evidence")},
     }
-    if "int8" in todo and "demo" not in todo:
+    if "int8" in todo and "demo" not in todo and "demo_workdir" not in results:
         sys.exit("int8 is measured on this sitting's demo: drop --skip demo, or skip int8 too")
-    failed = []
-    for part in todo:
-        t0 = time.perf_counter()
-        print(f"bench: {part} ...", flush=True)
-        try:
-            results.update({k: v for k, v in steps[part]().items() if v != {}})
-        except (Exception, SystemExit) as e:  # one part failing leaves its rows unmeasured, not the sitting
-            failed.append(part)
-            print(f"bench: {part} FAILED after {time.perf_counter() - t0:.0f} s: {e}", flush=True)
-            continue
-        print(f"bench: {part} done in {time.perf_counter() - t0:.0f} s", flush=True)
-        write(results)  # after every part: a sitting cut short keeps what it measured
+    failed = sit(todo, steps, results)
     if failed:
         sys.exit(f"bench: parts failed (their rows read 'not measured in this sitting'): {', '.join(failed)}")
 

@@ -307,6 +307,28 @@ def render(results: dict) -> str:
     return "\n".join([HEADER, *(render_row(row, results) for row in ROWS)])
 
 
+DEMO_LABELS = (("base", "base"), ("prompted_base", "prompted base"), ("sft", "sft"), ("aligned", "aligned (DPO)"),
+               ("quantized", "int8"))
+DEMO_METRICS = (("rows", "held-out rows scored", "{:.0f}"), ("exact_match", "exact match", "{:.3f}"),
+                ("json_validity", "JSON validity", "{:.3f}"), ("field_accuracy", "field accuracy", "{:.3f}"),
+                ("preference_accuracy", "preference accuracy", "{:.3f}"), ("tokens_per_s", "tokens/s (batch 16)",
+                                                                            "{:.0f}"),
+                ("latency_p95_ms", "latency p95 per request (ms)", "{:.0f}"), ("size_mb", "size on disk (MB)",
+                                                                               "{:.0f}"))
+
+
+def demo_table(results: dict) -> str:
+    """The demo's side-by-side table (the README's first table): every artifact of the sitting's demo, every metric
+    it was scored on ("—" where it was not: the prompted base has no preference pairs)."""
+    m = results["demo_metrics"]
+    labels = [(key, name) for key, name in DEMO_LABELS if key in m]
+    lines = ["| metric | " + " | ".join(name for _, name in labels) + " |", "|---|" + "---|" * len(labels)]
+    for key, name, fmt in DEMO_METRICS:
+        cells = [fmt.format(m[label][key]) if key in m[label] else "—" for label, _ in labels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def splice(readme: str, table: str, begin: str = "<!-- bench:begin -->", end: str = "<!-- bench:end -->") -> str:
     """`readme` with `table` between the bench markers."""
     head, rest = readme.split(begin, 1)

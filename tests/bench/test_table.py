@@ -180,3 +180,15 @@ def test_kernels_off_reads_the_median_of_its_pair_ratios():
          "sft_kernels_auto_trials": [300.0, 300.0, 300.0]}
     [line] = [x for x in table.render(r).splitlines() if "kernels: off" in x]
     assert "| 1.000 (median of 3 interleaved pairs) | — |" in line
+
+
+def test_the_demo_table_shows_every_artifact_and_a_dash_where_a_metric_was_not_scored():
+    m = {label: {"rows": 400.0, "exact_match": 0.5, "json_validity": 1.0, "field_accuracy": 0.8,
+                 "preference_accuracy": 0.9, "tokens_per_s": 100.0, "latency_p95_ms": 2000.0, "size_mb": 500.0}
+         for label in ("base", "prompted_base", "sft", "aligned", "quantized")}
+    del m["prompted_base"]["preference_accuracy"]
+    m["sft"]["rows"] = 64.0
+    lines = table.demo_table({"demo_metrics": m}).splitlines()
+    assert lines[0] == "| metric | base | prompted base | sft | aligned (DPO) | int8 |"
+    assert lines[2] == "| held-out rows scored | 400 | 400 | 64 | 400 | 400 |"
+    assert "| preference accuracy | 0.900 | — | 0.900 | 0.900 | 0.900 |" in lines

@@ -29,7 +29,8 @@ def _run(tmp_path, tiny_model, env: dict[str, str], label: str, seed: int) -> su
             "compute.cpus_per_worker": 1, "evaluate.cpus": 1,  # the stack's nodes have 1 CPU each
             "tracking.experiment": EXPERIMENT, "tracking.registered_model": NAME,
             # perplexity always separates a tuned tiny model from its random base: every version can be promoted
-            "register.primary_metric": "perplexity", "register.gates": "[]"}
+            "register.primary_metric": "perplexity", "register.gates": "[]",
+            "evaluate.prompted_base.enabled": "false"}  # no perplexity of its own: the plain base is the reference
     args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
     log = open(tmp_path / f"{label}.log", "w")
     return subprocess.Popen([sys.executable, "-m", "alignpipe.cli.main", "run", "smoke", "--config", str(PIPELINES),

@@ -41,8 +41,8 @@ def server(local_stack, deployed):
     """`alignpipe deploy --serve` against the stack, as a user runs it; stopped (whole session) at the end."""
     log = open(deployed[0].parent / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "alignpipe.cli.main", "deploy", "--serve", "--config", str(deployed[0])],
-                            cwd=REPO, env={**os.environ, **local_stack.env}, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            cwd=REPO, env={**os.environ, **local_stack.env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # picks a run up within 1 s
     try:
         yield proc
     finally:
@@ -65,7 +65,7 @@ def _wait_state(client, run_id, done, timeout=900):
         run = client.read_flow_run(run_id)
         if done(run.state):
             return run
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"flow run {run_id} still {run.state.name} after {timeout}s")
 
 
@@ -135,8 +135,9 @@ def launched_run(local_stack, deployed, server):
     state (the UI test opens its page)."""
     with _client(local_stack) as client:
         run = client.create_flow_run_from_deployment(
-            deployed[1]["smoke"], parameters={"overrides": {"compute.num_workers": 2, "quantize.method": "none"}})
-        # SFT and DPO are under test
+            deployed[1]["smoke"], parameters={"overrides": {"compute.num_workers": 2, "quantize.method": "none",
+                                                            "evaluate.compare_base": False}})
+        # SFT and DPO are under test (and the artifacts the UI test opens, which need no base model)
         return _wait_state(client, run.id, lambda s: s.is_final())
 
 

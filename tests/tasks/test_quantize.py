@@ -52,6 +52,7 @@ def adapter(tiny_model, tmp_path):
     return str(tmp_path / "adapter")
 
 
+@pytest.mark.slow  # tens of seconds: handed out early (tests/conftest.py)
 def test_int8_shrinks_linear_layers_and_loads_in_a_fresh_process(smoke_cfg, tiny_model, adapter, ray_local):
     smoke_cfg.quantize.method = "int8_dynamic"
     ctx = run_context(smoke_cfg, tiny_model)

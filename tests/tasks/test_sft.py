@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from alignpipe import tracking
 from alignpipe.runs import file_digest
 from alignpipe.tasks.sft import cache_key, run_sft
@@ -22,6 +24,7 @@ def _cfg(smoke_cfg):
     return cfg
 
 
+@pytest.mark.slow  # tens of seconds: handed out early (tests/conftest.py)
 def test_sft_lowers_loss_and_logs_everything(smoke_cfg, tiny_model, ray_local, tmp_path, capfd):
     cfg = _cfg(smoke_cfg)
     ctx = run_context(cfg, tiny_model)
@@ -57,6 +60,7 @@ def test_sft_lowers_loss_and_logs_everything(smoke_cfg, tiny_model, ray_local, t
     assert cache_key(cfg, ctx, train_path, digest) != out.content_key
 
 
+@pytest.mark.slow
 def test_zero_steps_gives_an_untrained_adapter(smoke_cfg, tiny_model, ray_local, tmp_path):
     cfg = _cfg(smoke_cfg)
     cfg.sft.max_steps = 0
