@@ -129,16 +129,19 @@ def _bar_chart(results: dict[str, dict[str, float]]):
     keys = [k for k in HEADLINE if all(k in m for m in results.values())]
     labels = list(results)
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8.5, 3.5))
     for j, label in enumerate(labels):
         xs = [i + j * width for i in range(len(keys))]
-        bars = ax.bar(xs, [results[label][k] for k in keys], width, label=label)
+        rows = results[label].get("rows")
+        name = f"{label} ({rows:.0f} rows)" if rows else label  # screened models are scored on fewer rows
+        bars = ax.bar(xs, [results[label][k] for k in keys], width, label=name)
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(keys))], keys)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("fraction of held-out rows")
     ax.set_title("Held-out evaluation")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the bars, never over them
+    fig.tight_layout()
     return fig
 
 
