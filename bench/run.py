@@ -489,7 +489,7 @@ def under_pipeline_malloc() -> str:
 
 
 PARTS = ("demo", "int8", "sft", "plain-trl", "lora-full", "orchestration", "shared-stack", "storage",
-         "validate-scale", "avx2", "rlhf-evidence")
+         "validate-scale", "avx2", "avx2-peer", "rlhf-evidence")
 
 
 def int8_avx2(workdir: str) -> dict:
@@ -509,6 +509,26 @@ def int8_avx2(workdir: str) -> dict:
                           "fp32_tokens_per_s": timing["fp32"]["tokens_per_s"]}}
 
 
+def competent_peer_avx2() -> dict:
+    """The competent plain-TRL peer under the AVX2 caps (fp32 weights, as bf16 is not native there): beside the
+    AVX2/fp32 demo's SFT tokens/s (bench/PROTOCOL.md, issue 30)."""
+    from alignpipe.ray_runner import ISA_ENV
+
+    caps = {key: "AVX2" for key in ISA_ENV} | {"ATEN_CPU_CAPABILITY": "avx2"}
+    saved = {key: os.environ.get(key) for key in caps}
+    os.environ.update(caps)
+    try:
+        res = plain_trl(["--recipe", "competent"])
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return {"plain_trl_competent_avx2": {"wall_s": res["plain_trl_wall_s"], "stage_s": res["plain_trl_stage_s"],
+                                         "sft_tokens_per_s": res["plain_trl_sft_tokens_per_s"]}}
+
+
 def competent_peer() -> dict:
     """bench/plain_trl.py --recipe competent (bench/PROTOCOL.md, issue 30), under its own keys."""
     res = plain_trl(["--recipe", "competent"])
@@ -521,7 +541,7 @@ def competent_peer() -> dict:
 MEASURED_BY = {"demo": "demo_metrics", "int8": "int8_tokens_per_s_bs16", "sft": "sft_ray_trials",
                "plain-trl": "plain_trl_competent_wall_s", "lora-full": "lora_vs_full", "orchestration": "orchestration",
                "shared-stack": "shared_stack", "storage": "storage_overhead", "validate-scale": "validate_scale",
-               "avx2": "any_cpu.avx2", "rlhf-evidence": "rlhf_evidence"}
+               "avx2": "any_cpu.avx2", "avx2-peer": "plain_trl_competent_avx2", "rlhf-evidence": "rlhf_evidence"}
 
 
 def measured(part: str, results: dict) -> bool:
@@ -609,6 +629,7 @@ def main() -> None:
         "validate-scale": lambda: {"validate_scale": script("validate_scale", "--rows", "100000", "200000",
                                                             "1000000", driver_malloc=True)},
         "avx2": lambda: {"any_cpu": {**results.get("any_cpu", {}), **script("any_cpu", "--hosts", "avx2")}},
+        "avx2-peer": lambda: competent_peer_avx2(),
         "rlhf-evidence": lambda: {"rlhf_evidence": script("rlhf_evidence")},
     }
     if "int8" in todo and "demo" not in todo and "demo_workdir" not in results:
