@@ -283,12 +283,12 @@ def script(name: str, *args: str, driver_malloc: bool = False) -> dict:
     return json.loads(out.read_text())
 
 
-def plain_trl(args: list[str] | None = None) -> dict:
+def plain_trl(args: list[str] | None = None, env: dict[str, str] | None = None) -> dict:
     """bench/plain_trl.py in its own process: the demo's work with TRL directly; wall time around the process."""
     out = Path(tempfile.mkdtemp(prefix="bench-plain-trl-"))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "plain_trl.py"), "--out", str(out), *(args or [])],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0  # like demo_wall_s: process start (imports included) to exit
     if proc.returncode:
         sys.exit(f"plain TRL script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -515,16 +515,7 @@ def competent_peer_avx2() -> dict:
     from alignpipe.ray_runner import ISA_ENV
 
     caps = {key: "AVX2" for key in ISA_ENV} | {"ATEN_CPU_CAPABILITY": "avx2"}
-    saved = {key: os.environ.get(key) for key in caps}
-    os.environ.update(caps)
-    try:
-        res = plain_trl(["--recipe", "competent"])
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    res = plain_trl(["--recipe", "competent"], env={**os.environ, **caps})
     return {"plain_trl_competent_avx2": {"wall_s": res["plain_trl_wall_s"], "stage_s": res["plain_trl_stage_s"],
                                          "sft_tokens_per_s": res["plain_trl_sft_tokens_per_s"]}}
 
