@@ -304,7 +304,8 @@ class Checker:
                                   ("same_prompt", "rejected_prompt" not in pair)):
                 cols[column].append(value)
             texts.append(text)
-        sides = [(pair["prompt"] + pair[side], text) for pair, text in zip(pairs, texts) for side in ("chosen", "rejected")]
+        sides = [(pair["prompt"] + pair[side], text) for pair, text in zip(pairs, texts)
+                 for side in ("chosen", "rejected")]
         rendered = self.render([msgs for msgs, _ in sides], [text for _, text in sides])
         lengths = np.asarray(_token_counts(self.tok, rendered), dtype="int32").reshape(-1, 2)
         return self.finish(cols, texts, lengths.max(axis=1, initial=0), None)  # prompt + the longer answer
