@@ -492,19 +492,19 @@ PARTS = ("demo", "int8", "sft", "plain-trl", "lora-full", "orchestration", "shar
          "validate-scale", "avx2", "avx2-peer", "rlhf-evidence")
 
 
-def int8_avx2(workdir: str) -> dict:
+def int8_avx2(workdir: str, pairs: int = 3) -> dict:
     """bench/int8_cpu.py under the AVX2 caps on the demo's merged and int8 models: fp32 and the default int8
-    runtime there (fbgemm, per-token layers dequantized), taking turns, 3 pairs (bench/PROTOCOL.md, issue 28)."""
+    runtime there (fbgemm, per-token layers dequantized), taking turns, `pairs` pairs (bench/PROTOCOL.md, issue 28)."""
     [folder] = Path(workdir).glob("stages/quantize/*/merged")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "int8_cpu.py"), "--model-dir", str(folder.parent),
                            "--emulate", "avx2", "--variants", "fp32", "fbgemm_dq", "--timing-rows", "64",
-                           "--rounds", "3"], cwd=ROOT, capture_output=True, text=True)
+                           "--rounds", str(pairs)], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         print(f"int8_cpu bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return {}
     timing = json.loads(proc.stdout[proc.stdout.index("\n{") + 1:] if not proc.stdout.startswith("{")
                         else proc.stdout)["avx2"]["timing"]
-    return {"int8_avx2": {"ratio": timing["fbgemm_dq"]["ratio_to_fp32"], "pairs": 3,
+    return {"int8_avx2": {"ratio": timing["fbgemm_dq"]["ratio_to_fp32"], "pairs": pairs,
                           "int8_tokens_per_s": timing["fbgemm_dq"]["tokens_per_s"],
                           "fp32_tokens_per_s": timing["fp32"]["tokens_per_s"]}}
 
@@ -512,10 +512,9 @@ def int8_avx2(workdir: str) -> dict:
 def competent_peer_avx2() -> dict:
     """The competent plain-TRL peer under the AVX2 caps (fp32 weights, as bf16 is not native there): beside the
     AVX2/fp32 demo's SFT tokens/s (bench/PROTOCOL.md, issue 30)."""
-    from alignpipe.ray_runner import ISA_ENV
+    from bench.any_cpu import HOSTS  # the AVX2 demo's caps
 
-    caps = {key: "AVX2" for key in ISA_ENV} | {"ATEN_CPU_CAPABILITY": "avx2"}
-    res = plain_trl(["--recipe", "competent"], env={**os.environ, **caps})
+    res = plain_trl(["--recipe", "competent"], env={**os.environ, **HOSTS["avx2"][0]})
     return {"plain_trl_competent_avx2": {"wall_s": res["plain_trl_wall_s"], "stage_s": res["plain_trl_stage_s"],
                                          "sft_tokens_per_s": res["plain_trl_sft_tokens_per_s"]}}
 
