@@ -218,8 +218,13 @@ class WorkerRun:
 
         resume = self.resume_dir / RayTrainReportCallback.CHECKPOINT_NAME if self.resume_dir else None
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        runtime = out.metrics.get("train_runtime", 0.0)
         self.summary.update({"train_loss": out.training_loss, "global_step": trainer.state.global_step,
-                             "train_runtime_s": out.metrics.get("train_runtime", 0.0)})
+                             "train_runtime_s": runtime})
+        if tokens := trainer.state.num_input_tokens_seen:  # counted where the trainer's args ask for it (sft)
+            self.summary["train_tokens"] = tokens
+            if resume is None and runtime:  # a resumed run's runtime leaves out the steps before its restart
+                self.summary["train_tokens_per_s"] = tokens / runtime
 
     def finish(self, trainer, tokenizer, extra_dirs: dict[str, str] | None = None) -> None:
         """Save the adapter (+ tokenizer and `extra_dirs`) and report it as the last checkpoint, with the summary."""

@@ -61,15 +61,28 @@ def run_demo(host: str, root: Path) -> dict:
 
 
 def sft_figures(work: Path, parent: str) -> dict:
-    """The SFT stage's own figures: steps, seconds per step and the precision it chose (and why)."""
+    """The SFT stage's own figures: steps, seconds per step, tokens/s and the precision it chose (and why).
+
+    Tokens/s is the Trainer's count of non-padding input tokens over its train runtime (`final/train_tokens_per_s`,
+    bench/PROTOCOL.md), as the plain-TRL peers count theirs. A run from before the pipeline logged that count has
+    only TRL's `num_tokens` at its logging steps: its last value, carried to the final step at the pace of its last
+    logging interval, over the train runtime (`tokens_from` says which)."""
     client = tracking.client_for(f"sqlite:///{work}/mlflow.db")
     exp = client.get_experiment_by_name("alignpipe")
     [run] = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}' and "
                                                     f"tags.`{tracking.TAG_STAGE}` = 'sft'")
     m, p = run.data.metrics, run.data.params
-    steps_per_s = m.get("train/steps_per_second")
-    return {"train_runtime_s": m.get("train/runtime"), "s_per_step": round(1 / steps_per_s, 3) if steps_per_s else None,
-            "tokens_per_s": m.get("tokens_per_s"), "precision": p.get("precision.chosen"),
+    steps_per_s, runtime = m.get("train/steps_per_second"), m.get("train/runtime")
+    tokens_per_s, tokens_from = m.get("final/train_tokens_per_s"), "trainer count"
+    if tokens_per_s is None and runtime:
+        seen = sorted((x.step, x.value) for x in client.get_metric_history(run.info.run_id, "num_tokens"))
+        (s0, n0), (s1, n1) = seen[-2], seen[-1]
+        steps = m.get("final/global_step", s1)
+        tokens_per_s = (n1 + (steps - s1) * (n1 - n0) / (s1 - s0)) / runtime
+        tokens_from = f"num_tokens at step {s1:.0f}, carried to step {steps:.0f}"
+    return {"train_runtime_s": runtime, "s_per_step": round(1 / steps_per_s, 3) if steps_per_s else None,
+            "tokens_per_s": tokens_per_s, "tokens_from": tokens_from,
+            "last_interval_tokens_per_s": m.get("tokens_per_s"), "precision": p.get("precision.chosen"),
             "precision_reason": p.get("precision.reason")}
 
 

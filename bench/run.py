@@ -46,7 +46,7 @@ MARK_BEGIN, MARK_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 DEMO_BEGIN, DEMO_END = "<!-- demo:begin -->", "<!-- demo:end -->"  # the demo's side-by-side table
 CHART = ROOT / "docs" / "demo_comparison.png"  # the demo's side-by-side chart (evaluate's plots/comparison.png)
 # results.json keys read beyond the README table's (bench/table.py): results.md's header and detail, and
-# `--int8-speed`'s rerun on the last demo's artifacts. Nothing else is written to results.json.
+# `--int8-speed`'s rerun on the last demo's artifacts and `--reread-sft`'s. Nothing else is written to results.json.
 DETAIL_KEYS = ("machine", "python", "versions", "allocator", "demo_workdir", "demo_stage_s",
                "sft_tokens_per_s_inprocess", "sft_ray_paused", "int8_tokens_per_s_bs1", "fp32_tokens_per_s_bs1",
                "int8_runtime", "plain_trl_metrics", "plain_trl_stage_s", "plain_trl_eval_dtype", "flops_n",
@@ -528,6 +528,22 @@ def competent_peer() -> dict:
             "sft_tokens_per_s_trl_competent": res["plain_trl_sft_tokens_per_s"]}
 
 
+def reread_sft() -> None:
+    """The SFT figures of the sitting's demos read again with bench/any_cpu.py's `sft_figures` (a run measured
+    before a fix to how they are read): each demo's first run, in the workdir next to its log."""
+    from bench.any_cpu import sft_figures
+
+    results = json.loads(RESULTS.read_text())
+    for host, demo in results.get("any_cpu", {}).items():
+        if not isinstance(demo, dict) or "log" not in demo:
+            continue
+        work = Path(demo["log"]).with_suffix("")
+        first = min((work / "runs").glob("*.json"), key=lambda f: f.stat().st_mtime)
+        demo["sft"] = sft_figures(work, json.loads(first.read_text())["mlflow_run_id"])
+        print(f"{host}: {demo['sft']}")
+    write(results)
+
+
 MEASURED_BY = {"demo": "demo_metrics", "int8": "int8_tokens_per_s_bs16", "sft": "sft_ray_trials",
                "plain-trl": "plain_trl_competent_wall_s", "lora-full": "lora_vs_full", "orchestration": "orchestration",
                "shared-stack": "shared_stack", "storage": "storage_overhead", "validate-scale": "validate_scale",
@@ -583,7 +599,13 @@ def main() -> None:
                          "measure only the parts it does not hold yet (those left out by --skip, failed or cut short)")
     ap.add_argument("--int8-speed", metavar="WORKDIR",
                     help="only measure int8 vs fp32 speed again on a demo workdir, into the current results.json")
+    ap.add_argument("--reread-sft", action="store_true",
+                    help="only read the SFT figures of the sitting's demos again from their MLflow stores (their "
+                         "workdirs must still exist), into the current results.json")
     args = ap.parse_args()
+    if args.reread_sft:
+        reread_sft()
+        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     allocator = under_pipeline_malloc()
     last = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}

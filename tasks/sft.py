@@ -120,6 +120,7 @@ def build_trainer(job: SftJob, output_dir: str, callbacks: list, log_progress: b
         metric_for_best_model="eval_loss",
         max_length=s.max_length,
         train_sampling_strategy="group_by_length",  # batches of similar length: less padding to compute
+        include_num_input_tokens_seen="non_padding",  # the run's tokens/s: the Trainer's count over its runtime
     )
     if args.load_best_model_at_end:
         callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=s.early_stopping_patience)]

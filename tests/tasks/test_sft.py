@@ -50,6 +50,11 @@ def test_sft_lowers_loss_and_logs_everything(smoke_cfg, tiny_model, ray_local, t
     assert "plots/loss_curve.png" in {a.path for a in client.list_artifacts(out.mlflow_run_id, "plots")}
     assert (Path(out.adapter_dir) / "adapter_config.json").is_file()
     assert out.metrics["global_step"] == 12
+    # tokens/s over the run: the Trainer's count of non-padding tokens (TRL's num_tokens agrees) over its runtime
+    tokens = dict(tracking.metric_history(ctx.tracking_uri, out.mlflow_run_id, "num_tokens"))
+    assert out.metrics["train_tokens"] == tokens[12] > 0
+    assert out.metrics["train_tokens_per_s"] == pytest.approx(out.metrics["train_tokens"] / out.metrics["train_runtime_s"])
+    assert run.data.metrics["final/train_tokens_per_s"] == pytest.approx(out.metrics["train_tokens_per_s"])
 
     # The same work again: Ray Train finds the finished run under the same name and storage; no retraining.
     again = run_sft(cfg, ctx, train_path, digest)
