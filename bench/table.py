@@ -194,7 +194,7 @@ ROWS: tuple[Row, ...] = (
         lambda v: f"{v(RM_ACC):.3f}", lambda v: v(RM_ACC) >= 0.90),
     Row("RLHF policy mean reward, end ≥ start", (R_START, R_END),
         lambda v: minus(f"{v(R_END):.3f} vs {v(R_START):.3f} (one seed)"), lambda v: v(R_END) >= v(R_START)),
-    Row("RLHF from a 12-step SFT, 3 seeds: every end reward above every start; exact match gain > 0",
+    Row("RLHF from a 12-step SFT, 3 seeds, one reward model: every end reward above every start; exact match gain > 0",
         ("rlhf_evidence.verdict.every_end_above_every_start", "rlhf_evidence.verdict.exact_match_gain_mean"),
         lambda v: (f"{'yes' if v('rlhf_evidence.verdict.every_end_above_every_start') else 'no'}; "
                    + minus(f"{v('rlhf_evidence.verdict.exact_match_gain_mean'):+.3f}")),

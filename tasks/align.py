@@ -183,25 +183,28 @@ def train_reward_model(job: AlignJob, output_dir: str, callbacks: list) -> tuple
     Returns:
         (trainer, tokenizer, {"reward_model/accuracy": held-out share of pairs ranked right, ...}).
     """
+    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     a, r = job.align, job.align.rlhf
+    seed = a.seed if r.reward_seed is None else r.reward_seed
     dtype = models.dtype_for(a.precision)
     reference = job.storage.fetch(job.reference_path)
     tokenizer = models.load_tokenizer(reference)
+    set_seed(seed)  # the new score head (and, in the trainer, the LoRA weights) drawn from the reward model's seed
     model = _scorer(reference, dtype, tokenizer)
     rows = load_canonical(job.storage.fetch(job.preference_path))
     held = load_canonical(job.storage.fetch(job.preference_eval_path)) if job.preference_eval_path else None
     if held is None:  # no held-out pairs configured: hold back a slice of the training pairs
         rows = rows[:]
-        random.Random(a.seed).shuffle(rows)
+        random.Random(seed).shuffle(rows)
         n_eval = max(1, int(len(rows) * a.eval_fraction))
         rows, held = rows[n_eval:], rows[:n_eval]
-    phase = a.model_copy(update={"max_steps": r.reward_steps, "learning_rate": r.reward_learning_rate})
+    phase = a.model_copy(update={"max_steps": r.reward_steps, "learning_rate": r.reward_learning_rate, "seed": seed})
     args = RewardConfig(**{**training.trainer_args(phase, output_dir, job.compute.use_gpu, dtype),
                            "save_strategy": "no"}, max_length=a.max_length)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs_dataset(rows, job.system_prompt, a.seed),
-                            eval_dataset=pairs_dataset(held, job.system_prompt, a.seed), processing_class=tokenizer,
+    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs_dataset(rows, job.system_prompt, seed),
+                            eval_dataset=pairs_dataset(held, job.system_prompt, seed), processing_class=tokenizer,
                             peft_config=training.peft_config(a.peft.model_copy(update={"method": "lora"}), "SEQ_CLS"),
                             callbacks=callbacks)
     trainer.train()

@@ -151,6 +151,28 @@ def test_policy_optimisers_step_against_a_reward_model(optimizer, tiny_model, sf
     assert isinstance(policy_reward(trainer, seed=0), float)
 
 
+def test_reward_seed_gives_every_policy_seed_the_same_reward_model(tiny_model, sft_adapter, tmp_path):
+    import torch
+
+    from alignpipe.config.align import AlignConfig
+    from alignpipe.tasks.align import train_reward_model
+
+    reference = merge_adapter(tiny_model, sft_adapter, str(tmp_path / "sft_merged"))
+    pairs = pairs_file(tmp_path, "pref_train.jsonl", 16)
+
+    def reward_weights(seed: int, reward_seed: int | None) -> dict:
+        align = AlignConfig(method="rlhf", precision="fp32", batch_size=4, seed=seed)
+        align.rlhf.reward_steps, align.rlhf.reward_seed = 2, reward_seed
+        job = AlignJob(align=align, compute=ComputeConfig(), reference_path=reference, system_prompt=SYSTEM,
+                       preference_path=pairs)
+        trainer, _, _ = train_reward_model(job, str(tmp_path / f"reward-{seed}-{reward_seed}"), [])
+        return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+
+    fixed_0, fixed_1, own_1 = reward_weights(0, 7), reward_weights(1, 7), reward_weights(1, None)
+    assert fixed_0.keys() == fixed_1.keys() and all(torch.equal(fixed_0[k], fixed_1[k]) for k in fixed_0)
+    assert not all(torch.equal(fixed_1[k], own_1[k]) for k in fixed_1)  # unset: it follows align.seed
+
+
 def align_cfg(smoke_cfg, tmp_path, **align):
     smoke_cfg.data.preference.path = pairs_file(tmp_path, "pref_train.jsonl", 64)
     smoke_cfg.data.preference.limit = None
