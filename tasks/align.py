@@ -22,7 +22,9 @@ from alignpipe.config import PipelineConfig
 from alignpipe.config.align import AlignConfig
 from alignpipe.data.formats import load_canonical
 from alignpipe.data.preference import as_conversations, to_unpaired
+from alignpipe.errors import ConfigError
 from alignpipe.runs import RunContext, content_key, data_digest, dir_digest
+from alignpipe.storage import join
 
 REWARD_MARKER = "reward.json"
 DPO_CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -65,6 +67,7 @@ def run_align(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, prefer
     """Merge the SFT model (the reference), train the alignment adapter on Ray, log it all."""
     a = cfg.align
     key = cache_key(cfg, ctx, sft_adapter_dir, preference_path, preference_digest, preference_eval_path)
+    reward_dir = reward_adapter_dir(cfg, ctx, key)  # a reward model to reuse is checked before any work
     out_dir = ctx.stage_dir("align", key)
     folders = ("adapter", "reward_adapter") if a.method == "rlhf" else ("adapter",)
     with tracking.stage_run(ctx.tracking_uri, ctx.parent_run_id, "align", key) as run_id:
@@ -77,8 +80,7 @@ def run_align(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, prefer
                                        ctx.stage_uri("align", key, "sft_merged"), cfg.compute)
         job = AlignJob(align=a, compute=cfg.compute, storage=ctx.storage, system_prompt=cfg.model.system_prompt,
                        reference_path=reference, preference_path=preference_path,
-                       preference_eval_path=preference_eval_path,
-                       reward_adapter_dir=ctx.stage_uri("align", key, "reward_adapter") if a.method == "rlhf" else None,
+                       preference_eval_path=preference_eval_path, reward_adapter_dir=reward_dir,
                        tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id)
         metrics = training.fit(train_loop, job, f"align-{key}", out_dir, ctx.stage_uri("align", key), folders)
         tracking.client_for(ctx.tracking_uri).set_tag(run_id, "alignpipe.reference_path", reference)
@@ -92,6 +94,20 @@ def run_align(cfg: PipelineConfig, ctx: RunContext, sft_adapter_dir: str, prefer
     return AlignOutput(method=a.method, base_path=reference, adapter_dir=ctx.stage_uri("align", key, "adapter"),
                        content_key=key,
                        mlflow_run_id=run_id, metrics=metrics)
+
+
+def reward_adapter_dir(cfg: PipelineConfig, ctx: RunContext, key: str) -> str | None:
+    """rlhf: where the reward model's adapter is kept (this stage's folder), or the trained one to reuse
+    (`align.rlhf.reward_adapter`), which must hold a reward model."""
+    if cfg.align.method != "rlhf":
+        return None
+    reuse = cfg.align.rlhf.reward_adapter
+    if reuse is None:
+        return ctx.stage_uri("align", key, "reward_adapter")
+    if not ctx.storage.exists(join(reuse, REWARD_MARKER)):
+        raise ConfigError(f"align.rlhf.reward_adapter={reuse!r} holds no trained reward model ({REWARD_MARKER}): "
+                          "point it at the `reward_adapter` folder of an earlier rlhf align stage, or unset it")
+    return reuse
 
 
 # --- on each Ray Train worker ------------------------------------------------------------------------------------
@@ -183,28 +199,25 @@ def train_reward_model(job: AlignJob, output_dir: str, callbacks: list) -> tuple
     Returns:
         (trainer, tokenizer, {"reward_model/accuracy": held-out share of pairs ranked right, ...}).
     """
-    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     a, r = job.align, job.align.rlhf
-    seed = a.seed if r.reward_seed is None else r.reward_seed
     dtype = models.dtype_for(a.precision)
     reference = job.storage.fetch(job.reference_path)
     tokenizer = models.load_tokenizer(reference)
-    set_seed(seed)  # the new score head (and, in the trainer, the LoRA weights) drawn from the reward model's seed
     model = _scorer(reference, dtype, tokenizer)
     rows = load_canonical(job.storage.fetch(job.preference_path))
     held = load_canonical(job.storage.fetch(job.preference_eval_path)) if job.preference_eval_path else None
     if held is None:  # no held-out pairs configured: hold back a slice of the training pairs
         rows = rows[:]
-        random.Random(seed).shuffle(rows)
+        random.Random(a.seed).shuffle(rows)
         n_eval = max(1, int(len(rows) * a.eval_fraction))
         rows, held = rows[n_eval:], rows[:n_eval]
-    phase = a.model_copy(update={"max_steps": r.reward_steps, "learning_rate": r.reward_learning_rate, "seed": seed})
+    phase = a.model_copy(update={"max_steps": r.reward_steps, "learning_rate": r.reward_learning_rate})
     args = RewardConfig(**{**training.trainer_args(phase, output_dir, job.compute.use_gpu, dtype),
                            "save_strategy": "no"}, max_length=a.max_length)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs_dataset(rows, job.system_prompt, seed),
-                            eval_dataset=pairs_dataset(held, job.system_prompt, seed), processing_class=tokenizer,
+    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs_dataset(rows, job.system_prompt, a.seed),
+                            eval_dataset=pairs_dataset(held, job.system_prompt, a.seed), processing_class=tokenizer,
                             peft_config=training.peft_config(a.peft.model_copy(update={"method": "lora"}), "SEQ_CLS"),
                             callbacks=callbacks)
     trainer.train()

@@ -11,9 +11,10 @@ from alignpipe.config.training import TrainingConfig, default
 class RlhfConfig(Section):
     reward_steps: int = Field(60, ge=1, description="Optimizer steps of the reward model (TRL RewardTrainer).")
     reward_learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate of the reward model's LoRA.")
-    reward_seed: int | None = Field(
-        None, description="Seed of the reward model's training (its new weights, pair order and held-out split); "
-        "unset: align.seed. Fix it to train policies of several seeds against one reward model.")
+    reward_adapter: str | None = Field(
+        None, description="Reuse a trained reward model instead of training one: the `reward_adapter` folder (path "
+        "or URI) of an earlier rlhf align stage on the same SFT model. Policies of several seeds then share one "
+        "reward model (training one again with the same seed need not give the same weights).")
     policy_optimizer: Literal["rloo", "grpo"] = Field(
         "rloo", description="Policy optimiser against the reward model: TRL RLOOTrainer or GRPOTrainer.")
     policy_steps: int = Field(20, ge=1, description="Optimizer steps of the policy.")

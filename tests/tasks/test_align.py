@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from alignpipe import tracking
@@ -151,26 +153,17 @@ def test_policy_optimisers_step_against_a_reward_model(optimizer, tiny_model, sf
     assert isinstance(policy_reward(trainer, seed=0), float)
 
 
-def test_reward_seed_gives_every_policy_seed_the_same_reward_model(tiny_model, sft_adapter, tmp_path):
-    import torch
+def test_a_reward_adapter_to_reuse_must_hold_a_reward_model(smoke_cfg, tiny_model, tmp_path):
+    from alignpipe.errors import ConfigError
+    from alignpipe.tasks.align import reward_adapter_dir
 
-    from alignpipe.config.align import AlignConfig
-    from alignpipe.tasks.align import train_reward_model
-
-    reference = merge_adapter(tiny_model, sft_adapter, str(tmp_path / "sft_merged"))
-    pairs = pairs_file(tmp_path, "pref_train.jsonl", 16)
-
-    def reward_weights(seed: int, reward_seed: int | None) -> dict:
-        align = AlignConfig(method="rlhf", precision="fp32", batch_size=4, seed=seed)
-        align.rlhf.reward_steps, align.rlhf.reward_seed = 2, reward_seed
-        job = AlignJob(align=align, compute=ComputeConfig(), reference_path=reference, system_prompt=SYSTEM,
-                       preference_path=pairs)
-        trainer, _, _ = train_reward_model(job, str(tmp_path / f"reward-{seed}-{reward_seed}"), [])
-        return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
-
-    fixed_0, fixed_1, own_1 = reward_weights(0, 7), reward_weights(1, 7), reward_weights(1, None)
-    assert fixed_0.keys() == fixed_1.keys() and all(torch.equal(fixed_0[k], fixed_1[k]) for k in fixed_0)
-    assert not all(torch.equal(fixed_1[k], own_1[k]) for k in fixed_1)  # unset: it follows align.seed
+    smoke_cfg.align.method = "rlhf"
+    ctx = run_context(smoke_cfg, tiny_model)
+    assert reward_adapter_dir(smoke_cfg, ctx, "k").endswith("/align/k/reward_adapter")  # trained here, kept here
+    smoke_cfg.align.rlhf.reward_adapter = str(tmp_path / "not-a-reward-model")
+    (tmp_path / "not-a-reward-model").mkdir()
+    with pytest.raises(ConfigError, match=r"align.rlhf.reward_adapter=.*holds no trained reward model"):
+        reward_adapter_dir(smoke_cfg, ctx, "k")
 
 
 def align_cfg(smoke_cfg, tmp_path, **align):
@@ -227,3 +220,13 @@ def test_rlhf_completes_and_logs_reward_model_accuracy(smoke_cfg, ray_local, tin
     assert run.data.metrics["reward_model/eval_accuracy"] == out.metrics["reward_model/accuracy"]  # held-out
     assert run.data.metrics["final/policy/reward_end"] == out.metrics["policy/reward_end"]
     _, tokenizer = load_with_adapter(out.base_path, out.adapter_dir)  # the policy adapter loads on the SFT model
+
+    # Another policy seed against the same reward model: reused, not trained again.
+    reward = Path(ctx.stage_uri("align", out.content_key, "reward_adapter"))
+    cfg.align.seed, cfg.align.rlhf.reward_adapter = 1, str(reward)
+    other = run_align(cfg, ctx, sft_adapter, cfg.data.preference.path, file_digest(cfg.data.preference.path), held)
+    assert other.content_key != out.content_key
+    assert other.metrics["reward_model/accuracy"] == out.metrics["reward_model/accuracy"]
+    assert tracking.metric_history(ctx.tracking_uri, other.mlflow_run_id, "reward_model/loss") == []
+    copied = Path(ctx.stage_uri("align", other.content_key, "reward_adapter")) / "adapter_model.safetensors"
+    assert copied.read_bytes() == (reward / "adapter_model.safetensors").read_bytes()
