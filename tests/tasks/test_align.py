@@ -224,6 +224,7 @@ def test_rlhf_completes_and_logs_reward_model_accuracy(smoke_cfg, ray_local, tin
     # Another policy seed against the same reward model: reused, not trained again.
     reward = Path(ctx.stage_uri("align", out.content_key, "reward_adapter"))
     cfg.align.seed, cfg.align.rlhf.reward_adapter = 1, str(reward)
+    cfg.align.rlhf.policy_steps, cfg.align.rlhf.eval_prompts = 1, 0  # the reward model is what is checked here
     other = run_align(cfg, ctx, sft_adapter, cfg.data.preference.path, file_digest(cfg.data.preference.path), held)
     assert other.content_key != out.content_key
     assert other.metrics["reward_model/accuracy"] == out.metrics["reward_model/accuracy"]
