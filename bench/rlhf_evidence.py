@@ -2,9 +2,10 @@
 
 The demo pipeline from an under-trained SFT model (`sft.max_steps`, default 12 of the usual 143), then
 `align: rlhf` for each of 3 align seeds. The SFT model is the same for every seed (trained once, then taken from
-the cache), and so is the reward model: the first seed trains it, the others reuse it (`align.rlhf.reward_adapter`),
-so every seed's rewards are on one scale and the seeds' starts differ only by their sampled answers. The policy trains `--policy-steps` at `--policy-lr` (the
-demo's 20 at 1e-4 left it where it started: KL 0.001 after the last step). Per seed: the policy's mean reward on
+the cache), and so is the reward model: the first seed trains it, the others reuse it
+(`align.rlhf.reward_adapter`), so every seed's rewards are on one scale and the seeds' starts differ only by their
+sampled answers. The policy trains `--policy-steps` at `--policy-lr` (the demo's 20 at 1e-4 left it where it
+started: KL 0.001 after the last step). Per seed: the policy's mean reward on
 the fixed held-out prompts before and after (`policy/reward_start`, `policy/reward_end`), and exact match of the
 aligned model against the SFT model on the same first held-out rows (`evaluate.limit`, every model on every row).
 
@@ -34,16 +35,15 @@ def main() -> None:
     ap.add_argument("--policy-steps", type=int, default=40)
     ap.add_argument("--policy-lr", type=float, default=5e-4)
     ap.add_argument("--out", default=str(ROOT / "bench/out/rlhf_evidence.json"))
-    ap.add_argument("--work", type=Path, help="a workdir of an earlier run with these settings, to reuse what it "
-                    "trained (default: a fresh one)")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-rlhf-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-rlhf-"))
     models = ROOT / ".alignpipe" / "models"
-    if models.is_dir() and not (work / "models").exists():
+    if models.is_dir():
         (work / "models").symlink_to(models)
     common = [f"sft.max_steps={args.sft_steps}", "align.method=rlhf", "quantize.method=none",
               f"evaluate.limit={args.rows}", "evaluate.screen_rows=0", "evaluate.prompted_base.enabled=false",
-              "register.enabled=false", f"align.rlhf.policy_steps={args.policy_steps}", f"align.rlhf.policy_learning_rate={args.policy_lr}"]
+              "register.enabled=false", f"align.rlhf.policy_steps={args.policy_steps}",
+              f"align.rlhf.policy_learning_rate={args.policy_lr}"]
     seeds = {}
     reward = []  # the first seed's reward model, for the others
     for seed in args.seeds:
@@ -66,8 +66,7 @@ def main() -> None:
     print(json.dumps(verdict, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"sft_steps": args.sft_steps, "rows": args.rows, "settings": common + reward,
-                                          "seeds": seeds,
-                                          "verdict": verdict}, indent=1))
+                                          "seeds": seeds, "verdict": verdict}, indent=1))
 
 
 if __name__ == "__main__":
