@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -88,13 +87,11 @@ def with_system(messages: list[dict]) -> list[dict]:
 
 
 def bf16_native() -> bool:
-    """The pipeline's `precision: auto` test: bf16 where the CPU (or GPU) computes it natively."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2"):  # capped as on an AVX2-only CPU
-        return False  # (bench/PROTOCOL.md "Host classes"): the flags below are this host's, not the emulated one's
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    """The pipeline's `precision: auto` choice (alignpipe.models, the same test: CUDA's bf16 support, else the
+    CPU's native bf16 flags under any ISA cap in the environment, as on an emulated AVX2-only host)."""
+    from alignpipe.models import dtype_for
+
+    return dtype_for("auto") == "bfloat16"
 
 
 def competent(native: bool) -> dict:

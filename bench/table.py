@@ -79,6 +79,7 @@ RAY_TPS, TRL_TPS, COMPETENT_TPS = ("sft_tokens_per_s_ray", "sft_tokens_per_s_trl
                                    "sft_tokens_per_s_trl_competent")
 WALL, TRL_WALL, COMPETENT_WALL = "demo_wall_s", "plain_trl_wall_s", "plain_trl_competent_wall_s"
 PREPARE, DEMO_TPS = "demo_stage_s.prepare", "any_cpu.native.sft.tokens_per_s"
+AVX2_TPS, AVX2_PEER_TPS = "any_cpu.avx2.sft.tokens_per_s", "plain_trl_competent_avx2.sft_tokens_per_s"
 K_OFF, K_AUTO = "sft_kernels_off_trials", "sft_kernels_auto_trials"
 QS = "quantized_sizes."
 RM_ACC, R_START, R_END = ("rlhf_train.reward_model/accuracy", "rlhf_train.policy/reward_start",
@@ -166,9 +167,8 @@ ROWS: tuple[Row, ...] = (
         lambda v: f"{v(DEMO_TPS):.0f} / {v(COMPETENT_TPS):.0f} = {v(DEMO_TPS) / v(COMPETENT_TPS):.2f}",
         lambda v: v(DEMO_TPS) / v(COMPETENT_TPS) >= 1.2, optional=True),
     Row("SFT tokens/s, ours ÷ plain TRL with competent settings (information)",
-        ("any_cpu.avx2.sft.tokens_per_s", "plain_trl_competent_avx2.sft_tokens_per_s"),
-        lambda v: (f"{v('any_cpu.avx2.sft.tokens_per_s'):.0f} / {v('plain_trl_competent_avx2.sft_tokens_per_s'):.0f}"
-                   f" = {v('any_cpu.avx2.sft.tokens_per_s') / v('plain_trl_competent_avx2.sft_tokens_per_s'):.2f}"),
+        (AVX2_TPS, AVX2_PEER_TPS),
+        lambda v: f"{v(AVX2_TPS):.0f} / {v(AVX2_PEER_TPS):.0f} = {v(AVX2_TPS) / v(AVX2_PEER_TPS):.2f}",
         host="AVX2/fp32", optional=True),
     Row("SFT tokens/s, `compute.kernels: off` ÷ `auto` (information)",
         (K_OFF, K_AUTO), lambda v: f"{_kernels_off(v):.3f} (median of {len(v(K_OFF))} interleaved pairs)",
