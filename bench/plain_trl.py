@@ -14,6 +14,7 @@ tokens/s) that bench/run.py reads.
     python bench/plain_trl.py --out bench/out/plain_trl            # the demo's full settings, TRL's defaults
     python bench/plain_trl.py --recipe competent --out bench/out/plain_trl_competent
     python bench/plain_trl.py --tiny --sft-steps 2 --dpo-steps 1 --eval-rows 4 --train-rows 32 --out /tmp/p
+    python bench/plain_trl.py --recipe competent --sft-only --out /tmp/p   # SFT alone (bench/sft_pairs.py)
 """
 
 from __future__ import annotations
@@ -252,6 +253,8 @@ def main() -> None:
     ap.add_argument("--eval-rows", type=int, default=EVAL["rows"], help="held-out rows (and pairs) per model")
     ap.add_argument("--train-rows", type=int, default=None, help="use only the first N SFT rows and pairs")
     ap.add_argument("--recipe", choices=("defaults", "competent"), default="defaults")
+    ap.add_argument("--sft-only", action="store_true",
+                    help="stop after SFT (bench/sft_pairs.py: its tokens/s only; no DPO, int8 or evaluation)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "plain_trl"))
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -268,6 +271,12 @@ def main() -> None:
     t0 = time.perf_counter()
     sft_path, sft_tokens_per_s = train_sft(args.model, out, args.sft_steps, args.train_rows, args.recipe, native)
     seconds["sft"] = time.perf_counter() - t0
+    if args.sft_only:
+        result = {"wall_s": time.perf_counter() - t_start, "stage_s": seconds, "recipe": args.recipe,
+                  "sft_tokens_per_s": sft_tokens_per_s, "model": args.model}
+        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result))
+        return
     t0 = time.perf_counter()
     aligned_path = train_dpo(sft_path, out, args.dpo_steps, args.train_rows, args.recipe, native)
     seconds["align"] = time.perf_counter() - t0

@@ -488,7 +488,7 @@ def under_pipeline_malloc() -> str:
     return library or "the system's malloc"
 
 
-PARTS = ("demo", "int8", "sft", "plain-trl", "lora-full", "orchestration", "shared-stack", "storage",
+PARTS = ("demo", "int8", "sft", "plain-trl", "sft-pairs", "lora-full", "orchestration", "shared-stack", "storage",
          "validate-scale", "avx2", "avx2-peer", "rlhf-evidence")
 
 
@@ -545,7 +545,7 @@ def reread_sft() -> None:
 
 
 MEASURED_BY = {"demo": "demo_metrics", "int8": "int8_tokens_per_s_bs16", "sft": "sft_ray_trials",
-               "plain-trl": "plain_trl_competent_wall_s", "lora-full": "lora_vs_full", "orchestration": "orchestration",
+               "plain-trl": "plain_trl_competent_wall_s", "sft-pairs": "sft_pairs", "lora-full": "lora_vs_full", "orchestration": "orchestration",
                "shared-stack": "shared_stack", "storage": "storage_overhead", "validate-scale": "validate_scale",
                "avx2": "any_cpu.avx2", "avx2-peer": "plain_trl_competent_avx2", "rlhf-evidence": "rlhf_evidence"}
 
@@ -634,6 +634,7 @@ def main() -> None:
         "int8": lambda: {**int8_speed(results["demo_workdir"]), **int8_avx2(results["demo_workdir"])},
         "sft": lambda: sft_throughput(args.steps, args.rows, args.sft_rounds),
         "plain-trl": lambda: {**plain_trl(), **competent_peer()},  # the same sitting as the demo: walls compared
+        "sft-pairs": lambda: {"sft_pairs": script("sft_pairs")},  # ours ÷ competent peer, in turns
         "lora-full": lambda: lora_vs_full(args.steps, args.rows),
         "orchestration": lambda: {"orchestration": orchestration()},
         "shared-stack": lambda: {"shared_stack": script("shared_stack")},

@@ -48,3 +48,17 @@ def test_plain_trl_runs_end_to_end_with_tiny_settings(tmp_path, tiny_model, reci
     assert quantized["quantization_config"]["quant_method"] == "torchao"
     for folder in ("sft_merged", "aligned_merged"):  # merged: plain model folders, no adapter left
         assert (out / folder / "model.safetensors").is_file() and not (out / folder / "adapter_config.json").exists()
+
+
+def test_sft_only_stops_after_sft_with_its_tokens_per_s(tmp_path, tiny_model):
+    """bench/sft_pairs.py's peer: the competent recipe's SFT alone."""
+    out = tmp_path / "plain"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "plain_trl.py"), "--tiny", "--models-dir",
+                           str(Path(tiny_model).parent), "--sft-steps", "1", "--train-rows", "16", "--recipe",
+                           "competent", "--sft-only", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert set(result["stage_s"]) == {"sft"} and "metrics" not in result
+    assert result["recipe"] == "competent" and result["sft_tokens_per_s"] > 0
+    assert (out / "sft_merged" / "model.safetensors").is_file() and not (out / "aligned_merged").exists()

@@ -58,6 +58,7 @@ def full_results() -> dict:
              gpu_check={"passed": 9, "failed": 0, "not_run": 0},
              rlhf_evidence={"verdict": {"every_end_above_every_start": False, "exact_match_gain_mean": 0.003}},
              doc_bytes={"readme": 23_104, "notes": 8_200},
+             sft_pairs={"ratio": 1.08, "pairs": 3, "ours_median": 410.0, "peer_median": 380.0},
              sft_kernels_off_trials=[300.0, 310.0, 305.0], sft_kernels_auto_trials=[340.0, 350.0, 345.0],
              plain_trl_competent_avx2={"sft_tokens_per_s": 110.0, "wall_s": 1500.0})
     for host in ("native", "avx2"):
