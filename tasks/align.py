@@ -285,6 +285,8 @@ def _reward_model(job: AlignJob, run: training.WorkerRun):
     """
     from peft import PeftModel
 
+    from alignpipe.callbacks import MlflowStream
+
     if job.storage.exists(job.reward_adapter_dir):
         saved = Path(job.storage.fetch(job.reward_adapter_dir))
         if (saved / REWARD_MARKER).is_file():
@@ -292,8 +294,7 @@ def _reward_model(job: AlignJob, run: training.WorkerRun):
             base = _scorer(reference, models.dtype_for(job.align.precision), models.load_tokenizer(reference))
             run.summary.update(json.loads((saved / REWARD_MARKER).read_text()))
             return PeftModel.from_pretrained(base, str(saved)).merge_and_unload().eval(), str(saved)
-    prefixed = training.MlflowStream(job.tracking_uri, job.mlflow_run_id, buffer=run.stream.buffer,
-                                     prefix="reward_model/")
+    prefixed = MlflowStream(job.tracking_uri, job.mlflow_run_id, buffer=run.stream.buffer, prefix="reward_model/")
     trainer, _, scores = train_reward_model(job, str(Path(run.scratch) / "reward"), [prefixed])
     run.summary.update(scores)  # evaluate() above already streamed them as reward_model/eval_accuracy, ...
     saved = Path(run.scratch) / "reward_adapter"

@@ -1,17 +1,27 @@
-"""The shared training module: the modules a Ray worker imports stay light (no Prefect among them); the progress
-callback reports a real TRL run to the progress board."""
+"""The shared training module: the modules a Ray worker imports stay light (no Prefect among them), the flow's
+process loads no trainer machinery; the progress callback reports a real TRL run to the progress board."""
 
 import subprocess
 import sys
 
+from alignpipe.callbacks import ProgressReport
 from alignpipe.models import load_model, load_tokenizer
-from alignpipe.training import ProgressReport
 
 
 def test_the_training_and_stage_modules_import_no_prefect():
     probe = ("import sys; import alignpipe.training, alignpipe.tasks.sft, alignpipe.tasks.align, "
              "alignpipe.tasks.evaluate, alignpipe.tasks.quantize, alignpipe.tasks.validate, alignpipe.tasks.register; "
              "print(sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')))")
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_importing_the_flow_loads_no_trainer_machinery():
+    """The flow's process submits the training stages; only their Ray workers train. transformers' Trainer
+    utilities pull in peft and torch's distributed tensors: seconds at every `alignpipe run`'s start."""
+    probe = ("import sys; import alignpipe.flows.pipeline; "
+             "print(sorted(m for m in ('peft', 'trl', 'transformers.trainer_utils', 'alignpipe.callbacks') "
+             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]", out
 
