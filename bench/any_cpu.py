@@ -37,17 +37,23 @@ HOSTS = {
 USER_AVX2 = {"demo_min": 44, "sft_min": 8.5, "sft_steps": 143, "fp32_tokens_per_s": 75.2, "int8_tokens_per_s": 17.7}
 
 
-def run_demo(host: str, root: Path) -> dict:
-    env, sets = HOSTS[host]
-    work = root / host
+def demo_process(work: Path, sets: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[int, float]:
+    """`alignpipe run demo` in `work` with `--set`s, its output to `log`: exit code and wall time of the process."""
     cmd = [str(Path(sys.executable).parent / "alignpipe"), "run", "demo", "--set", f"workdir={work}"]
     for s in sets:
         cmd += ["--set", s]
-    log = root / f"{host}.log"
     t0 = time.perf_counter()
     with log.open("w") as out:
-        code = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - t0
+        code = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
+                              stderr=subprocess.STDOUT).returncode
+    return code, time.perf_counter() - t0
+
+
+def run_demo(host: str, root: Path) -> dict:
+    env, sets = HOSTS[host]
+    work = root / host
+    log = root / f"{host}.log"
+    code, wall = demo_process(work, sets, log, env)
     if code:
         sys.exit(f"demo on {host} failed (exit {code}); log: {log}")
     [summary_file] = (work / "runs").glob("*.json")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from alignpipe.config.model import EMBEDDED_MODEL  # noqa: E402
 from alignpipe.models import resolve_model  # noqa: E402
-from bench.any_cpu import sft_figures  # noqa: E402
+from bench.any_cpu import demo_process, sft_figures  # noqa: E402
 from bench.run import under_pipeline_malloc  # noqa: E402
 
 SFT_ONLY = ("align.method=none", "quantize.method=none", "register.enabled=false", "evaluate.limit=1",
@@ -47,19 +47,14 @@ def ours(root: Path, models: Path, trial: int) -> dict:
     work = root / f"ours-{trial}"
     work.mkdir()
     (work / "models").symlink_to(models)
-    cmd = [str(Path(sys.executable).parent / "alignpipe"), "run", "demo", "--set", f"workdir={work}"]
-    for s in SFT_ONLY:
-        cmd += ["--set", s]
     log = root / f"ours-{trial}.log"
-    t0 = time.perf_counter()
-    with log.open("w") as out:
-        code = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+    code, wall = demo_process(work, list(SFT_ONLY), log)
     if code:
         sys.exit(f"ours, trial {trial}: `alignpipe run demo` failed (exit {code}); log: {log}")
     [summary] = (work / "runs").glob("*.json")
     figures = sft_figures(work, json.loads(summary.read_text())["mlflow_run_id"])
     return {"tokens_per_s": figures["tokens_per_s"], "train_runtime_s": figures["train_runtime_s"],
-            "wall_s": round(time.perf_counter() - t0, 1), "log": str(log)}
+            "wall_s": round(wall, 1), "log": str(log)}
 
 
 def peer(root: Path, model: str, trial: int) -> dict:
