@@ -545,9 +545,10 @@ def reread_sft() -> None:
 
 
 MEASURED_BY = {"demo": "demo_metrics", "int8": "int8_tokens_per_s_bs16", "sft": "sft_ray_trials",
-               "plain-trl": "plain_trl_competent_wall_s", "sft-pairs": "sft_pairs", "lora-full": "lora_vs_full", "orchestration": "orchestration",
-               "shared-stack": "shared_stack", "storage": "storage_overhead", "validate-scale": "validate_scale",
-               "avx2": "any_cpu.avx2", "avx2-peer": "plain_trl_competent_avx2", "rlhf-evidence": "rlhf_evidence"}
+               "plain-trl": "plain_trl_competent_wall_s", "sft-pairs": "sft_pairs", "lora-full": "lora_vs_full",
+               "orchestration": "orchestration", "shared-stack": "shared_stack", "storage": "storage_overhead",
+               "validate-scale": "validate_scale", "avx2": "any_cpu.avx2", "avx2-peer": "plain_trl_competent_avx2",
+               "rlhf-evidence": "rlhf_evidence"}
 
 
 def measured(part: str, results: dict) -> bool:

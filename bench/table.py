@@ -168,7 +168,7 @@ ROWS: tuple[Row, ...] = (
         lambda v: f"{v(DEMO_TPS):.0f} / {v(COMPETENT_TPS):.0f} = {v(DEMO_TPS) / v(COMPETENT_TPS):.2f}",
         lambda v: v(DEMO_TPS) / v(COMPETENT_TPS) >= 1.2, optional=True),
     Row("The same, median of pairs taken in turns ≥ 1.2", PAIRS,
-        lambda v: (f"{v(PAIRS[0]):.2f} ({v(PAIRS[1])} pairs; medians {v(PAIRS[2]):.0f} / {v(PAIRS[3]):.0f})"),
+        lambda v: f"{v(PAIRS[0]):.2f} ({v(PAIRS[1])} pairs; medians {v(PAIRS[2]):.0f} / {v(PAIRS[3]):.0f})",
         lambda v: v(PAIRS[0]) >= 1.2, optional=True),
     Row("SFT tokens/s, ours ÷ plain TRL with competent settings (information)",
         (AVX2_TPS, AVX2_PEER_TPS),
