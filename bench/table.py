@@ -221,6 +221,11 @@ ROWS: tuple[Row, ...] = (
         lambda v: v("int8_avx2.ratio") >= 1.0, host="AVX2/fp32", optional=True),
     Row("int8 − aligned exact match within 0.02", (QZ, AL),
         lambda v: signed(v(QZ) - v(AL)), lambda v: abs(v(QZ) - v(AL)) <= 0.02 + EPS),
+    # bench/PROTOCOL.md 2026-12-07 09:57: the cascade scores both on the same held-out rows
+    Row("The same, on the rows both were scored on, within 0.02",
+        ("cascade.quantized_accuracy", "cascade.full_accuracy"),
+        lambda v: signed(v("cascade.quantized_accuracy") - v("cascade.full_accuracy")),
+        lambda v: abs(v("cascade.quantized_accuracy") - v("cascade.full_accuracy")) <= 0.02 + EPS),
     Row("Cascade: share served by int8 at exact match within 0.01 of full ≥ 0.50",
         ("cascade.best_share_quantized", "cascade.best_accuracy", "cascade.full_accuracy"),
         lambda v: f"{v('cascade.best_share_quantized'):.2f} ({v('cascade.best_accuracy'):.3f} vs "

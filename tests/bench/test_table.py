@@ -186,6 +186,18 @@ def test_kernels_off_reads_the_median_of_its_pair_ratios():
     assert "| 1.000 (median of 3 interleaved pairs) | — |" in line
 
 
+def test_int8_minus_aligned_reads_both_ways_the_shared_rows_from_the_cascade():
+    """int8 screened on 64 rows, aligned on 400: the first-fixed row compares them as scored; the second reads the
+    cascade, which scores both on the same rows. Here they disagree, so each row must read its own keys."""
+    r = copy.deepcopy(RESULTS)
+    r["demo_metrics"]["quantized"]["exact_match"], r["demo_metrics"]["aligned"]["exact_match"] = 0.797, 0.830
+    r["cascade"].update(quantized_accuracy=0.781, full_accuracy=0.797)
+    lines = table.render(r).splitlines()
+    [at] = [i for i, x in enumerate(lines) if x.startswith("| int8 − aligned exact match within 0.02 |")]
+    assert "| −0.033 | no |" in lines[at]
+    assert lines[at + 1].startswith("| The same, on the rows both were scored on, within 0.02 | −0.016 | yes |")
+
+
 def test_the_demo_table_shows_every_artifact_and_a_dash_where_a_metric_was_not_scored():
     m = {label: {"rows": 400.0, "exact_match": 0.5, "json_validity": 1.0, "field_accuracy": 0.8,
                  "preference_accuracy": 0.9, "tokens_per_s": 100.0, "latency_p95_ms": 2000.0, "size_mb": 500.0}
