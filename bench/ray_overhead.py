@@ -259,8 +259,8 @@ def trial(mode: str, steps: int, rows: int, model: str | None, cpus: int | None 
     else:
         import torch
 
+        from alignpipe.callbacks import MlflowStream
         from alignpipe.tasks.sft import build_trainer, job_for
-        from alignpipe.training import MlflowStream
 
         torch.set_num_threads(int(cfg.compute.cpus_per_worker))
         run_id = tracking.start_run(uri, exp, "in-process", {})

@@ -66,7 +66,8 @@ def sft_throughput(steps: int, rows: int, rounds: int) -> dict:
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from alignpipe.training import MlflowStream, peft_config
+    from alignpipe.callbacks import MlflowStream
+    from alignpipe.training import peft_config
 
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     overrides = {"workdir": str(work), "sft.max_steps": steps, "sft.eval_fraction": 0.0, "sft.logging_steps": 1,
