@@ -114,7 +114,15 @@ def test_rows_of_this_sitting_read_as_the_readme_shows_them():
     assert same, f"no README row is dated {RESULTS['date']}"
     for new, old in same:
         assert new[1:3] == old[1:3] and new[4] == old[4], f"{old[0]}: README {old[1:3]}, results.json {new[1:3]}"
-        assert old[3].startswith(new[3]), old  # bf16 (EPYC) in the README: results.json names no CPU
+        assert old[3] == new[3], old
+
+
+def test_the_benchmark_prose_names_the_sitting_the_table_reads():
+    """The paragraph above the table is written by hand: it must name results.json's CPU family and date."""
+    prose = README[README.index("## Benchmarks"):README.index(BEGIN)]
+    family = table.cpu_family(RESULTS["cpu"])
+    assert family in prose, f"the Benchmarks paragraph does not name the sitting's CPU ({family}): rewrite it"
+    assert RESULTS["date"] in prose, f"the Benchmarks paragraph does not name the sitting's date ({RESULTS['date']})"
 
 
 def test_the_table_spliced_into_the_readme_keeps_it_within_budget():
