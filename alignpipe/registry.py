@@ -39,8 +39,8 @@ class RegistryError(AlignpipeError):
 
 
 def higher_is_better(metric: str) -> bool:
-    """Rates and throughput go up; perplexity, latencies and memory go down."""
-    return not (metric == "perplexity" or "latency" in metric or metric.endswith(("_ms", "_mb", "_bytes")))
+    """Rates and throughput go up; perplexity, latencies, memory and time go down."""
+    return not (metric == "perplexity" or "latency" in metric or metric.endswith(("_ms", "_mb", "_bytes", "_seconds")))
 
 
 BASE_LABELS = ("base", "prompted_base")  # evaluation labels of the untuned model: as is, and told the task

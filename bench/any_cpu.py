@@ -61,7 +61,8 @@ def run_demo(host: str, root: Path) -> dict:
     return {"host": host, "env": env, "sets": sets, "wall_s": round(wall, 1), "log": str(log),
             "stage_s": {s["stage"]: round(s["seconds"], 1) for s in summary["stages"]},
             "sft": sft_figures(work, summary["mlflow_run_id"]),
-            "decode": {label: {k: m.get(k) for k in ("tokens_per_s", "latency_p95_ms", "exact_match", "rows")}
+            "decode": {label: {k: m.get(k) for k in ("tokens_per_s", "latency_p95_ms", "exact_match", "rows",
+                                                     "eval_seconds")}
                        for label, m in summary["metrics"].items()},
             "serving": serving(summary["serving_choice"]), "registered": summary["registered"]}
 

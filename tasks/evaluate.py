@@ -32,7 +32,8 @@ from alignpipe.storage import Storage
 
 HEADLINE = ("exact_match", "json_validity", "field_accuracy")
 EFFICIENCY = {"tokens_per_s": "tokens/s (higher is better)", "latency_p95_ms": "latency p95 per request (ms)",
-              "peak_rss_mb": "peak RSS (MB)", "size_mb": "size on disk (MB)"}
+              "peak_rss_mb": "peak RSS (MB)", "size_mb": "size on disk (MB)",
+              "eval_seconds": "evaluation wall time (s, its rows)"}
 
 
 class ModelSpec(BaseModel):
@@ -278,6 +279,7 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
                                                                                       else ")") if cap else ""))
             # its preference pairs are screened too, unless a later artifact reuses them as its DPO reference
             pairs_cap = cap if cap and not any(s.reference_label == spec.label for s in specs) else None
+            started = time.perf_counter()
             res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label), cap, pairs_cap))
             rival = results.get(spec.quantized_from or "")
             if cap and rival and res["metrics"]["rows"] < rival["rows"] and cfg.register_.enabled \
@@ -290,6 +292,8 @@ def run_evaluate(cfg: PipelineConfig, ctx: RunContext, eval_path: str, eval_dige
                 print(f"evaluate: {spec.label} beats {spec.rival} on exact match over its {cap} rows: "
                       "scoring it on every row")
                 res = ray_runner.get(remote.remote(spec, eval_path, job, logps.get(spec.reference_label)))
+            # what scoring this artifact cost the run: its worker's start, loading, every row it was scored on
+            res["metrics"]["eval_seconds"] = time.perf_counter() - started
             logps[spec.label] = res.pop("pair_logps")
             if cfg.evaluate.lm_eval_tasks and not note:
                 res["metrics"].update(_run_lm_eval(local_spec(spec, ctx.storage), cfg.evaluate.lm_eval_tasks))

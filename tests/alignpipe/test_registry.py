@@ -251,3 +251,9 @@ def test_gc_deletes_only_old_unaliased_versions(client, mlflow_uri, tmp_path):
         assert "artifacts_deleted" not in client.get_model_version(NAME, v).tags
     with pytest.raises(registry.RegistryError, match="artifacts were deleted"):
         _promote(client, mlflow_uri, vs[3])
+
+
+def test_metric_directions_read_by_the_model_card_and_the_gates():
+    assert all(registry.higher_is_better(m) for m in ("exact_match", "json_validity", "tokens_per_s"))
+    assert not any(registry.higher_is_better(m) for m in ("perplexity", "latency_p95_ms", "peak_rss_mb", "size_mb",
+                                                           "eval_seconds"))

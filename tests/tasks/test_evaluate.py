@@ -58,12 +58,14 @@ def test_every_model_gets_every_metric(smoke_cfg, tiny_model, ray_local, tmp_pat
     assert list(out.metrics) == ["base", "sft"]
     for metrics in out.metrics.values():
         for key in ("exact_match", "json_validity", "field_accuracy", "field_accuracy/name", "perplexity",
-                    "tokens_per_s", "latency_p50_ms", "latency_p95_ms", "peak_rss_mb", "size_mb"):
+                    "tokens_per_s", "latency_p50_ms", "latency_p95_ms", "peak_rss_mb", "size_mb", "eval_seconds"):
             assert key in metrics, key
         for key in ("exact_match", "json_validity", "field_accuracy"):
             assert 0.0 <= metrics[key] <= 1.0
         assert metrics["peak_rss_mb"] > 50 and metrics["tokens_per_s"] > 0
         assert metrics["latency_p95_ms"] >= metrics["latency_p50_ms"] > 0 and metrics["size_mb"] > 1
+        # the artifact's whole evaluation (a fresh worker, loading, decoding, scoring) outlasts its decoding alone
+        assert metrics["eval_seconds"] > metrics["latency_p95_ms"] / 1000
     assert (out.metrics["base"]["rows"], out.metrics["sft"]["rows"]) == (16, 4)
     assert "sft on its first 4 of the 16 held-out rows" in open(out.table_path).read()
     # quality on the rows both saw, for register.serve: base's own figures recomputed on its first 4 rows
